@@ -29,6 +29,7 @@ TRAIN_OUT ?= runs/sae/$(notdir $(STORE))
 CHECKPOINTS ?= $(TRAIN_OUT)
 METRICS ?= core,absorption
 EVAL_OUT ?= runs/eval
+EVAL_CACHE ?= runs/eval-cache
 REPORT_OUT ?= runs/report
 
 .PHONY: setup test test-fast demo harvest train evaluate report bench lint clean
@@ -62,7 +63,7 @@ train: setup
 	$(MASKSAE) train --store $(STORE) --config $(TRAIN_CONFIG) --out $(TRAIN_OUT)
 
 evaluate: setup
-	$(MASKSAE) evaluate --checkpoints $(CHECKPOINTS) --metrics $(METRICS) --out $(EVAL_OUT)
+	$(MASKSAE) evaluate --checkpoints $(CHECKPOINTS) --metrics $(METRICS) --out $(EVAL_OUT) --cache $(EVAL_CACHE)
 
 report: setup
 	$(MASKSAE) report $(EVAL_OUT) --out $(REPORT_OUT)

@@ -49,3 +49,6 @@ def main(
 
 for _module in STAGE_COMMAND_MODULES:
     importlib.import_module(_module).register(app)
+
+if __name__ == "__main__":
+    app()

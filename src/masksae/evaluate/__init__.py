@@ -1,0 +1,12 @@
+"""Evaluate stage: score SAE checkpoints and write the comparison report.
+
+Modules (one concern each):
+- ``core``: reconstruction metrics on activation tensors (L0, MSE, both explained
+  variances, cosine, relative norm, dead latents, feature density).
+- ``downstream``: CE loss recovered and KL with the reconstruction spliced into the LLM.
+- ``data`` / ``texts``: held-out evaluation activations and their on-disk cache.
+- ``absorption``: SAEBench first-letter feature absorption.
+- ``runner``: evaluate checkpoints into result JSON (``schema``); ``discover`` finds them.
+- ``report``: Markdown tables and PNG figures from result files.
+- ``commands``: ``masksae evaluate`` and ``masksae report``.
+"""

@@ -1,9 +1,82 @@
-"""CLI commands of this stage (registered by masksae.cli)."""
+"""CLI commands of this stage (registered by masksae.cli): ``evaluate`` and ``report``."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import typer
+
+from masksae.cli_utils import user_errors
+
+log = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the top-level app."""
+    app.command("evaluate")(evaluate_cmd)
+    app.command("report")(report_cmd)
+
+
+@user_errors
+def evaluate_cmd(
+    checkpoints: list[Path] = typer.Option(
+        ..., "--checkpoints", help="Run, checkpoint or sweep directories (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Directory for one result JSON per checkpoint."),
+    metrics: str = typer.Option(
+        "core,absorption", "--metrics", help="Comma list of core, reconstruction, absorption."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Cache of LLM activations reused across checkpoints and runs."),
+    eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Held-out activations scored."),
+    eval_corpus: str = typer.Option(
+        "bundled", "--eval-corpus", help="'bundled' or a text file / directory of .txt files."),
+    context_length: int = typer.Option(128, "--context-length", help="Evaluation sequence length."),
+    ce_sequences: int = typer.Option(
+        32, "--ce-sequences", help="Sequences scored for CE loss recovered / KL."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    eval_masked: bool = typer.Option(
+        False, "--eval-masked", help="Also report core metrics on masked activations."),
+    eval_store: Path | None = typer.Option(
+        None, "--eval-store", help="Take reconstruction activations from this store's end."),
+    model: str | None = typer.Option(
+        None, "--model", help="Override the LLM spec recorded in the checkpoints."),
+    absorption_max_words: int = typer.Option(
+        100, "--absorption-max-words",
+        help="Absorption vocabulary cap per letter (0 = all, as SAEBench; slow on CPU)."),
+) -> None:
+    """Score checkpoints (core metrics, absorption) into one JSON per checkpoint."""
+    from masksae.evaluate.absorption import AbsorptionConfig
+    from masksae.evaluate.data import EvalDataConfig
+    from masksae.evaluate.discover import find_checkpoints
+    from masksae.evaluate.downstream import DownstreamConfig
+    from masksae.evaluate.runner import EvaluateConfig, evaluate_checkpoints
+
+    names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    cfg = EvaluateConfig(
+        metrics=names,
+        data=EvalDataConfig(corpus=eval_corpus, n_tokens=eval_tokens,
+                            context_length=context_length),
+        downstream=DownstreamConfig(n_sequences=ce_sequences),
+        absorption=AbsorptionConfig(max_words_per_letter=absorption_max_words or None),
+        cache_dir=cache,
+        device=device,
+        eval_masked=eval_masked,
+        eval_store=eval_store,
+        model_override=model,
+    )
+    found = find_checkpoints(checkpoints)
+    log.info("%d checkpoint(s) to evaluate", len(found))
+    written = evaluate_checkpoints(found, out, cfg, roots=checkpoints)
+    typer.echo(f"wrote {len(written)} result file(s) to {out}")
+
+
+@user_errors
+def report_cmd(
+    results: list[Path] = typer.Argument(..., help="Result JSON files or directories of them."),
+    out: Path = typer.Option(..., "--out", help="Directory for report.md and the PNG figures."),
+) -> None:
+    """Tables (paper form, mask-probability ablation) and plots from evaluation results."""
+    from masksae.evaluate.report import write_report
+
+    path = write_report(results, out)
+    typer.echo(f"wrote {path}")

@@ -1,9 +1,153 @@
-"""CLI commands of this stage (registered by masksae.cli)."""
+"""CLI commands of the train stage: ``masksae train`` and ``masksae export``."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from masksae.cli_utils import user_errors
+
+_SAE_FLAGS = ("architecture", "k", "d_sae")
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the top-level app."""
+    app.command("train")(train_command)
+    app.command("export")(export_command)
+
+
+@user_errors
+def train_command(
+    store: Path = typer.Option(
+        ..., "--store", help="Activation store directory (masksae harvest --out)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output folder: one sub-folder per SAE."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Sweep TOML ([train], [sae], [grid]). Without it the flags below define one SAE.",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run held in --out (same config)."
+    ),
+    architecture: str | None = typer.Option(
+        None, help="SAE architecture (single-SAE mode; default matryoshka_batch_topk)."
+    ),
+    k: int | None = typer.Option(None, help="Active latents per token (TopK family; default 40)."),
+    d_sae: int | None = typer.Option(None, "--d-sae", help="Dictionary size (default 4096)."),
+    lr: float | None = typer.Option(None, help="Peak lr (default 2e-4 / sqrt(d_sae / 16384))."),
+    steps: int | None = typer.Option(
+        None, help="Training steps (default: one pass over the store)."
+    ),
+    tokens: int | None = typer.Option(None, help="Training tokens (instead of --steps)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Activations per step (default 2048)."
+    ),
+    seed: int | None = typer.Option(None, help="SAE init seed (default 0)."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's)."),
+    normalize: bool | None = typer.Option(
+        None,
+        "--normalize/--no-normalize",
+        help="Scale activations so E||x||^2 = d_model (folded back at save).",
+    ),
+    autocast_bf16: bool | None = typer.Option(
+        None, "--bf16/--no-bf16", help="bf16 autocast for the SAE forward."
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", help="Steps between resumable checkpoints."
+    ),
+    log_every: int | None = typer.Option(
+        None, "--log-every", help="Steps between metrics records."
+    ),
+    verify: bool = typer.Option(
+        False, "--verify", help="Check every chunk checksum of the store first."
+    ),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Progress bars on stderr."
+    ),
+) -> None:
+    """Train one SAE or a sweep of SAEs (one pass over the store for all of them)."""
+    from masksae.errors import ConfigError
+    from masksae.train.config import SweepConfig, TrainConfig, load_sweep
+    from masksae.train.sweep import single_run, train_sweep
+
+    train_overrides: dict[str, Any] = {
+        "steps": steps,
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "device": device,
+        "threads": threads,
+        "normalize_activations": normalize,
+        "autocast_bf16": autocast_bf16,
+        "checkpoint_every": checkpoint_every,
+        "log_every": log_every,
+    }
+    train_overrides = {key: v for key, v in train_overrides.items() if v is not None}
+    if config is not None:
+        given = [
+            f"--{n.replace('_', '-')}"
+            for n, v in (
+                ("architecture", architecture),
+                ("k", k),
+                ("d_sae", d_sae),
+                ("lr", lr),
+                ("seed", seed),
+            )
+            if v is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} cannot be combined with --config: set them "
+                f"in the [sae]/[grid] tables of {config}"
+            )
+        sweep = load_sweep(config)
+        sweep = dataclasses.replace(
+            sweep, train=dataclasses.replace(sweep.train, **train_overrides)
+        )
+        runs = None
+    else:
+        arch = architecture or "matryoshka_batch_topk"
+        sae: dict[str, Any] = {"architecture": arch, "d_sae": d_sae or 4096}
+        if k is not None:
+            sae["k"] = k
+        elif arch in ("topk", "batch_topk", "matryoshka_batch_topk"):
+            sae["k"] = 40
+        train_cfg = TrainConfig(
+            **train_overrides,
+            **({"lr": lr} if lr is not None else {}),
+            **({"seed": seed} if seed is not None else {}),
+        )
+        sweep = SweepConfig(train=train_cfg, sae=sae)
+        runs = [single_run(sae, lr=None, seed=train_cfg.seed)]
+    if runs is None:
+        summary = train_sweep(store, sweep, out, resume=resume, progress=progress, verify=verify)
+    else:
+        from masksae.train.sweep import open_store
+        from masksae.train.trainer import Trainer
+
+        st = open_store(store, verify=verify)
+        summary = Trainer(st, runs, sweep.train, out, resume=resume, progress=progress).train()
+    for run in summary.runs:
+        m = run.last_metrics
+        typer.echo(
+            f"{run.path}  step {run.step}  fvu {m.get('fvu', float('nan')):.4f}  "
+            f"l0 {m.get('l0', float('nan')):.1f}  dead {m.get('dead_frac', float('nan')):.3f}"
+        )
+    typer.echo(f"data wait: {100 * summary.data_wait_frac:.1f}% of step time")
+
+
+@user_errors
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run folder written by masksae train (OUT/<run>)."),
+    fmt: str = typer.Option(..., "--format", help="saelens | dictionary_learning"),
+    out: Path = typer.Option(..., "--out", help="Folder to write the exported SAE into."),
+) -> None:
+    """Export a trained SAE to the SAELens or dictionary_learning format."""
+    from masksae.train.export import export
+
+    path = export(run_dir, fmt, out)
+    typer.echo(str(path))

@@ -1,0 +1,153 @@
+"""Harvest throughput vs the bare truncated forward pass, measured in one run.
+
+Both sides use the same loaded model, layer, batch size, dtype and (masked) sequences:
+
+- *bare*: ``capture_resid_post`` over the batches, activations copied to CPU, nothing else;
+- *harvest*: ``run_harvest`` into a fresh store (tokenise + pack, masking, hooking, chunk
+  assembly, compression and writes on the background writer thread).
+
+The ratio harvest / bare is the overhead of everything but the LLM (target >= 0.90 on CPU).
+The bare pass is timed before and after the harvest and averaged, to damp drift on a shared
+machine. ``main(quick=False)`` runs the bundled SmolLM2-135M at layer 15 (``quick=True``: a
+tiny random Llama), prints a table, and writes it with the machine to docs/bench/harvest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DOC = HERE.parent / "docs" / "bench" / "harvest.md"
+
+log = logging.getLogger("bench_harvest")
+
+
+def _bare_tokens_per_s(plan: Any, ids_ST: np.ndarray) -> float:
+    from masksae.models import capture_resid_post
+
+    ids = torch.from_numpy(ids_ST.astype(np.int64))
+    attention = torch.ones_like(ids)
+    batch = plan.cfg.batch_size
+    start = time.perf_counter()
+    for lo in range(0, len(ids), batch):
+        h = capture_resid_post(plan.lm, ids[lo:lo + batch], attention[lo:lo + batch], plan.layer)
+        h.reshape(-1, plan.lm.d_model).to("cpu")
+    return ids.numel() / (time.perf_counter() - start)
+
+
+def _settings(quick: bool, work: Path) -> dict[str, Any]:
+    if quick:
+        from masksae.models.tiny import build_tiny_model
+
+        model = str(build_tiny_model(work / "tiny", "llama", n_layers=4, d_model=64,
+                                     max_context=256))
+        return dict(model=model, layer=2, tokens=16_384, context_length=64, batch_size=8)
+    return dict(model="bundled:smollm2-135m", layer=15, tokens=8_192, context_length=128,
+                batch_size=8)
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    """Run the benchmark; return the figures (tokens/s and the ratio)."""
+    from masksae.harvest import HarvestConfig, plan_harvest, run_harvest
+    from masksae.harvest.masking import mask_sequences
+    from masksae.models import load_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
+        work = Path(tmp)
+        s = _settings(quick, work)
+        lm = load_model(s["model"], dtype="float32", device="cpu")
+        cfg = HarvestConfig(out=str(work / "store"), model=s["model"], layer=s["layer"],
+                            corpus="bundled", tokens=s["tokens"], mask_prob=0.3,
+                            context_length=s["context_length"], batch_size=s["batch_size"],
+                            dtype="float32", device="cpu", seed=0)
+        plan = plan_harvest(cfg, lm=lm)
+        ids = np.stack(list(plan.sequences()))
+        masked_ids, _, _ = mask_sequences(ids, np.arange(len(ids)), seed=0, p=0.3,
+                                          mask_id=plan.mask_id, special_ids=plan.special_ids)
+        _bare_tokens_per_s(plan, masked_ids[: s["batch_size"]])  # warm-up
+        bare_before = _bare_tokens_per_s(plan, masked_ids)
+        wall_start = time.perf_counter()
+        result = run_harvest(cfg, lm=lm, progress=False)
+        wall = time.perf_counter() - wall_start
+        bare_after = _bare_tokens_per_s(plan, masked_ids)
+        store_bytes = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
+    bare = (bare_before + bare_after) / 2
+    figures = {
+        "model": s["model"] if not quick else "tiny random llama (4 x 64)",
+        "layer": s["layer"],
+        "tokens": result.total_tokens,
+        "context_length": s["context_length"],
+        "batch_size": s["batch_size"],
+        "dtype": "float32",
+        "bare_tokens_per_s": bare,
+        "bare_before": bare_before,
+        "bare_after": bare_after,
+        "harvest_tokens_per_s": result.tokens_per_s,
+        "harvest_wall_tokens_per_s": result.total_tokens / wall,
+        "ratio": result.tokens_per_s / bare,
+        "ratio_wall": result.total_tokens / wall / bare,
+        "store_mib": store_bytes / 2**20,
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}",
+        "quick": quick,
+    }
+    table = _table(figures)
+    print(table)
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(_doc(figures, table))
+    return figures
+
+
+def _table(f: dict[str, Any]) -> str:
+    rows = [
+        ("bare truncated forward (before / after harvest)",
+         f"{f['bare_before']:,.0f} / {f['bare_after']:,.0f} tok/s"),
+        ("harvest loop (mask + hook + chunks + background writes)",
+         f"{f['harvest_tokens_per_s']:,.0f} tok/s"),
+        ("harvest incl. planning (corpus check, store open, close)",
+         f"{f['harvest_wall_tokens_per_s']:,.0f} tok/s"),
+        ("**ratio harvest loop / bare**", f"**{f['ratio']:.3f}**"),
+        ("ratio incl. planning / bare", f"{f['ratio_wall']:.3f}"),
+        ("store size", f"{f['store_mib']:.1f} MiB"),
+    ]
+    lines = ["| measure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def _doc(f: dict[str, Any], table: str) -> str:
+    return f"""# Harvest throughput
+
+`benchmarks/bench_harvest.py{' --quick' if f['quick'] else ''}`: {f['model']}, layer
+{f['layer']}, {f['tokens']:,} tokens (context {f['context_length']}, batch {f['batch_size']},
+{f['dtype']}, p = 0.3, bundled corpus, storage-default compression), CPU.
+
+{table}
+
+Machine: {f['machine']}.
+
+The bare pass and the harvest run in one process on the same loaded model and the same
+masked sequences, so the ratio is the overhead of tokenising and packing, masking, the hook,
+chunk assembly and the (overlapped) compression and writes. The shared development machine
+was loaded by other jobs, so absolute tok/s vary between runs; the ratio is the figure to
+read. "incl. planning" adds the up-front corpus check (for bundled/local corpora the needed
+sequences are tokenised once before the run to fail early on a too-small corpus), store
+creation and finalisation, which amortise over long harvests.
+"""
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    main(quick=parser.parse_args().quick)

@@ -1,0 +1,61 @@
+"""Find checkpoints and result files from the paths a user gives on the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from masksae.errors import CheckpointError, MasksaeError
+
+CHECKPOINT_MARKER = "config.json"
+MAX_DEPTH = 4
+
+
+def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
+    """Run or checkpoint directories under ``paths``.
+
+    A directory holding ``config.json`` is a run (or checkpoint) and is passed to
+    ``masksae.train.load_sae`` as is; otherwise its subdirectories are searched (a sweep
+    directory), up to a few levels deep. Results are sorted and unique.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        root = Path(raw)
+        if not root.is_dir():
+            raise CheckpointError(f"checkpoint path {str(root)!r} is not a directory: pass a run "
+                                  "directory (holding config.json) or a sweep directory of runs")
+        hits = _search(root, 0)
+        if not hits:
+            raise CheckpointError(f"no run or checkpoint (a directory with {CHECKPOINT_MARKER}) "
+                                  f"under {str(root)!r}")
+        found.extend(hits)
+    return sorted(set(found))
+
+
+def _search(directory: Path, depth: int) -> list[Path]:
+    if (directory / CHECKPOINT_MARKER).is_file():
+        return [directory.resolve()]
+    if depth >= MAX_DEPTH:
+        return []
+    out: list[Path] = []
+    for child in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if not child.name.startswith("."):
+            out.extend(_search(child, depth + 1))
+    return out
+
+
+def find_results(paths: Iterable[str | Path]) -> list[Path]:
+    """JSON result files: given directly, or ``*.json`` anywhere under given directories."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files.extend(sorted(p.rglob("*.json")))
+        else:
+            raise MasksaeError(f"result path {str(p)!r} does not exist: pass the JSON files or "
+                               "the --out directory of `masksae evaluate`")
+    if not files:
+        raise MasksaeError(f"no result JSON files under {[str(p) for p in paths]}")
+    return sorted(set(files))

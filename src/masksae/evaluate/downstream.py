@@ -1,0 +1,172 @@
+"""Downstream metrics: CE loss recovered and KL when the SAE reconstruction is spliced in.
+
+The reconstruction replaces the residual stream after block ``layer`` (through
+``masksae.models.splice_resid_post``) at every *kept* position: real tokens that are not
+special tokens and not position 0 (BOS / attention-sink activations are left untouched,
+as in training, where they are excluded). The zero-ablation baseline writes zeros at the
+same positions. A next-token prediction at position t counts toward the losses only when
+both t and t + 1 are kept positions.
+
+    ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+    kl_div_sae        = mean over counted positions of KL(p_clean || p_sae)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from masksae.errors import ConfigError
+from masksae.evaluate.core import SAELike
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DownstreamConfig:
+    """Settings of the spliced-reconstruction loss metrics."""
+
+    n_sequences: int = 32
+    """Held-out sequences scored (the first ones of the evaluation set)."""
+    batch_size: int = 8
+    """Sequences per LLM forward pass."""
+
+
+def keep_positions(
+    input_ids_BT: Tensor, attention_mask_BT: Tensor, special_ids: Iterable[int]
+) -> Tensor:
+    """Bool [B, T]: real, non-special tokens after position 0 (the positions an SAE sees)."""
+    keep = attention_mask_BT.bool().clone()
+    keep[:, 0] = False
+    specials = torch.tensor(sorted(set(special_ids)), dtype=input_ids_BT.dtype,
+                            device=input_ids_BT.device)
+    if specials.numel():
+        keep &= ~torch.isin(input_ids_BT, specials)
+    return keep
+
+
+def _splice_fn(keep_BT: Tensor, replace: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """fn(h) that swaps in replace(h) at kept positions and leaves the rest untouched."""
+
+    def fn(h_BTD: Tensor) -> Tensor:
+        new = replace(h_BTD.to(torch.float32)).to(h_BTD.dtype)
+        return torch.where(keep_BT.unsqueeze(-1).to(h_BTD.device), new, h_BTD)
+
+    return fn
+
+
+def _logprobs(lm: Any, ids_BT: Tensor, attn_BT: Tensor) -> Tensor:
+    out = lm.model(input_ids=ids_BT.to(lm.device), attention_mask=attn_BT.to(lm.device))
+    return F.log_softmax(out.logits.float(), dim=-1)
+
+
+def _nll(lp_BTV: Tensor, target_BT: Tensor, count_BT: Tensor) -> float:
+    """Summed next-token NLL over counted positions (target_BT = ids[:, 1:])."""
+    tok = -lp_BTV[:, :-1].gather(-1, target_BT.unsqueeze(-1)).squeeze(-1)
+    return float((tok * count_BT).sum())
+
+
+def _kl(lp_p: Tensor, lp_q: Tensor, count_BT: Tensor) -> float:
+    """Summed KL(p || q) over counted positions."""
+    per_tok = (lp_p.exp() * (lp_p - lp_q)).sum(-1)[:, :-1]
+    return float((per_tok * count_BT).sum())
+
+
+@dataclass
+class _Sums:
+    ce_clean: float = 0.0
+    ce_sae: float = 0.0
+    ce_zero: float = 0.0
+    kl_sae: float = 0.0
+    kl_zero: float = 0.0
+    n: int = 0
+
+
+@torch.no_grad()
+def downstream_metrics(
+    lm: Any,
+    sae: SAELike,
+    layer: int,
+    input_ids_ST: Tensor,
+    attention_mask_ST: Tensor,
+    keep_ST: Tensor,
+    cfg: DownstreamConfig | None = None,
+    *,
+    baseline: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """CE loss recovered and KL of ``sae`` spliced into ``lm`` (a ``masksae.models.LoadedModel``).
+
+    ``baseline`` (the ``baseline`` entry of an earlier result on the same sequences) skips
+    the zero-ablation forward pass, which does not depend on the SAE.
+    """
+    from masksae.models import splice_resid_post
+
+    cfg = cfg or DownstreamConfig()
+    n_seq = min(cfg.n_sequences, input_ids_ST.shape[0])
+    if n_seq == 0:
+        raise ConfigError("downstream metrics need at least one evaluation sequence, got 0")
+    sums = _Sums()
+    need_zero = baseline is None
+
+    def reconstruct(h_BTD: Tensor) -> Tensor:
+        shape = h_BTD.shape
+        flat = h_BTD.reshape(-1, shape[-1])
+        return sae.decode(sae.encode(flat)).reshape(shape)
+
+    for start in range(0, n_seq, cfg.batch_size):
+        ids = input_ids_ST[start : min(start + cfg.batch_size, n_seq)]
+        attn = attention_mask_ST[start : start + ids.shape[0]]
+        keep = keep_ST[start : start + ids.shape[0]].to(lm.device)
+        # predictions at t whose source and target positions are both kept
+        count_BT = (keep[:, :-1] & keep[:, 1:]).float()
+        n = int(count_BT.sum())
+        if n == 0:
+            continue
+        target = ids[:, 1:].to(lm.device)
+
+        clean = _logprobs(lm, ids, attn)
+        with splice_resid_post(lm, layer, _splice_fn(keep, reconstruct)):
+            spliced = _logprobs(lm, ids, attn)
+        sums.ce_clean += _nll(clean, target, count_BT)
+        sums.ce_sae += _nll(spliced, target, count_BT)
+        sums.kl_sae += _kl(clean, spliced, count_BT)
+        del spliced
+        if need_zero:
+            with splice_resid_post(lm, layer, _splice_fn(keep, torch.zeros_like)):
+                zero = _logprobs(lm, ids, attn)
+            sums.ce_zero += _nll(zero, target, count_BT)
+            sums.kl_zero += _kl(clean, zero, count_BT)
+            del zero
+        sums.n += n
+
+    if sums.n == 0:
+        raise ConfigError(
+            "no scorable positions in the downstream evaluation sequences "
+            "(all tokens are special or position 0): use longer sequences"
+        )
+    ce_clean = sums.ce_clean / sums.n
+    ce_sae = sums.ce_sae / sums.n
+    kl_sae = sums.kl_sae / sums.n
+    if need_zero:
+        baseline = {"ce_loss_zero": sums.ce_zero / sums.n, "kl_div_zero": sums.kl_zero / sums.n}
+    assert baseline is not None
+    ce_zero = baseline["ce_loss_zero"]
+    kl_zero = baseline["kl_div_zero"]
+    denom = ce_zero - ce_clean
+    return {
+        "n_tokens": sums.n,
+        "ce_loss_clean": ce_clean,
+        "ce_loss_sae": ce_sae,
+        "ce_loss_zero": ce_zero,
+        "ce_loss_recovered": (ce_zero - ce_sae) / denom if denom != 0 else float("nan"),
+        "kl_div_sae": kl_sae,
+        "kl_div_zero": kl_zero,
+        "kl_div_score": (kl_zero - kl_sae) / kl_zero if kl_zero != 0 else float("nan"),
+        "baseline": {"ce_loss_zero": ce_zero, "kl_div_zero": kl_zero},
+    }

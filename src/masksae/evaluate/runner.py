@@ -1,0 +1,255 @@
+"""Evaluate checkpoints: load each SAE, get (cached) held-out activations, run the metrics,
+write one result JSON per checkpoint.
+
+The LLM is loaded once per (model, device) and kept for the whole run; the evaluation
+activations, the zero-ablation baseline and the absorption LLM stage are cached on disk
+(``cache_dir``), so every checkpoint after the first on the same model and layer skips the
+LLM capture passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from masksae.atomic import atomic_write_json
+from masksae.config import to_dict
+from masksae.errors import CheckpointError, ConfigError
+from masksae.evaluate.core import CoreConfig, iter_batches, reconstruction_metrics
+from masksae.evaluate.data import (
+    EvalData,
+    EvalDataConfig,
+    build_eval_data,
+    has_entry,
+    key_fields,
+    load_or_build,
+    store_activations,
+)
+from masksae.evaluate.downstream import DownstreamConfig, downstream_metrics
+from masksae.evaluate.schema import make_result, provenance_from_meta
+
+log = logging.getLogger(__name__)
+
+METRICS = ("core", "reconstruction", "absorption")
+"""core = reconstruction metrics + spliced CE/KL; reconstruction = without the LLM splice."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of ``masksae evaluate``."""
+
+    metrics: tuple[str, ...] = ("core",)
+    """Metric families to run: core, reconstruction (core without CE/KL), absorption."""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Held-out evaluation activations."""
+    core: CoreConfig = field(default_factory=CoreConfig)
+    """Reconstruction metric settings."""
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    """Spliced CE / KL settings."""
+    absorption: Any = None
+    """An ``AbsorptionConfig`` (None: its defaults, with words capped for CPU speed)."""
+    cache_dir: Path | None = None
+    """Directory of reusable LLM activations (None: nothing cached across runs)."""
+    device: str = "auto"
+    """Device of the LLM and the SAE."""
+    llm_dtype: str = "float32"
+    """Dtype the LLM is loaded in."""
+    eval_masked: bool = False
+    """Also report core metrics on masked activations (metrics["core_masked"])."""
+    eval_store: Path | None = None
+    """Activation store to take the reconstruction activations from instead of the corpus."""
+    model_override: str | None = None
+    """Load this model spec instead of the one in the checkpoint provenance (same weights
+    at another path, e.g. offline)."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ConfigError(f"unknown metric(s) {unknown or list(self.metrics)}: "
+                              f"choose from {', '.join(METRICS)}")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+class Evaluator:
+    """Evaluates checkpoints one after another, keeping the LLM loaded between them."""
+
+    def __init__(self, cfg: EvaluateConfig) -> None:
+        self.cfg = cfg
+        self._lms: dict[str, Any] = {}
+        self._baselines: dict[str, dict[str, float]] = {}
+
+    def _lm(self, spec: str, timer: _Timer) -> Any:
+        if spec not in self._lms:
+            from masksae.models import load_model
+
+            with timer.phase("load_llm"):
+                self._lms[spec] = load_model(spec, dtype=self.cfg.llm_dtype, device=self.cfg.device)
+        return self._lms[spec]
+
+    def evaluate(self, checkpoint: str | Path) -> dict[str, Any]:
+        """Score one checkpoint (run or checkpoint directory); return the result document."""
+        import torch
+
+        from masksae.devices import resolve_device
+        from masksae.train.checkpoint import load_sae
+
+        cfg = self.cfg
+        timer = _Timer()
+        t_start = time.perf_counter()
+        device = resolve_device(cfg.device)
+        with timer.phase("load_sae"):
+            sae, meta = load_sae(checkpoint, device=device)
+        sae.eval()
+        prov = provenance_from_meta(meta)
+        model_spec = cfg.model_override or prov["model"]
+        layer = prov["layer"]
+        if model_spec is None or layer is None:
+            raise CheckpointError(f"checkpoint {str(checkpoint)!r} names no model/layer in its "
+                                  "store provenance: cannot make evaluation activations")
+        d_sae = int(prov["d_sae"] or sae.cfg.d_sae)
+        metrics: dict[str, Any] = {}
+        eval_info: dict[str, Any] = {"config": to_dict(cfg.data)}
+
+        def get_data(masked: bool) -> EvalData:
+            dcfg = replace(cfg.data, masked=masked)
+            if masked:
+                p = prov["mask_prob"] or 0.0
+                store = meta.get("store") or {}
+                dcfg = replace(dcfg, mask_prob=p if p > 0 else cfg.data.mask_prob,
+                               mask_token_id=store.get("mask_token_id"),
+                               mask_string=store.get("mask_string") or cfg.data.mask_string)
+            fields = key_fields(model_spec, prov["revision"], layer, dcfg)
+            if not has_entry(cfg.cache_dir, fields):
+                self._lm(model_spec, timer)  # timed as load_llm, not eval_data
+            with timer.phase("eval_data"):
+                data, hit = load_or_build(
+                    cfg.cache_dir, fields,
+                    lambda: build_eval_data(self._lm(model_spec, timer), layer, self._texts(),
+                                            dcfg))
+            eval_info["masked" if masked else "clean"] = {**data.meta, "cache_hit": hit}
+            return data
+
+        def core_on(acts) -> dict[str, Any]:
+            with timer.phase("core"):
+                return reconstruction_metrics(
+                    sae, iter_batches(acts, cfg.core.batch_size, device=device), d_sae, cfg.core)
+
+        want_core = "core" in cfg.metrics or "reconstruction" in cfg.metrics
+        with torch.no_grad():
+            if want_core:
+                clean = get_data(False)
+                if cfg.eval_store is not None:
+                    with timer.phase("eval_data"):
+                        acts = store_activations(cfg.eval_store, cfg.data.n_tokens,
+                                                 include_masked=False)
+                    eval_info["store"] = {"path": str(cfg.eval_store), "n_tokens": len(acts)}
+                    metrics["core"] = core_on(acts)
+                else:
+                    metrics["core"] = core_on(clean.acts_ND)
+                if "core" in cfg.metrics:
+                    lm = self._lm(model_spec, timer)
+                    base_key = json.dumps([clean.meta.get("cache_key"), cfg.downstream.n_sequences])
+                    with timer.phase("downstream"):
+                        ds = downstream_metrics(
+                            lm, sae, layer, clean.input_ids_ST, clean.attention_mask_ST,
+                            clean.keep_ST, cfg.downstream, baseline=self._baseline(base_key))
+                    self._store_baseline(base_key, ds["baseline"])
+                    metrics["core"]["downstream"] = ds
+                if cfg.eval_masked:
+                    if cfg.eval_store is not None:
+                        with timer.phase("eval_data"):
+                            acts = store_activations(cfg.eval_store, cfg.data.n_tokens,
+                                                     include_masked=True)
+                        metrics["core_masked"] = core_on(acts)
+                    else:
+                        metrics["core_masked"] = core_on(get_data(True).acts_ND)
+            if "absorption" in cfg.metrics:
+                metrics["absorption"] = self._absorption(sae, model_spec, layer, timer)
+        timer.phases["total"] = time.perf_counter() - t_start
+        return make_result(checkpoint, prov, eval_info, metrics, timer.phases)
+
+    def _texts(self) -> list[str]:
+        from masksae.evaluate.texts import load_eval_texts
+
+        return load_eval_texts(self.cfg.data.corpus)
+
+    # the zero-ablation baseline depends on the data only: kept in memory and on disk
+    def _baseline_path(self, key: str) -> Path | None:
+        if self.cfg.cache_dir is None:
+            return None
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+        return Path(self.cfg.cache_dir) / f"baseline-{digest}.json"
+
+    def _baseline(self, key: str) -> dict[str, float] | None:
+        if key in self._baselines:
+            return self._baselines[key]
+        path = self._baseline_path(key)
+        if path is not None and path.is_file():
+            self._baselines[key] = json.loads(path.read_text())
+            return self._baselines[key]
+        return None
+
+    def _store_baseline(self, key: str, baseline: dict[str, float]) -> None:
+        if key not in self._baselines:
+            self._baselines[key] = baseline
+            path = self._baseline_path(key)
+            if path is not None:
+                atomic_write_json(path, baseline)
+
+    def _absorption(self, sae: Any, model_spec: str, layer: int, timer: _Timer) -> dict[str, Any]:
+        from masksae.evaluate import absorption
+
+        acfg = self.cfg.absorption or absorption.AbsorptionConfig()
+        lm = self._lm(model_spec, timer)
+        cache = None if self.cfg.cache_dir is None else Path(self.cfg.cache_dir) / "absorption"
+        with timer.phase("absorption"):
+            return absorption.run(sae, lm, layer, acfg, cache)
+
+
+def result_filename(checkpoint: Path, roots: Sequence[Path]) -> str:
+    """A readable unique file name: the checkpoint path relative to its search root."""
+    checkpoint = Path(checkpoint).resolve()
+    for root in roots:
+        root = Path(root).resolve()
+        try:
+            rel = checkpoint.relative_to(root.parent)
+        except ValueError:
+            continue
+        return "__".join(rel.parts) + ".json"
+    return checkpoint.name + ".json"
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[Path], out_dir: Path, cfg: EvaluateConfig,
+    roots: Sequence[Path] = (),
+) -> list[Path]:
+    """Evaluate every checkpoint, writing ``out_dir/<name>.json``; return the files."""
+    evaluator = Evaluator(cfg)
+    written: list[Path] = []
+    for i, ckpt in enumerate(checkpoints):
+        log.info("evaluating %s (%d/%d)", ckpt, i + 1, len(checkpoints))
+        doc = evaluator.evaluate(ckpt)
+        path = Path(out_dir) / result_filename(ckpt, roots)
+        atomic_write_json(path, doc)
+        log.info("wrote %s (%.1fs)", path, doc["timings_s"]["total"])
+        written.append(path)
+    return written

@@ -1,0 +1,55 @@
+"""HarvestConfig: every setting of one harvest run (CLI options map 1:1 onto fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from masksae.harvest.masking import DEFAULT_MASK_STRING
+
+DEFAULT_CHUNK_TOKENS = 32768
+"""Target tokens per chunk when ``chunk_sequences`` is not given."""
+
+
+@dataclass
+class HarvestConfig:
+    """One harvest: (model, layer, corpus, mask p, seed) -> an activation store at ``out``."""
+
+    out: str = ""
+    """Store directory to create, or to resume when it holds a store of identical settings."""
+    model: str = "bundled:smollm2-135m"
+    """Hugging Face id, local directory, or bundled:smollm2-135m / bundled:gemma3-270m."""
+    layer: int | None = None
+    """Block whose output (resid_post) is captured, 0-based; None = the middle block."""
+    corpus: str = "bundled"
+    """"bundled", a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id."""
+    corpus_field: str = "text"
+    """Text field of jsonl/parquet records and Hugging Face datasets."""
+    corpus_filter: tuple[str, ...] = field(default_factory=tuple)
+    """key=value conditions on records, e.g. meta.pile_set_name=Pile-CC."""
+    corpus_split: str = "train"
+    """Hugging Face dataset split."""
+    tokens: int = 100_000
+    """Tokens to harvest (rounded up to whole sequences)."""
+    mask_prob: float = 0.3
+    """Probability p that a token is replaced by the mask token (0 <= p < 1)."""
+    mask_string: str = DEFAULT_MASK_STRING
+    """Mask string; must encode to exactly one token."""
+    mask_token_id: int | None = None
+    """Mask token id overriding mask_string."""
+    context_length: int | None = None
+    """Tokens per sequence; None = 128 for bundled models, else min(1024, model maximum)."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    dtype: str = "float32"
+    """Model dtype: float32 / bfloat16 / float16."""
+    store_dtype: str | None = None
+    """Activation dtype at rest; None = the model dtype."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:N."""
+    seed: int = 0
+    """Seed of the mask draws (a pure function of seed and sequence index)."""
+    chunk_sequences: int | None = None
+    """Sequences per store chunk (the unit of writing and resume); None = about 32K tokens,
+    a multiple of batch_size."""
+    compression: str | None = None
+    """Activation compression (see masksae.storage.codecs); None = the storage default."""

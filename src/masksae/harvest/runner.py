@@ -1,0 +1,319 @@
+"""The harvest runner: corpus -> packed, masked sequences -> truncated forward -> store chunks.
+
+A chunk is ``chunk_sequences`` whole sequences. On resume the corpus is re-tokenised
+(deterministically) and the sequences of completed chunks are skipped without running the
+model. Activations of position 0 and of special tokens are stored but flagged ``excluded``;
+the store's reader skips them by default (see ``masksae.storage.EXCLUDED_TOKEN_POLICY``).
+Forward passes run in the main thread while the store's background writer compresses and
+writes the previous chunk, so compute and I/O overlap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from masksae.devices import dtype_name, resolve_dtype
+from masksae.errors import ConfigError, CorpusError
+from masksae.harvest.config import DEFAULT_CHUNK_TOKENS, HarvestConfig
+from masksae.harvest.corpus import Corpus, CorpusSpec
+from masksae.harvest.masking import (
+    mask_sequences,
+    resolve_mask_token,
+    special_token_ids,
+    validate_mask_prob,
+)
+from masksae.harvest.tokenize import pack_sequences, resolve_context_length, separator_id
+from masksae.models import BUNDLED_PREFIX, LoadedModel, capture_resid_post, load_model
+from masksae.models import validate_layer as _validate_layer
+
+log = logging.getLogger(__name__)
+
+HOOK = "resid_post"
+
+
+@dataclass
+class HarvestResult:
+    """What a harvest did."""
+
+    out: Path
+    """Store directory."""
+    total_tokens: int
+    """Tokens in the finished store."""
+    new_tokens: int
+    """Tokens computed by this run (the rest were complete already)."""
+    n_chunks: int
+    """Chunks in the store."""
+    skipped_chunks: int
+    """Chunks found complete and skipped (resume)."""
+    seconds: float
+    """Wall time of the harvest loop."""
+    masked_fraction: float
+    """Fraction of tokens computed by this run that were masked."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class HarvestPlan:
+    """Everything resolved and validated before any store is touched."""
+
+    cfg: HarvestConfig
+    lm: LoadedModel
+    corpus: Corpus
+    layer: int
+    context_length: int
+    mask_id: int
+    mask_string: str
+    special_ids: np.ndarray
+    n_sequences: int
+    chunk_sequences: int
+    store_dtype: str
+
+    @property
+    def total_tokens(self) -> int:
+        return self.n_sequences * self.context_length
+
+    def sequences(self) -> Iterator[np.ndarray]:
+        """The packed (unmasked) sequences, in order, exactly ``n_sequences`` of them."""
+        packed = pack_sequences(self.corpus, self.lm.tokenizer, self.context_length,
+                                prepend_bos=self.lm.prepend_bos)
+        return itertools.islice(packed, self.n_sequences)
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-able description recorded in the store (resume requires equality)."""
+        from masksae import __version__
+        from masksae.storage import EXCLUDED_TOKEN_POLICY
+
+        tok = self.lm.tokenizer
+        return {
+            "model": self.lm.model_id,
+            "model_revision": self.lm.revision,
+            "architecture": self.lm.architecture,
+            "n_layers": self.lm.n_layers,
+            "layer": self.layer,
+            "hook": HOOK,
+            "d_model": self.lm.d_model,
+            "model_dtype": dtype_name(self.lm.dtype),
+            "store_dtype": self.store_dtype,
+            "context_length": self.context_length,
+            "prepend_bos": self.lm.prepend_bos,
+            "separator_token_id": separator_id(tok),
+            "mask_prob": self.cfg.mask_prob,
+            "mask_string": self.mask_string,
+            "mask_token_id": self.mask_id,
+            "seed": self.cfg.seed,
+            "corpus": self.corpus.describe(),
+            "tokenizer": getattr(tok, "name_or_path", "") or self.lm.model_id,
+            "tokenizer_class": type(tok).__name__,
+            "vocab_size": len(tok),
+            "special_token_ids": self.special_ids.tolist(),
+            "n_sequences": self.n_sequences,
+            "tokens_requested": self.cfg.tokens,
+            "masksae_version": __version__,
+            "excluded_token_policy": EXCLUDED_TOKEN_POLICY,
+        }
+
+    def store_spec(self) -> Any:
+        from masksae.storage import StoreSpec
+
+        kwargs: dict[str, Any] = {}
+        if self.cfg.compression is not None:
+            kwargs["compression"] = self.cfg.compression
+        return StoreSpec(
+            d_model=self.lm.d_model,
+            dtype=self.store_dtype,
+            chunk_tokens=self.chunk_sequences * self.context_length,
+            total_tokens=self.total_tokens,
+            provenance=self.provenance(),
+            **kwargs,
+        )
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} {value!r} is invalid: expected a positive integer")
+    return value
+
+
+def plan_harvest(cfg: HarvestConfig, *, lm: LoadedModel | None = None) -> HarvestPlan:
+    """Validate ``cfg`` (loading the model unless ``lm`` is given) and resolve every default."""
+    if not cfg.out:
+        raise ConfigError("no output path given: use --out PATH")
+    tokens = _positive_int(cfg.tokens, "--tokens")
+    batch_size = _positive_int(cfg.batch_size, "--batch-size")
+    validate_mask_prob(cfg.mask_prob)
+    store_dtype = dtype_name(resolve_dtype(cfg.store_dtype or cfg.dtype))
+    corpus = Corpus(CorpusSpec(source=cfg.corpus, field=cfg.corpus_field,
+                               filters=tuple(cfg.corpus_filter), split=cfg.corpus_split))
+    if lm is None:
+        lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    layer = lm.n_layers // 2 if cfg.layer is None else cfg.layer
+    _validate_layer(lm, layer)
+    context = resolve_context_length(cfg.context_length, lm.max_context,
+                                     bundled=lm.model_id.startswith(BUNDLED_PREFIX))
+    vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
+    mask_id, mask_string = resolve_mask_token(lm.tokenizer, cfg.mask_string, cfg.mask_token_id,
+                                              vocab)
+    if cfg.chunk_sequences is None:
+        per_chunk = max(batch_size, DEFAULT_CHUNK_TOKENS // context // batch_size * batch_size)
+    else:
+        per_chunk = _positive_int(cfg.chunk_sequences, "--chunk-sequences")
+    n_sequences = math.ceil(tokens / context)
+    plan = HarvestPlan(
+        cfg=cfg, lm=lm, corpus=corpus, layer=layer, context_length=context, mask_id=mask_id,
+        mask_string=mask_string, special_ids=special_token_ids(lm.tokenizer),
+        n_sequences=n_sequences, chunk_sequences=min(per_chunk, n_sequences),
+        store_dtype=store_dtype,
+    )
+    _check_corpus_size(plan)
+    return plan
+
+
+def _check_corpus_size(plan: HarvestPlan) -> None:
+    """CorpusError up front if the corpus is empty, or (finite sources) too small."""
+    packed = plan.sequences()
+    if plan.corpus.kind == "hub":  # streaming: only check that something comes out
+        count = 1 if next(packed, None) is not None else 0
+    else:
+        count = sum(1 for _ in packed)
+    if count == 0:
+        raise CorpusError(
+            f"corpus {plan.corpus.spec.source!r} yields no sequence of {plan.context_length} "
+            "tokens (empty, filtered out, or too short): check --corpus, --corpus-field and "
+            "--corpus-filter"
+        )
+    if count < plan.n_sequences:
+        available = count * plan.context_length
+        raise CorpusError(
+            f"corpus {plan.corpus.spec.source!r} holds only {count} sequences of "
+            f"{plan.context_length} tokens ({available} tokens), fewer than --tokens "
+            f"{plan.cfg.tokens} needs: use --tokens {available} or less, or a larger corpus"
+        )
+
+
+def run_harvest(
+    cfg: HarvestConfig, *, lm: LoadedModel | None = None, progress: bool = True
+) -> HarvestResult:
+    """Harvest (or resume harvesting) the store described by ``cfg``."""
+    from tqdm.auto import tqdm
+
+    from masksae.storage import StoreWriter
+
+    plan = plan_harvest(cfg, lm=lm)
+    spec = plan.store_spec()
+    writer = StoreWriter.open(cfg.out, spec)
+    completed = writer.completed_chunks
+    n_chunks = writer.n_chunks
+    done_tokens = sum(_chunk_len(spec, i) for i in completed)
+    log.info(
+        "harvest %s layer %d (%s) -> %s: %d tokens = %d sequences x %d, %d chunks "
+        "(%d complete), p=%.3g, mask %r (id %d), seed %d",
+        plan.lm.model_id, plan.layer, HOOK, cfg.out, plan.total_tokens, plan.n_sequences,
+        plan.context_length, n_chunks, len(completed), cfg.mask_prob, plan.mask_string,
+        plan.mask_id, cfg.seed,
+    )
+    bar = tqdm(total=plan.total_tokens, initial=done_tokens, unit="tok", unit_scale=True,
+               desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    sequences = _prefetch(plan.sequences(), depth=4 * plan.chunk_sequences)
+    new_tokens = masked_tokens = 0
+    start = time.perf_counter()
+    with writer:
+        for index in range(n_chunks):
+            n_seq = min(plan.chunk_sequences, plan.n_sequences - index * plan.chunk_sequences)
+            block = list(itertools.islice(sequences, n_seq))
+            if len(block) != n_seq:  # the corpus changed since the size check
+                raise CorpusError(
+                    f"corpus {cfg.corpus!r} ended early at chunk {index}: it changed during "
+                    "the harvest; rerun to resume"
+                )
+            if index in completed:
+                continue
+            data = _harvest_chunk(plan, np.stack(block), index * plan.chunk_sequences, bar)
+            writer.write_chunk(index, data)
+            new_tokens += len(data)
+            masked_tokens += int(data.masked.sum())
+    seconds = time.perf_counter() - start
+    bar.close()
+    result = HarvestResult(
+        out=Path(cfg.out), total_tokens=plan.total_tokens, new_tokens=new_tokens,
+        n_chunks=n_chunks, skipped_chunks=len(completed), seconds=seconds,
+        masked_fraction=masked_tokens / new_tokens if new_tokens else 0.0,
+    )
+    log.info(
+        "harvest done: %s holds %d tokens in %d chunks (%d computed now, %d resumed) in "
+        "%.1f s, %.0f tok/s, masked fraction %.4f",
+        cfg.out, result.total_tokens, n_chunks, n_chunks - len(completed), len(completed),
+        seconds, result.tokens_per_s, result.masked_fraction,
+    )
+    return result
+
+
+def _prefetch(items: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:
+    """Produce ``items`` on a background thread (tokenising overlaps the forward passes)."""
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                buffer.put(item)
+            buffer.put(done)
+        except BaseException as exc:  # handed to the consumer
+            buffer.put(exc)
+
+    threading.Thread(target=produce, name="masksae-harvest-tokenise", daemon=True).start()
+    while True:
+        item = buffer.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _chunk_len(spec: Any, index: int) -> int:
+    lo, hi = spec.chunk_bounds(index)
+    return hi - lo
+
+
+def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int, bar: Any) -> Any:
+    """Mask, run the truncated forward in batches, and assemble one chunk's ChunkData."""
+    from masksae.storage import ChunkData
+
+    n_seq, length = ids_ST.shape
+    seq_idx_S = np.arange(first_seq, first_seq + n_seq, dtype=np.int64)
+    masked_ids, masked, excluded = mask_sequences(
+        ids_ST, seq_idx_S, seed=plan.cfg.seed, p=plan.cfg.mask_prob, mask_id=plan.mask_id,
+        special_ids=plan.special_ids,
+    )
+    acts = torch.empty((n_seq * length, plan.lm.d_model), dtype=plan.lm.dtype)
+    input_ids = torch.from_numpy(masked_ids.astype(np.int64))
+    attention = torch.ones_like(input_ids)
+    batch = plan.cfg.batch_size
+    for lo in range(0, n_seq, batch):
+        hi = min(lo + batch, n_seq)
+        h_BTD = capture_resid_post(plan.lm, input_ids[lo:hi], attention[lo:hi], plan.layer)
+        acts[lo * length:hi * length] = h_BTD.reshape(-1, plan.lm.d_model).to("cpu")
+        bar.update((hi - lo) * length)
+    return ChunkData(
+        activations=acts,
+        token_ids=masked_ids.reshape(-1),
+        masked=masked.reshape(-1),
+        excluded=excluded.reshape(-1),
+        seq_index=np.repeat(seq_idx_S, length),
+        position=np.tile(np.arange(length, dtype=np.int32), n_seq),
+    )

@@ -1,0 +1,231 @@
+"""Creating a store directory, its attributes, and its per-chunk completion records.
+
+Zarr itself only sees the group and its arrays; everything masksae adds lives in the
+group attributes (``zarr.json``, rewritten atomically) and in ``_chunks/<index>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from masksae.atomic import atomic_write_json
+from masksae.errors import StoreError
+from masksae.storage.codecs import METADATA_COMPRESSION, zarr_compressors
+from masksae.storage.schema import (
+    EXCLUDED_TOKEN_POLICY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_DIR,
+    STORE_DTYPES,
+    TOKEN_ARRAYS,
+    StoreSpec,
+)
+
+log = logging.getLogger(__name__)
+
+GROUP_METADATA = "zarr.json"
+_INNER_CHUNK_BYTES = 4 << 20  # target uncompressed size of one inner (compression) chunk
+
+
+def inner_chunk_rows(chunk_tokens: int, d_model: int, itemsize: int) -> int:
+    """Rows per inner chunk of an activation shard: a divisor of ``chunk_tokens`` near 4 MiB."""
+    target = max(1, _INNER_CHUNK_BYTES // (d_model * itemsize))
+    if target >= chunk_tokens:
+        return chunk_tokens
+    best = max(d for d in range(1, target + 1) if chunk_tokens % d == 0)
+    # a tiny divisor (chunk_tokens prime-ish) would make thousands of inner chunks
+    return best if best * 8 >= target else chunk_tokens
+
+
+def read_attrs(path: Path) -> dict[str, Any] | None:
+    """The masksae attributes of the store at ``path``, or None if it is not a store."""
+    meta_path = Path(path) / GROUP_METADATA
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    attrs = meta.get("attributes") or {}
+    if meta.get("node_type") != "group" or attrs.get("format") != FORMAT_NAME:
+        return None
+    return attrs
+
+
+def update_attrs(path: Path, updates: dict[str, Any]) -> None:
+    """Merge ``updates`` into the group attributes, atomically rewriting zarr.json."""
+    meta_path = Path(path) / GROUP_METADATA
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.setdefault("attributes", {}).update(updates)
+    atomic_write_json(meta_path, meta)
+
+
+def base_attrs(spec: StoreSpec) -> dict[str, Any]:
+    """The attributes written when a store is created."""
+    from masksae import __version__
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "spec": {k: v for k, v in spec.to_dict().items() if k != "provenance"},
+        "provenance": spec.provenance,
+        "storage_dtype": spec.dtype,
+        "n_chunks": spec.n_chunks,
+        "excluded_token_policy": EXCLUDED_TOKEN_POLICY,
+        "complete": False,
+    }
+
+
+def spec_from_attrs(attrs: dict[str, Any]) -> StoreSpec:
+    """Rebuild the StoreSpec recorded in a store's attributes."""
+    return StoreSpec.from_dict({**attrs["spec"], "provenance": attrs.get("provenance", {})})
+
+
+def create_store(path: Path, spec: StoreSpec) -> None:
+    """Create an empty store at ``path`` (absent or an empty directory), atomically.
+
+    The skeleton is built in a hidden sibling directory and renamed into place, so a crash
+    never leaves a half-created store.
+    """
+    import zarr
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = zarr.open_group(store=str(tmp), mode="w-", zarr_format=3)
+        config = {"write_empty_chunks": True}
+        rows = inner_chunk_rows(spec.chunk_tokens, spec.d_model, spec.itemsize)
+        group.create_array(
+            "activations",
+            shape=(spec.total_tokens, spec.d_model),
+            dtype=STORE_DTYPES[spec.dtype],
+            chunks=(rows, spec.d_model),
+            shards=(spec.chunk_tokens, spec.d_model),
+            compressors=zarr_compressors(spec.compression, spec.itemsize),
+            filters=(),
+            fill_value=0,
+            attributes={"storage_dtype": spec.dtype, "compression": spec.compression},
+            dimension_names=("token", "d_model"),
+            config=config,
+        )
+        for name, dtype in TOKEN_ARRAYS.items():
+            group.create_array(
+                name,
+                shape=(spec.total_tokens,),
+                dtype=dtype,
+                chunks=(spec.chunk_tokens,),
+                compressors=zarr_compressors(METADATA_COMPRESSION, dtype.itemsize),
+                filters=(),
+                fill_value=0,
+                dimension_names=("token",),
+                config=config,
+            )
+        (tmp / MANIFEST_DIR).mkdir()
+        update_attrs(tmp, base_attrs(spec))
+        if path.exists():
+            path.rmdir()  # an empty directory (checked by the caller)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("created activation store %s (%d chunks of %d tokens, %s, %s)", path,
+             spec.n_chunks, spec.chunk_tokens, spec.dtype, spec.compression)
+
+
+def chunk_files(path: Path, index: int) -> list[Path]:
+    """The data files of chunk ``index`` (one per array; default v3 chunk key encoding)."""
+    path = Path(path)
+    files = [path / "activations" / "c" / str(index) / "0"]
+    files += [path / name / "c" / str(index) for name in TOKEN_ARRAYS]
+    return files
+
+
+def manifest_path(path: Path, index: int) -> Path:
+    """Completion record of chunk ``index``."""
+    return Path(path) / MANIFEST_DIR / f"{index:06d}.json"
+
+
+def write_manifest(path: Path, index: int, record: dict[str, Any]) -> None:
+    """Atomically write the completion record of chunk ``index``."""
+    atomic_write_json(manifest_path(path, index), record)
+
+
+def read_manifests(path: Path, spec: StoreSpec) -> dict[int, dict[str, Any]]:
+    """Valid completion records by chunk index (unreadable or inconsistent ones are skipped)."""
+    records: dict[int, dict[str, Any]] = {}
+    directory = Path(path) / MANIFEST_DIR
+    if not directory.is_dir():
+        return records
+    for file in sorted(directory.glob("*.json")):
+        try:
+            index = int(file.stem)
+            record = json.loads(file.read_text(encoding="utf-8"))
+            start, stop = spec.chunk_bounds(index)
+        except (ValueError, OSError, StoreError):
+            log.warning("ignoring unreadable chunk record %s", file)
+            continue
+        if record.get("index") != index or (record.get("start"), record.get("stop")) != (
+            start,
+            stop,
+        ):
+            log.warning("ignoring inconsistent chunk record %s", file)
+            continue
+        records[index] = record
+    return records
+
+
+def store_fingerprint(spec: StoreSpec, checksums: list[str]) -> str:
+    """blake2b-128 of the spec (with provenance) and every chunk checksum in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    for checksum in checksums:
+        digest.update(checksum.encode())
+    return digest.hexdigest()
+
+
+def fsync_files(files: list[Path]) -> None:
+    """fsync each existing file (best effort: data first, then its completion record)."""
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def directory_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def as_numpy(value: Any, dtype: np.dtype, *, copy: bool = True) -> np.ndarray:
+    """A numpy array of ``dtype`` from a numpy array or a torch tensor (any device)."""
+    if hasattr(value, "detach"):  # torch tensor
+        tensor = value.detach()
+        copy = copy and tensor.device.type == "cpu"  # .cpu() of a device tensor is a copy
+        value = tensor.cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype != dtype:
+        return array.astype(dtype)
+    return array.copy() if copy else array

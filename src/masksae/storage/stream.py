@@ -1,0 +1,339 @@
+"""The shuffled, prefetching batch stream of an ActivationStore.
+
+Per epoch: a seeded permutation of the chunks; a background thread reads whole chunks in
+that order and drops the filtered tokens; the main thread mixes tokens through a slot
+buffer: it draws a random half of the buffer's slots as batches, then refills exactly
+those slots with the next incoming tokens. Every token is copied once into the buffer and
+once out of it. All randomness comes from generators seeded by (seed, epoch), so the
+stream is a pure function of its arguments and ``skip_batches`` can replay it cheaply.
+
+Data movement uses numpy on rows viewed as wide machine words (single-threaded, vectorised
+copies that do not suffer from OpenMP barriers on a busy machine); only the final dtype
+conversion and device transfer of each batch use torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from masksae.devices import resolve_dtype
+from masksae.errors import ConfigError, StoreError
+from masksae.storage.schema import STORE_DTYPES
+
+if TYPE_CHECKING:
+    from masksae.storage.reader import ActivationStore
+
+log = logging.getLogger(__name__)
+
+_EPOCH_END = object()
+
+
+def chunk_order(chunks: list[int], seed: int, epoch: int) -> list[int]:
+    """The seeded chunk visiting order of one epoch."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5EED, int(epoch)])
+    return [chunks[i] for i in rng.permutation(len(chunks))]
+
+
+def _mix_generator(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xB0F, int(epoch)])
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values stored as uint16 bits -> float32 (exact; single-threaded numpy)."""
+    out = bits.astype(np.uint32)
+    out <<= 16
+    return out.view(np.float32)
+
+
+def row_words(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous [N, D] array viewed as [N, W] of the widest unsigned word dividing a row
+    (no copy for contiguous input)."""
+    row_bytes = array.shape[1] * array.itemsize
+    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and
+                array.__array_interface__["data"][0] % w == 0)
+    return np.ascontiguousarray(array).view(np.dtype(f"u{word}"))
+
+
+Segment = tuple[np.ndarray, "slice | np.ndarray"]
+"""Rows of one chunk piece: (row-word array, a slice or an index array of the rows taken)."""
+
+
+class _Prefetcher:
+    """Reads chunks (filtered, as at-rest torch tensors) ahead on a daemon thread."""
+
+    def __init__(self, store: ActivationStore, plan: list[list[int]], *, include_masked: bool,
+                 include_excluded: bool, prefetch: int) -> None:
+        self._store = store
+        self._plan = plan
+        self._include_masked = include_masked
+        self._include_excluded = include_excluded
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="masksae-store-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for order in self._plan:
+                for index in order:
+                    if not self._put(self._read(index)):
+                        return
+                if not self._put(_EPOCH_END):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
+
+    def _read(self, index: int) -> list[Segment]:
+        """Chunk ``index`` as segments of row words with the rows to keep."""
+        names = ("excluded",) + (() if self._include_masked else ("masked",))
+        try:
+            views = self._store.activation_views(index)
+            if views is None:
+                names = ("activations", *names)
+            arrays = self._store.read_chunk(index, names)
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zarr/codec errors: corrupted data
+            raise StoreError(f"cannot read chunk {index} of store {self._store.path}: {exc}; "
+                             "run `masksae store verify` on it") from exc
+        if views is None:
+            views = [arrays["activations"]]
+        keep = np.ones(arrays["excluded"].shape[0], dtype=bool)
+        if not self._include_excluded:
+            keep &= ~arrays["excluded"]
+        if not self._include_masked:
+            keep &= ~arrays["masked"]
+        keep_idx = None if keep.all() else np.flatnonzero(keep)
+        segments: list[Segment] = []
+        offset = 0
+        for view in views:
+            rows = view.shape[0]
+            if keep_idx is None:
+                sel: slice | np.ndarray = slice(0, rows)
+            else:
+                lo, hi = np.searchsorted(keep_idx, [offset, offset + rows])
+                sel = keep_idx[lo:hi] - offset
+            segments.append((row_words(view), sel))
+            offset += rows
+        return segments
+
+    def get(self) -> Any:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a put waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)
+
+
+_SCATTER_BLOCK = 4096  # rows gathered at a time into a cache-sized temporary
+
+
+def _segment_rows(segment: Segment) -> int:
+    sel = segment[1]
+    return sel.stop - sel.start if isinstance(sel, slice) else sel.shape[0]
+
+
+class _Incoming:
+    """Rows of the current epoch, taken in order from the prefetcher's chunks.
+
+    Chunks arrive whole with the indices of their kept rows, so filtering costs no
+    extra copy: rows go straight from the chunk into buffer slots.
+    """
+
+    def __init__(self, prefetcher: _Prefetcher) -> None:
+        self._prefetcher = prefetcher
+        self._pending: list[Segment] = []
+        self._pending_rows = 0
+        self.exhausted = False
+
+    def take(self, n_rows: int) -> list[Segment]:
+        """Segments holding up to ``n_rows`` rows (fewer only when the epoch ran out)."""
+        while self._pending_rows < n_rows and not self.exhausted:
+            item = self._prefetcher.get()
+            if item is _EPOCH_END:
+                self.exhausted = True
+                continue
+            for segment in item:
+                if _segment_rows(segment):
+                    self._pending.append(segment)
+                    self._pending_rows += _segment_rows(segment)
+        taken: list[Segment] = []
+        got = 0
+        while self._pending and got < n_rows:
+            words, sel = self._pending[0]
+            available = _segment_rows((words, sel))
+            need = n_rows - got
+            if available <= need:
+                taken.append(self._pending.pop(0))
+                got += available
+            elif isinstance(sel, slice):
+                taken.append((words, slice(sel.start, sel.start + need)))
+                self._pending[0] = (words, slice(sel.start + need, sel.stop))
+                got = n_rows
+            else:
+                taken.append((words, sel[:need]))
+                self._pending[0] = (words, sel[need:])
+                got = n_rows
+        self._pending_rows -= got
+        return taken
+
+
+def scatter_rows(buffer: np.ndarray, slots: np.ndarray, segments: list[Segment]) -> int:
+    """Copy the segments' rows into ``buffer[slots[:n]]``; returns n."""
+    pos = 0
+    for words, sel in segments:
+        n = _segment_rows((words, sel))
+        if isinstance(sel, slice):
+            buffer[slots[pos : pos + n]] = words[sel]
+        else:
+            for lo in range(0, n, _SCATTER_BLOCK):
+                hi = min(lo + _SCATTER_BLOCK, n)
+                buffer[slots[pos + lo : pos + hi]] = np.take(words, sel[lo:hi], axis=0)
+        pos += n
+    return pos
+
+
+def stream_batches(
+    store: ActivationStore,
+    batch_size: int,
+    *,
+    seed: int,
+    include_masked: bool,
+    include_excluded: bool,
+    shuffle_buffer_tokens: int,
+    prefetch: int,
+    dtype: Any,
+    device: Any,
+    skip_batches: int,
+    chunk_range: tuple[int, int] | None,
+    epochs: int,
+) -> Iterator[torch.Tensor]:
+    """Implementation of :meth:`ActivationStore.stream` (validates, then returns a generator)."""
+    if isinstance(batch_size, bool) or int(batch_size) <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if int(epochs) < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs!r}")
+    if int(skip_batches) < 0:
+        raise ConfigError(f"skip_batches must be >= 0, got {skip_batches!r}")
+    first, last = store._check_chunk_range(chunk_range)
+    chunks = list(range(first, last))
+    missing = [i for i in chunks if i not in store.completed_chunks]
+    if missing:
+        raise StoreError(f"cannot stream store {store.path}: chunks {missing[:10]} are "
+                         "incomplete; rerun the harvest command to finish it")
+    out_dtype = resolve_dtype(dtype)
+    out_device = torch.device(device)
+    per_epoch = store.batches_per_epoch(batch_size, include_masked=include_masked,
+                                        include_excluded=include_excluded,
+                                        chunk_range=(first, last))
+    if per_epoch == 0:
+        raise StoreError(f"store {store.path} has fewer than batch_size={batch_size} usable "
+                         f"tokens in chunks {first}..{last - 1}: use a smaller batch size")
+    first_epoch = min(int(skip_batches) // per_epoch, int(epochs))
+    return _generate(
+        store, chunks, int(batch_size), seed=int(seed), include_masked=include_masked,
+        include_excluded=include_excluded,
+        capacity=max(int(shuffle_buffer_tokens), 2 * int(batch_size)), prefetch=int(prefetch),
+        out_dtype=out_dtype, out_device=out_device,
+        skip_in_epoch=int(skip_batches) - first_epoch * per_epoch,
+        epoch_range=range(first_epoch, int(epochs)),
+    )
+
+
+def _generate(store: ActivationStore, chunks: list[int], batch_size: int, *, seed: int,
+              include_masked: bool, include_excluded: bool, capacity: int, prefetch: int,
+              out_dtype: torch.dtype, out_device: torch.device, skip_in_epoch: int,
+              epoch_range: range) -> Iterator[torch.Tensor]:
+    if not epoch_range:
+        return
+    plan = [chunk_order(chunks, seed, epoch) for epoch in epoch_range]
+    prefetcher = _Prefetcher(store, plan, include_masked=include_masked,
+                             include_excluded=include_excluded, prefetch=prefetch)
+    pin = out_device.type == "cuda"
+    at_rest = np.dtype(STORE_DTYPES[store.spec.dtype])
+    is_bf16 = store.spec.dtype == "bfloat16"
+
+    fast_f32 = is_bf16 and out_dtype == torch.float32 and out_device.type == "cpu"
+
+    def emit(words_BW: np.ndarray) -> torch.Tensor:
+        rows = words_BW.view(at_rest)
+        if fast_f32:
+            return torch.from_numpy(bf16_bits_to_float32(rows))
+        batch = (torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) if is_bf16
+                 else torch.from_numpy(rows))
+        if pin:
+            batch = batch.pin_memory().to(out_device, non_blocking=True)
+        elif out_device.type != "cpu":
+            batch = batch.to(out_device)
+        return batch.to(out_dtype) if batch.dtype != out_dtype else batch
+
+    try:
+        skip = skip_in_epoch
+        for epoch in epoch_range:
+            for buffer, index_B in _epoch_batches(
+                _Incoming(prefetcher), _mix_generator(seed, epoch), batch_size, capacity
+            ):
+                if skip > 0:  # replayed, never materialised
+                    skip -= 1
+                    continue
+                yield emit(np.take(buffer, index_B, axis=0))
+            skip = 0
+    finally:
+        prefetcher.close()
+
+
+def _epoch_batches(incoming: _Incoming, rng: np.random.Generator, batch_size: int,
+                   capacity: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Mix one epoch's rows through the slot buffer.
+
+    Yields (buffer, row indices) per full batch; the consumer must gather the rows before
+    resuming the generator (the slots are refilled afterwards).
+    """
+    first = incoming.take(capacity)
+    if not first:
+        return
+    buffer = np.empty((capacity, first[0][0].shape[1]), dtype=first[0][0].dtype)
+    n_rows = scatter_rows(buffer, np.arange(capacity), first)
+    del first
+    while n_rows == capacity:
+        # steady state: buffer full; emit a random half, refill the freed slots
+        n_out = (n_rows // 2) // batch_size * batch_size
+        perm = rng.permutation(n_rows)
+        freed = perm[:n_out]
+        for start in range(0, n_out, batch_size):
+            # sorted slots: the same random set, gathered with better memory locality
+            yield buffer, np.sort(freed[start : start + batch_size])
+        n_new = scatter_rows(buffer, np.sort(freed), incoming.take(n_out))
+        if n_new < n_out:  # the epoch's data ran out: compact the live slots and drain
+            live = np.concatenate([perm[n_out:], np.sort(freed)[:n_new]])
+            buffer = np.take(buffer, live, axis=0)
+            n_rows = buffer.shape[0]
+            break
+    perm = rng.permutation(n_rows)
+    for start in range(0, n_rows - batch_size + 1, batch_size):
+        yield buffer, np.sort(perm[start : start + batch_size])

@@ -1,0 +1,250 @@
+"""Training and sweep configuration.
+
+A sweep TOML file has three tables::
+
+    [train]            # TrainConfig fields shared by every run of the sweep
+    steps = 400
+    batch_size = 512
+
+    [sae]              # SAE config defaults (architecture, d_sae, k, ...)
+    architecture = "matryoshka_batch_topk"
+    d_sae = 1024
+
+    [grid]             # lists crossed into runs (architecture, k, d_sae, lr, seed, or any
+    k = [20, 40]       # other SAE config field)
+
+Every SAE of a sweep reads the same batches (one pass over the store), so only the SAE
+config, the learning rate and the init seed may vary between runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from masksae.config import from_dict, load_toml, to_dict
+from masksae.errors import ConfigError
+
+#: TrainConfig fields that may change on --resume (they do not change the weights).
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "device",
+        "threads",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "tensorboard",
+        "wandb",
+        "wandb_project",
+    }
+)
+#: grid keys handled by the trainer rather than the SAE config.
+RUN_KEYS = ("lr", "seed")
+
+
+@dataclass
+class TrainConfig:
+    """Loop-level settings of one training pass (shared by every SAE of a sweep)."""
+
+    steps: int | None = None
+    """Optimizer steps; None derives them from ``tokens`` or one pass over the store."""
+    tokens: int | None = None
+    """Training tokens (steps = tokens // batch_size) when ``steps`` is None."""
+    batch_size: int = 2048
+    """Activations per step (the reference's SAE batch)."""
+    lr: float | None = None
+    """Peak learning rate; None -> 2e-4 / sqrt(d_sae / 16384) per SAE (reference rule)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2)."""
+    warmup_steps: int = 1000
+    """Linear lr warmup length in steps."""
+    decay_start_frac: float = 0.8
+    """Linear decay to 0 starts at this fraction of the steps (1.0: no decay)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm per SAE (0 disables clipping)."""
+    seed: int = 0
+    """SAE init seed (a grid ``seed`` overrides it per run)."""
+    data_seed: int = 0
+    """Seed of the store's shuffled stream (shared: every run reads the same batches)."""
+    normalize_activations: bool = True
+    """Train on s*x with E||s x||^2 = d_model (s from the store's statistics); s is folded
+    back into the saved weights, so saved SAEs act on raw activations."""
+    autocast_bf16: bool = False
+    """Run the SAE forward under bf16 autocast (threshold updates stay fp32)."""
+    include_masked_positions: bool = True
+    """Train on masked positions too (the paper trains on every position of the masked
+    sequence); special tokens are always excluded by the reader."""
+    shuffle_buffer_tokens: int | None = None
+    """Shuffle buffer of the store stream; None keeps the store's default."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    threads: int | None = None
+    """CPU threads for torch during training (None: torch's default). On a busy machine
+    fewer threads than cores can be much faster (no oversubscription)."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every N steps (0: only the final one)."""
+    keep_checkpoints: int = 2
+    """Periodic checkpoints kept per run (0 keeps all); removed once the run completes."""
+    log_every: int = 50
+    """Metrics (JSONL, progress bar, optional TensorBoard/W&B) every N steps."""
+    fused: bool = True
+    """Use the SAE's fused sparse kernel (StepContext.fused); False uses the dense path."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package and a login)."""
+    wandb_project: str = "masksae"
+    """W&B project name."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        checks = [
+            (self.steps is None or self.steps >= 1, "steps", self.steps, "an integer >= 1"),
+            (self.tokens is None or self.tokens >= 1, "tokens", self.tokens, "an integer >= 1"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1"),
+            (self.lr is None or self.lr > 0, "lr", self.lr, "a positive float (or unset)"),
+            (
+                len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                "adam_betas",
+                self.adam_betas,
+                "two floats in [0, 1)",
+            ),
+            (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0"),
+            (
+                0 <= self.decay_start_frac <= 1,
+                "decay_start_frac",
+                self.decay_start_frac,
+                "a float in [0, 1]",
+            ),
+            (self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, ">= 0"),
+            (self.log_every >= 1, "log_every", self.log_every, ">= 1"),
+            (self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or unset"),
+        ]
+        for ok, name, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"train.{name} = {value!r} is invalid: expected {expected}")
+
+
+def default_lr(d_sae: int) -> float:
+    """The reference's lr rule: 2e-4 / sqrt(d_sae / 16384) (4e-4 at d_sae 4096)."""
+    return 2e-4 / math.sqrt(d_sae / 16384)
+
+
+@dataclass
+class RunSpec:
+    """One SAE of a sweep: its name, SAE config dict, lr and init seed."""
+
+    name: str
+    """Run directory name, e.g. ``matryoshka_batch_topk-k20-F4096-s0``."""
+    sae: dict[str, Any]
+    """SAE config as a dict (``masksae.train.sae.sae_config_from_dict`` input)."""
+    lr: float | None = None
+    """Peak lr (None: the TrainConfig's, else the d_sae rule)."""
+    seed: int = 0
+    """Init seed of this SAE."""
+
+    def resolved_lr(self, train: TrainConfig) -> float:
+        if self.lr is not None:
+            return self.lr
+        if train.lr is not None:
+            return train.lr
+        return default_lr(int(self.sae["d_sae"]))
+
+
+@dataclass
+class SweepConfig:
+    """A sweep file: shared train settings, SAE defaults and the grid."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """[train] table."""
+    sae: dict[str, Any] = field(default_factory=dict)
+    """[sae] table: SAE config defaults."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """[grid] table: lists crossed into runs."""
+
+    def runs(self) -> list[RunSpec]:
+        """Expand the grid into named runs (product in a fixed key order)."""
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(
+                    f"grid.{key} = {values!r}: expected a non-empty list, e.g. {key} = [20, 40]"
+                )
+        order = ["architecture", "d_sae", "k", "lr", "seed"]
+        keys = [k for k in order if k in self.grid] + sorted(k for k in self.grid if k not in order)
+        runs: list[RunSpec] = []
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            chosen = dict(zip(keys, combo, strict=True))
+            sae = dict(self.sae)
+            sae.update({k: v for k, v in chosen.items() if k not in RUN_KEYS})
+            if "architecture" not in sae:
+                raise ConfigError(
+                    'no SAE architecture given: set [sae] architecture = "matryoshka_batch_topk" '
+                    "(or list it in [grid])"
+                )
+            if "d_sae" not in sae:
+                raise ConfigError(
+                    "no dictionary size given: set [sae] d_sae = 4096 (or grid.d_sae)"
+                )
+            lr = chosen.get("lr")
+            seed = int(chosen.get("seed", self.train.seed))
+            extra = [k for k in keys if k not in ("architecture", "d_sae", "k", "lr", "seed")]
+            runs.append(RunSpec(run_name(sae, lr, seed, extra), sae, lr, seed))
+        if not runs:
+            runs = []
+        names = [r.name for r in runs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"the grid gives duplicate runs {dupes}: remove repeated values")
+        return runs
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "_".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def run_name(sae: dict[str, Any], lr: float | None, seed: int, extra: list[str] = ()) -> str:  # type: ignore[assignment]
+    """Readable run name: ``{architecture}[-k{k}]-F{d_sae}[-lr{lr}][-{key}{value}]-s{seed}``."""
+    parts = [str(sae["architecture"])]
+    if sae.get("k") is not None:
+        parts.append(f"k{_fmt(sae['k'])}")
+    parts.append(f"F{sae['d_sae']}")
+    if lr is not None:
+        parts.append(f"lr{_fmt(lr)}")
+    parts.extend(f"{key}{_fmt(sae[key])}" for key in extra if key in sae)
+    parts.append(f"s{seed}")
+    return "-".join(parts).replace("/", "_").replace(" ", "")
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read a sweep TOML file ([train], [sae], [grid]); unknown tables/keys are errors."""
+    data = load_toml(path)
+    unknown = sorted(set(data) - {"train", "sae", "grid"})
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table(s) {unknown}; a sweep file has [train], [sae] and [grid]"
+        )
+    train = from_dict(TrainConfig, data.get("train", {}), where=f"{path} [train]")
+    return SweepConfig(train=train, sae=dict(data.get("sae", {})), grid=dict(data.get("grid", {})))
+
+
+def train_config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """JSON-able dict of a TrainConfig."""
+    return to_dict(cfg)
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    return from_dict(TrainConfig, data)
+
+
+def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,76 @@
+"""Index bookkeeping for a sparse selection, built once per step and shared by all kernels.
+
+A selection is a flat list of N (row, latent) entries sorted by (row, latent). Entries are
+grouped into *bags* (one output row of the sparse decoder each): bag = row * G + group of
+the latent, so a Matryoshka SAE decodes every group of every token in one call (G = 1 for
+plain TopK / BatchTopK). The latent-sorted order serves the weight gradients, which are
+computed as gathers per latent rather than atomic scatters (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class SparsePlan(NamedTuple):
+    """CSR views of one selection."""
+
+    rows_N: Tensor
+    """int64 [N]: token of each entry (non-decreasing)."""
+    lat_N: Tensor
+    """int64 [N]: latent of each entry."""
+    bag_N: Tensor
+    """int64 [N]: output row of the sparse decoder (non-decreasing)."""
+    bag_offsets: Tensor
+    """int64 [n_bags + 1]: entries of bag j are [bag_offsets[j], bag_offsets[j+1])."""
+    row_offsets: Tensor
+    """int64 [B + 1]: entries of token b."""
+    lat_perm_N: Tensor
+    """int64 [N]: permutation sorting the entries by latent."""
+    lat_offsets: Tensor
+    """int64 [F + 1]: in latent order, entries of latent f."""
+    n_bags: int
+    """Number of decoder output rows (B * G)."""
+
+
+def _offsets(sorted_keys_N: Tensor, n: int) -> Tensor:
+    counts = torch.bincount(sorted_keys_N, minlength=n)
+    out = torch.zeros(n + 1, dtype=torch.int64, device=sorted_keys_N.device)
+    torch.cumsum(counts, dim=0, out=out[1:])
+    return out
+
+
+def make_plan(
+    rows_N: Tensor,
+    lat_N: Tensor,
+    *,
+    n_rows: int,
+    n_latents: int,
+    group_of_F: Tensor | None = None,
+    n_groups: int = 1,
+) -> SparsePlan:
+    """Plan for entries sorted by (row, latent); ``group_of_F`` maps latent -> group."""
+    rows_N = rows_N.long()
+    lat_N = lat_N.long()
+    if group_of_F is None or n_groups == 1:
+        bag_N = rows_N
+        n_groups = 1
+    else:
+        bag_N = rows_N * n_groups + group_of_F[lat_N]
+    n_bags = n_rows * n_groups
+    # Unique keys make any sort stable; much faster than sort(stable=True) on CPU.
+    n = lat_N.numel()
+    lat_perm_N = torch.argsort(lat_N * max(n, 1) + torch.arange(n, device=lat_N.device))
+    return SparsePlan(
+        rows_N=rows_N,
+        lat_N=lat_N,
+        bag_N=bag_N,
+        bag_offsets=_offsets(bag_N, n_bags),
+        row_offsets=_offsets(rows_N, n_rows),
+        lat_perm_N=lat_perm_N,
+        lat_offsets=_offsets(lat_N, n_latents),
+        n_bags=n_bags,
+    )

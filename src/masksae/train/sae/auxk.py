@@ -1,0 +1,42 @@
+"""AuxK: the auxiliary loss that makes dead latents predict the reconstruction residual.
+
+One implementation (selection + normalisation) shared by the dense and fused paths of every
+TopK-family architecture (Gao et al. 2024; dictionary_learning's get_auxiliary_loss).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from masksae.train.sae.selection import Selection, topk_select
+
+
+def auxk_size(d_in: int, n_dead: int) -> int:
+    """k_aux = min(d_in // 2, number of dead latents)."""
+    return min(d_in // 2, n_dead)
+
+
+@torch.no_grad()
+def auxk_select(post_BF: Tensor, dead_mask_F: Tensor | None, d_in: int) -> Selection | None:
+    """Per token, the top k_aux post-ReLU activations among dead latents; None if none dead."""
+    if dead_mask_F is None:
+        return None
+    n_dead = int(dead_mask_F.sum())
+    k_aux = auxk_size(d_in, n_dead)
+    if k_aux == 0:
+        return None
+    score_BF = torch.where(dead_mask_F.to(post_BF.device)[None, :], post_BF, -torch.inf)
+    return topk_select(score_BF, k_aux, values_BF=post_BF)
+
+
+def normalized_auxk_loss(residual_BD: Tensor, aux_recon_BD: Tensor) -> Tensor:
+    """mean_b ||r - r_aux||^2 / mean_b ||r - mean_b r||^2 (fp32, NaN -> 0).
+
+    ``residual_BD`` is x - x_hat, detached by the caller; ``aux_recon_BD`` is decoded from the
+    dead latents without b_dec.
+    """
+    residual_BD = residual_BD.float()
+    l2_aux = (residual_BD - aux_recon_BD.float()).pow(2).sum(dim=-1).mean()
+    denom = (residual_BD - residual_BD.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
+    return (l2_aux / denom).nan_to_num(0.0)

@@ -1,0 +1,188 @@
+"""The SAE contract: base config, step I/O tuples and the ``SparseAutoencoder`` module.
+
+Every architecture subclasses :class:`SAEConfig` (adding its own documented fields) and
+:class:`SparseAutoencoder` (implementing ``encode`` and ``training_loss``). The trainer only
+uses what is defined here, so it never needs to know which architecture it trains.
+
+Parameter layout (shared by all architectures, and by the dictionary_learning export):
+``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D] with unit-norm rows, ``b_dec`` [D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from masksae.errors import ConfigError
+from masksae.train.sae.geometric_median import geometric_median
+
+
+@dataclass(kw_only=True)
+class SAEConfig:
+    """Fields every architecture has. Use a subclass (one per architecture)."""
+
+    architecture: str
+    """Registry name of the architecture (one of ``ARCHITECTURES``)."""
+    d_in: int
+    """Input width D (the LLM's d_model)."""
+    d_sae: int
+    """Dictionary size F (number of latents)."""
+    dead_tokens_threshold: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (the trainer
+    tracks it and passes ``StepContext.dead_mask_F``; AuxK trains those latents)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad value; subclasses extend this."""
+        for name in ("d_in", "d_sae", "dead_tokens_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"SAE config: {name}={value!r} must be a positive integer"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict; ``sae_config_from_dict`` inverts it."""
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def check_unit_interval(name: str, value: float, *, closed_right: bool = False) -> None:
+    """ConfigError unless 0 <= value < 1 (or <= 1 with ``closed_right``)."""
+    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        bound = "[0, 1]" if closed_right else "[0, 1)"
+        raise ConfigError(f"SAE config: {name}={value!r} must lie in {bound}")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """ConfigError unless value is a finite number >= 0."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"SAE config: {name}={value!r} must be a finite number >= 0")
+
+
+class StepContext(NamedTuple):
+    """What the trainer tells ``training_loss`` about the current step."""
+
+    step: int
+    """0-based optimizer step."""
+    total_steps: int
+    """Planned number of steps (for warmups expressed as fractions)."""
+    dead_mask_F: Tensor | None = None
+    """bool [F]: latents dead for >= dead_tokens_threshold tokens; None = none dead."""
+    fused: bool = True
+    """Use the fused sparse kernels (TopK family); False runs the dense reference path."""
+
+
+class StepOutput(NamedTuple):
+    """What ``training_loss`` returns."""
+
+    loss: Tensor
+    """Scalar to backpropagate."""
+    x_hat_BD: Tensor
+    """Full reconstruction (all groups), as used by the loss."""
+    fired_F: Tensor
+    """bool [F]: latents with a nonzero activation somewhere in this batch."""
+    metrics: dict[str, Tensor]
+    """Detached scalars: at least mse, fvu, l0, l2_loss (+ auxk_loss for the TopK family)."""
+
+
+class SparseAutoencoder(nn.Module):
+    """Base SAE: parameters, decode, decoder constraints, data init and input-scale folding.
+
+    Subclasses set ``config_class`` and implement ``encode`` and ``training_loss``.
+    """
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    subtract_b_dec_from_input: ClassVar[bool] = True
+    """Encoder input is x - b_dec (all but dictionary_learning's JumpReLU, which uses x)."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(cfg).__name__}"
+            )
+        self.cfg = cfg
+        D, F = cfg.d_in, cfg.d_sae
+        # dictionary_learning init: random unit decoder rows, encoder = decoder transpose.
+        W_dec_FD = torch.randn(F, D)
+        W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec_FD.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.b_dec = nn.Parameter(torch.zeros(D))
+
+    # ---- forward pieces -------------------------------------------------------------
+    def pre_activations(self, x_BD: Tensor) -> Tensor:
+        """Encoder pre-activations [B, F] (before ReLU / selection)."""
+        if self.subtract_b_dec_from_input:
+            x_BD = x_BD - self.b_dec
+        return x_BD @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Latent activations f [B, F] with the inference rule of the architecture."""
+        raise NotImplementedError
+
+    def decode(self, f_BF: Tensor) -> Tensor:
+        """Reconstruction x_hat [B, D] = f @ W_dec + b_dec."""
+        return f_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: Tensor) -> Tensor:
+        """decode(encode(x))."""
+        return self.decode(self.encode(x_BD))
+
+    def training_loss(self, x_BD: Tensor, ctx: StepContext) -> StepOutput:
+        """Loss of one training step (may update buffers such as the threshold)."""
+        raise NotImplementedError
+
+    # ---- training-time constraints ---------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor) -> None:
+        """Set b_dec to the geometric median of a batch (Weiszfeld, 100 iterations)."""
+        median_D = geometric_median(x_BD.to(self.b_dec.device, torch.float32))
+        self.b_dec.copy_(median_D.to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row (call before the step)."""
+        grad_FD = self.W_dec.grad
+        if grad_FD is None:
+            return
+        unit_FD = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        grad_FD -= (grad_FD * unit_FD).sum(dim=-1, keepdim=True) * unit_FD
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Renormalise decoder rows to unit norm (call after the step)."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make weights trained on ``scale * x`` act on raw ``x``.
+
+        Every map here is positively homogeneous in (x, biases, thresholds): pre-activations
+        of s*x with biases b equal s * (pre-activations of x with b/s), ReLU / top-k /
+        ``f > theta`` commute with a positive scale, and decode is linear plus b_dec. So
+        dividing b_enc, b_dec and the thresholds by s gives forward(x) == forward_s(s*x) / s.
+        """
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"fold_input_scale: scale={scale!r} must be a positive number")
+        self.b_enc /= scale
+        self.b_dec /= scale
+        self._scale_thresholds(scale)
+
+    def _scale_thresholds(self, scale: float) -> None:
+        """Divide the inference threshold (if any) by ``scale``; a negative one means
+        "not learned yet" and stays as it is."""
+        threshold = getattr(self, "threshold", None)
+        if isinstance(threshold, Tensor):
+            threshold.copy_(torch.where(threshold >= 0, threshold / scale, threshold))

@@ -1,0 +1,172 @@
+"""Shared machinery of TopK, BatchTopK and MatryoshkaBatchTopK.
+
+All three select entries of relu(pre-activations), reconstruct from them (optionally as nested
+groups of latents), and add AuxK on dead latents. Only the selection rule, the inference rule
+and the group structure differ; subclasses set those. The fused path (``ctx.fused``) and the
+dense reference path compute the same function and the same gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from masksae.errors import ConfigError
+from masksae.train.kernels import make_plan, selected_preacts, sparse_decode
+from masksae.train.sae.auxk import auxk_select, normalized_auxk_loss
+from masksae.train.sae.base import (
+    SAEConfig,
+    SparseAutoencoder,
+    StepContext,
+    StepOutput,
+    check_non_negative,
+)
+from masksae.train.sae.metrics import recon_metrics
+from masksae.train.sae.selection import Selection, fired_latents, selection_mask
+
+
+@dataclass(kw_only=True)
+class TopKConfig(SAEConfig):
+    """Per-token TopK SAE (Gao et al. 2024) with AuxK."""
+
+    architecture: str = "topk"
+    """Registry name."""
+    k: int
+    """Active latents per token (the target L0)."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss on dead latents."""
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
+            raise ConfigError(
+                f"SAE config: k={self.k!r} must be an integer in [1, d_sae={self.d_sae}]; "
+                "lower k or raise d_sae"
+            )
+        check_non_negative("auxk_alpha", self.auxk_alpha)
+
+
+class TopKFamilySAE(SparseAutoencoder):
+    """Base of the TopK family; subclasses define ``select`` and ``encode``."""
+
+    config_class = TopKConfig
+    cfg: TopKConfig
+
+    def __init__(self, cfg: TopKConfig) -> None:
+        super().__init__(cfg)
+        sizes = self.group_sizes
+        group_of_F = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        # Latent -> group index, used to route entries into per-group decoder outputs.
+        self.register_buffer("group_of_F", group_of_F, persistent=False)
+
+    # ---- hooks for subclasses ------------------------------------------------------------
+    @property
+    def group_sizes(self) -> list[int]:
+        """Sizes of the nested latent groups (one group of F unless Matryoshka)."""
+        return [self.cfg.d_sae]
+
+    @property
+    def group_weights(self) -> list[float]:
+        """Weight w_i of prefix i in the loss mean_i(w_i * L_i)."""
+        return [1.0]
+
+    def select(self, post_BF: Tensor) -> Selection:
+        """Training-time selection from post-ReLU activations (no grad)."""
+        raise NotImplementedError
+
+    def update_threshold(self, sel: Selection, ctx: StepContext) -> None:
+        """Hook for the BatchTopK inference threshold; nothing for plain TopK."""
+
+    # ---- inference helpers ---------------------------------------------------------------
+    def post_relu(self, x_BD: Tensor) -> Tensor:
+        """relu(pre-activations) [B, F]."""
+        return F.relu(self.pre_activations(x_BD))
+
+    def prefix_reconstructions(self, x_BD: Tensor) -> Tensor:
+        """[G, B, D]: x_hat_i = b_dec + decoded groups 0..i, using the inference ``encode``."""
+        f_BF = self.encode(x_BD)
+        parts_GBD = torch.stack(
+            [f @ W for f, W in zip(
+                f_BF.split(self.group_sizes, dim=1), self.W_dec.split(self.group_sizes, dim=0),
+                strict=True,
+            )]
+        )
+        return self.b_dec + parts_GBD.cumsum(dim=0)
+
+    # ---- training ------------------------------------------------------------------------
+    def training_loss(self, x_BD: Tensor, ctx: StepContext) -> StepOutput:
+        B, Fdim = x_BD.shape[0], self.cfg.d_sae
+        G = len(self.group_sizes)
+        if ctx.fused:
+            with torch.no_grad():
+                post_BF = self.post_relu(x_BD)
+            sel = self.select(post_BF)
+            plan = make_plan(
+                sel.rows_N, sel.lat_N, n_rows=B, n_latents=Fdim, group_of_F=self.group_of_F, n_groups=G
+            )
+            vals_N = selected_preacts(
+                sel.vals_N, x_BD, self.W_enc, self.b_enc, self.b_dec, plan,
+                subtract_b_dec=self.subtract_b_dec_from_input,
+            )
+            parts_BGD = sparse_decode(vals_N, self.W_dec, plan).view(B, G, -1)
+        else:
+            post_BF = self.post_relu(x_BD)
+            sel = self.select(post_BF.detach())
+            f_BF = post_BF * selection_mask(sel, (B, Fdim))
+            if G == 1:
+                parts_BGD = (f_BF @ self.W_dec)[:, None, :]
+            else:
+                parts_BGD = torch.stack(
+                    [f @ W for f, W in zip(
+                        f_BF.split(self.group_sizes, dim=1),
+                        self.W_dec.split(self.group_sizes, dim=0),
+                        strict=True,
+                    )],
+                    dim=1,
+                )
+        self.update_threshold(sel, ctx)
+
+        # Prefix sums as explicit adds: a strided cumsum over the short G axis (and its
+        # flip-cumsum-flip backward) cost more than the sparse decoder itself on CPU.
+        x_hat_BD = self.b_dec.expand_as(parts_BGD[:, 0])
+        err_list = []
+        for i in range(G):
+            x_hat_BD = x_hat_BD + parts_BGD[:, i]
+            err_list.append((x_BD.float() - x_hat_BD.float()).pow(2).sum(dim=-1))
+        err_BG = torch.stack(err_list, dim=1)
+        weights_G = torch.tensor(self.group_weights, dtype=err_BG.dtype, device=err_BG.device)
+        recon_loss = (err_BG.mean(dim=0) * weights_G).mean()
+
+        auxk_loss = self._auxk_loss(x_BD, x_hat_BD, post_BF, ctx)
+        loss = recon_loss + self.cfg.auxk_alpha * auxk_loss
+
+        l0 = (sel.vals_N != 0).sum().float() / B
+        metrics = recon_metrics(x_BD, x_hat_BD, l0)
+        metrics["recon_loss"] = recon_loss.detach()
+        metrics["auxk_loss"] = auxk_loss.detach()
+        if G > 1:
+            prefix_err_G = err_BG.detach().mean(dim=0)
+            for i in range(G):
+                metrics[f"l2_loss_prefix{i}"] = prefix_err_G[i]
+        return StepOutput(loss, x_hat_BD, fired_latents(sel, Fdim), metrics)
+
+    def _auxk_loss(self, x_BD: Tensor, x_hat_BD: Tensor, post_BF: Tensor, ctx: StepContext) -> Tensor:
+        aux = auxk_select(post_BF.detach(), ctx.dead_mask_F, self.cfg.d_in)
+        if aux is None:
+            return torch.zeros((), dtype=torch.float32, device=x_BD.device)
+        B, Fdim = post_BF.shape
+        residual_BD = (x_BD - x_hat_BD).detach()
+        if ctx.fused:
+            plan = make_plan(aux.rows_N, aux.lat_N, n_rows=B, n_latents=Fdim)
+            vals_N = selected_preacts(
+                aux.vals_N, x_BD, self.W_enc, self.b_enc, self.b_dec, plan,
+                subtract_b_dec=self.subtract_b_dec_from_input,
+            )
+            aux_recon_BD = sparse_decode(vals_N, self.W_dec, plan)
+        else:
+            aux_f_BF = post_BF * selection_mask(aux, (B, Fdim))
+            aux_recon_BD = aux_f_BF @ self.W_dec
+        return normalized_auxk_loss(residual_BD, aux_recon_BD)

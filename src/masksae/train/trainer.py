@@ -1,0 +1,680 @@
+"""The training loop: several SAEs trained from one pass over an activation store.
+
+Each batch is read once from ``store.stream(...)`` and fed to every SAE of the sweep; each
+SAE keeps its own optimizer, lr schedule, RNG state and dead-latent counters, so a sweep
+gives exactly the weights that training each SAE alone (same seeds) would.
+
+Per step and SAE (the dictionary_learning recipe): ``training_loss`` -> backward ->
+remove the decoder-parallel gradient -> clip -> Adam -> lr schedule -> renormalise decoder
+rows -> update dead-latent counters. b_dec starts at the geometric median of the first
+batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from masksae import __version__
+from masksae.atomic import atomic_write_json
+from masksae.config import to_dict
+from masksae.devices import resolve_device
+from masksae.errors import CheckpointError, ConfigError, MasksaeError, StoreError
+from masksae.train import checkpoint as ckpt
+from masksae.train.config import OPERATIONAL_FIELDS, RunSpec, TrainConfig
+from masksae.train.metrics_log import (
+    JsonlLog,
+    MetricsLog,
+    TensorBoardLog,
+    WandbLog,
+    check_sinks_available,
+    read_metrics,
+)
+from masksae.train.schedules import make_schedule, make_scheduler
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SWEEP_FORMAT_VERSION = 1
+
+
+class TrainingDivergedError(MasksaeError):
+    """The loss or the input became NaN/inf."""
+
+
+@dataclass
+class RunResult:
+    """Outcome of one SAE of a sweep."""
+
+    name: str
+    """Run name (its directory under the output folder)."""
+    path: Path
+    """Run directory (load it with ``masksae.train.load_sae``)."""
+    step: int
+    """Steps trained."""
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    """The last logged metrics record."""
+
+
+@dataclass
+class TrainSummary:
+    """What ``Trainer.train`` returns."""
+
+    runs: list[RunResult]
+    """One entry per SAE."""
+    total_steps: int
+    """Planned steps (== steps done)."""
+    steps_this_session: int
+    """Steps run by this call (less than total_steps after a resume)."""
+    wall_s: float
+    """Time spent in the step loop by this call."""
+    data_wait_s: float
+    """Part of ``wall_s`` spent waiting for the next batch."""
+
+    @property
+    def data_wait_frac(self) -> float:
+        return self.data_wait_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- setup helpers
+def resolve_sae_configs(runs: Sequence[RunSpec], d_model: int) -> list[Any]:
+    """SAE config objects for ``runs`` (d_in defaults to the store's d_model; validated)."""
+    from masksae.train.sae import sae_config_from_dict
+
+    configs = []
+    for run in runs:
+        data = dict(run.sae)
+        d_in = data.setdefault("d_in", d_model)
+        if d_in != d_model:
+            raise ConfigError(
+                f"run {run.name}: SAE d_in = {d_in} but the store's activations have "
+                f"d_model = {d_model}; drop d_in from the SAE config (it defaults to the "
+                f"store's d_model) or set d_in = {d_model}"
+            )
+        try:
+            configs.append(sae_config_from_dict(data))
+        except ConfigError as exc:
+            raise ConfigError(f"run {run.name}: {exc}") from None
+    return configs
+
+
+def plan_steps(store: Any, cfg: TrainConfig) -> tuple[int, int]:
+    """(total steps, stream epochs) for ``cfg`` on ``store``."""
+    per_epoch = store.batches_per_epoch(cfg.batch_size, include_masked=cfg.include_masked_positions)
+    if per_epoch < 1:
+        usable = store.count_tokens(include_masked=cfg.include_masked_positions)
+        raise ConfigError(
+            f"the store {store.path} has {usable} usable tokens, fewer than one batch of "
+            f"batch_size = {cfg.batch_size}: lower batch_size or harvest more tokens"
+        )
+    if cfg.steps is not None:
+        total = cfg.steps
+    elif cfg.tokens is not None:
+        total = cfg.tokens // cfg.batch_size
+        if total < 1:
+            raise ConfigError(
+                f"train.tokens = {cfg.tokens} is less than one batch "
+                f"({cfg.batch_size}): raise tokens or lower batch_size"
+            )
+    else:
+        total = per_epoch
+    return total, math.ceil(total / per_epoch)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: obj}
+
+
+def sweep_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two sweep manifests (operational keys ignored)."""
+
+    def comparable(manifest: dict[str, Any]) -> dict[str, Any]:
+        train = {k: v for k, v in manifest.get("train", {}).items() if k not in OPERATIONAL_FIELDS}
+        return {
+            "train": train,
+            "runs": manifest.get("runs"),
+            "store_fingerprint": manifest.get("store_fingerprint"),
+            "total_steps": manifest.get("total_steps"),
+        }
+
+    a, b = _flatten(comparable(old)), _flatten(comparable(new))
+    return [
+        f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key, "<unset>") != b.get(key, "<unset>")
+    ]
+
+
+# ---------------------------------------------------------------------------- per-run state
+class _Run:
+    """One SAE of the sweep with its optimizer, schedule, RNG and dead counters."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        sae_cfg: Any,
+        train: TrainConfig,
+        total_steps: int,
+        device: torch.device,
+        out_dir: Path,
+    ) -> None:
+        from masksae.train.sae import build_sae
+
+        self.spec = spec
+        self.dir = out_dir / spec.name
+        self.lr = spec.resolved_lr(train)
+        self.train = train
+        self.train_dict = to_dict(dataclasses.replace(train, lr=self.lr, seed=spec.seed))
+        self.device = device
+        torch.manual_seed(spec.seed)
+        self.sae = build_sae(sae_cfg).to(device)
+        self.rng_state = torch.get_rng_state()
+        self.cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(), lr=self.lr, betas=tuple(train.adam_betas)
+        )
+        schedule = make_schedule(total_steps, train.warmup_steps, train.decay_start_frac)
+        self.scheduler = make_scheduler(self.optimizer, schedule)
+        F = sae_cfg.d_sae
+        self.tokens_since_fired_F = torch.zeros(F, dtype=torch.long, device=device)
+        self.dead_threshold = int(sae_cfg.dead_tokens_threshold)
+        self.dead_mask_F = torch.zeros(F, dtype=torch.bool, device=device)
+        self.any_dead = False
+        self.metrics: MetricsLog | None = None
+        self.last_record: dict[str, Any] = {}
+        self.bar: Any = None
+
+    # -- RNG isolation: each run draws from its own stream, whatever the others do
+    def _enter_rng(self) -> None:
+        torch.set_rng_state(self.rng_state)
+        if self.cuda_rng_state is not None:
+            torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
+
+    def _exit_rng(self) -> None:
+        self.rng_state = torch.get_rng_state()
+        if self.cuda_rng_state is not None:
+            self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
+
+    def step(
+        self, x_BD: torch.Tensor, step: int, total_steps: int, *, want_metrics: bool
+    ) -> dict[str, float] | None:
+        from masksae.train.sae.base import StepContext
+
+        self._enter_rng()
+        try:
+            sae = self.sae
+            if step == 0:
+                sae.init_from_data(x_BD)
+            ctx = StepContext(
+                step, total_steps, self.dead_mask_F if self.any_dead else None, self.train.fused
+            )
+            autocast = (
+                torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                if self.train.autocast_bf16
+                else nullcontext()
+            )
+            with autocast:
+                out = sae.training_loss(x_BD, ctx)
+            loss = out.loss
+            if not bool(torch.isfinite(loss)):
+                raise TrainingDivergedError(
+                    f"run {self.spec.name}: the loss became {loss.item()} at step {step} "
+                    f"(the input batch was finite): lower the lr (now {self.lr:g}) or enable "
+                    "normalize_activations; rerun with --resume continues from the last "
+                    "checkpoint of this output folder"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_parallel_decoder_grad()
+            if self.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.train.grad_clip)
+            lr_used = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            sae.normalize_decoder()
+            with torch.no_grad():
+                self.tokens_since_fired_F += x_BD.shape[0]
+                self.tokens_since_fired_F[out.fired_F] = 0
+                torch.ge(self.tokens_since_fired_F, self.dead_threshold, out=self.dead_mask_F)
+                # one host sync per step; lets the SAE skip AuxK entirely when nothing is dead
+                self.any_dead = bool(self.dead_mask_F.any())
+            if not want_metrics:
+                return None
+            record = {
+                "loss": float(loss.detach()),
+                "lr": float(lr_used),
+                "dead_frac": float(self.dead_mask_F.float().mean()),
+            }
+            for key, value in out.metrics.items():
+                record[key] = float(value.detach().float()) if torch.is_tensor(value) else value
+            return record
+        finally:
+            self._exit_rng()
+
+    # -- checkpoint state
+    def state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "batches_consumed": step,
+            "model": {k: v.detach().cpu().clone() for k, v in self.sae.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_state": self.rng_state.clone(),
+            "cuda_rng_state": None if self.cuda_rng_state is None else self.cuda_rng_state.clone(),
+            "tokens_since_fired_F": self.tokens_since_fired_F.detach().cpu().clone(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng_state = state["rng_state"]
+        if self.cuda_rng_state is not None and state.get("cuda_rng_state") is not None:
+            self.cuda_rng_state = state["cuda_rng_state"]
+        self.tokens_since_fired_F.copy_(state["tokens_since_fired_F"].to(self.device))
+        torch.ge(self.tokens_since_fired_F, self.dead_threshold, out=self.dead_mask_F)
+        self.any_dead = bool(self.dead_mask_F.any())
+
+
+# ---------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Train the SAEs of ``runs`` on ``store`` in one pass, writing under ``out_dir``.
+
+    ``resume=True`` continues the sweep found in ``out_dir`` (same config required);
+    ``on_step(step)`` is called after each completed step (tests use it to simulate a crash).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        runs: Sequence[RunSpec],
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        if not runs:
+            raise ConfigError("no SAE to train: the sweep's grid expands to zero runs")
+        names = [r.name for r in runs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"run names must be unique, got {names}")
+        self.store = store
+        self.runs_spec = list(runs)
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.progress = progress
+        self.on_step = on_step
+        # everything that can be refused is checked before anything is written
+        self.sae_configs = resolve_sae_configs(self.runs_spec, store.d_model)
+        self.total_steps, self.epochs = plan_steps(store, cfg)
+        if cfg.warmup_steps >= self.total_steps:
+            log.warning(
+                "warmup_steps = %d >= the %d training steps: the lr never reaches its "
+                "peak; lower warmup_steps",
+                cfg.warmup_steps,
+                self.total_steps,
+            )
+        self.scale: float | None = None
+        if cfg.normalize_activations:
+            self.scale = float(store.norm_scale())
+            if not (math.isfinite(self.scale) and self.scale > 0):
+                raise StoreError(
+                    f"the store's activation statistics give the normalisation scale "
+                    f"{self.scale}: the store holds NaN/inf or all-zero activations; check it "
+                    "with `masksae store verify` or set normalize_activations = false"
+                )
+        self.device = resolve_device(cfg.device)
+        check_sinks_available(cfg.tensorboard, cfg.wandb)
+        self.manifest = self._manifest()
+
+    def _manifest(self) -> dict[str, Any]:
+        runs = []
+        for spec, sae_cfg in zip(self.runs_spec, self.sae_configs, strict=True):
+            runs.append(
+                {
+                    "name": spec.name,
+                    "sae": sae_cfg.to_dict(),
+                    "lr": spec.resolved_lr(self.cfg),
+                    "seed": spec.seed,
+                }
+            )
+        return {
+            "format_version": SWEEP_FORMAT_VERSION,
+            "train": to_dict(self.cfg),
+            "runs": runs,
+            "store_fingerprint": self.store.fingerprint,
+            "store_path": str(self.store.path),
+            "store": dict(self.store.provenance),
+            "total_steps": self.total_steps,
+            "normalization_scale": self.scale,
+            "masksae_version": __version__,
+        }
+
+    # -- output folder checks
+    def _check_out_dir(self) -> None:
+        sweep_file = self.out_dir / SWEEP_FILE
+        if sweep_file.exists():
+            if not self.resume:
+                raise CheckpointError(
+                    f"the output folder {self.out_dir} already holds a training run "
+                    f"({SWEEP_FILE}); pass --resume to continue it, or choose another --out"
+                )
+            import json
+
+            try:
+                old = json.loads(sweep_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{sweep_file} is damaged ({exc}); cannot resume") from exc
+            diffs = sweep_differences(old, self.manifest)
+            if diffs:
+                raise CheckpointError(
+                    f"cannot resume {self.out_dir}: the config differs from the run it holds:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nrestore the original config to resume, or train into another --out"
+                )
+            return
+        if self.resume:
+            raise CheckpointError(
+                f"--resume given but {self.out_dir} holds no training run ({SWEEP_FILE} "
+                "missing): drop --resume to start a new one"
+            )
+        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise CheckpointError(
+                f"the output folder {self.out_dir} is not empty and holds no masksae training "
+                "run: choose an empty or new --out folder"
+            )
+
+    def _resume_step(self, runs: list[_Run]) -> int:
+        """Largest step every run has a checkpoint for (0: start over)."""
+        common: set[int] | None = None
+        for run in runs:
+            steps = set(ckpt.list_checkpoints(run.dir))
+            if (run.dir / ckpt.CONFIG_FILE).exists():
+                meta = ckpt.read_meta(run.dir)
+                if meta.get("complete"):
+                    steps.add(int(meta["step"]))
+            common = steps if common is None else common & steps
+        return max(common) if common else 0
+
+    def _load_run_state(self, run: _Run, step: int) -> None:
+        src = ckpt.checkpoint_dir(run.dir, step)
+        if not (src / ckpt.STATE_FILE).exists():
+            src = run.dir
+        try:
+            state = torch.load(src / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any failure means a damaged checkpoint
+            raise CheckpointError(f"cannot read {src / ckpt.STATE_FILE}: {exc}") from exc
+        run.load_state(state)
+
+    # -- the loop
+    def train(self) -> TrainSummary:
+        self._check_out_dir()
+        global_rng = torch.get_rng_state()  # runs seed/consume their own; restore the caller's
+        threads = torch.get_num_threads()
+        if self.cfg.threads is not None:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            return self._train()
+        finally:
+            torch.set_rng_state(global_rng)
+            torch.set_num_threads(threads)
+
+    def _train(self) -> TrainSummary:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            atomic_write_json(self.out_dir / SWEEP_FILE, self.manifest)
+        runs = [
+            _Run(spec, sae_cfg, self.cfg, self.total_steps, self.device, self.out_dir)
+            for spec, sae_cfg in zip(self.runs_spec, self.sae_configs, strict=True)
+        ]
+        start = self._resume_step(runs) if self.resume else 0
+        for run in runs:
+            run.dir.mkdir(parents=True, exist_ok=True)
+            for step in ckpt.list_checkpoints(run.dir):
+                if step > start:  # written by some runs only, before the crash
+                    shutil.rmtree(ckpt.checkpoint_dir(run.dir, step), ignore_errors=True)
+            if start > 0:
+                self._load_run_state(run, start)
+        if start > 0:
+            log.info(
+                "resuming %d run(s) in %s from step %d of %d",
+                len(runs),
+                self.out_dir,
+                start,
+                self.total_steps,
+            )
+        try:
+            self._open_logs(runs, start)
+            wall, wait = self._loop(runs, start)
+            self._finish(runs)
+        finally:
+            for run in runs:
+                if run.metrics is not None:
+                    run.metrics.close()
+                if run.bar is not None:
+                    run.bar.close()
+        results = [RunResult(r.spec.name, r.dir, self.total_steps, r.last_record) for r in runs]
+        summary = TrainSummary(results, self.total_steps, self.total_steps - start, wall, wait)
+        log.info(
+            "trained %d SAE(s) for %d steps in %.1f s; %.1f%% of the step time waited for data",
+            len(runs),
+            summary.steps_this_session,
+            wall,
+            100 * summary.data_wait_frac,
+        )
+        return summary
+
+    def _open_logs(self, runs: list[_Run], start: int) -> None:
+        for i, run in enumerate(runs):
+            jsonl = JsonlLog(run.dir)
+            jsonl.truncate_after(start)
+            previous = read_metrics(run.dir)
+            run.last_record = previous[-1] if previous else {}
+            sinks: list[Any] = [jsonl]
+            if self.cfg.tensorboard:
+                sinks.append(TensorBoardLog(run.dir))
+            if self.cfg.wandb:
+                sinks.append(
+                    WandbLog(
+                        run.dir,
+                        self.cfg.wandb_project,
+                        run.spec.name,
+                        {"sae": run.sae.cfg.to_dict(), "train": run.train_dict},
+                    )
+                )
+            run.metrics = MetricsLog(sinks)
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                run.bar = tqdm(
+                    total=self.total_steps,
+                    initial=start,
+                    position=i,
+                    desc=run.spec.name,
+                    unit="step",
+                    dynamic_ncols=True,
+                    leave=True,
+                )
+
+    def _stream(self, start: int) -> Iterator[torch.Tensor]:
+        kwargs: dict[str, Any] = {}
+        if self.cfg.shuffle_buffer_tokens is not None:
+            kwargs["shuffle_buffer_tokens"] = self.cfg.shuffle_buffer_tokens
+        return self.store.stream(
+            self.cfg.batch_size,
+            seed=self.cfg.data_seed,
+            include_masked=self.cfg.include_masked_positions,
+            dtype="float32",
+            device=str(self.device),
+            skip_batches=start,
+            epochs=self.epochs,
+            **kwargs,
+        )
+
+    def _loop(self, runs: list[_Run], start: int) -> tuple[float, float]:
+        cfg, total = self.cfg, self.total_steps
+        stream = self._stream(start)
+        wall = wait = 0.0
+        win_wall = win_wait = 0.0
+        win_steps = 0
+        try:
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                try:
+                    x_BD = next(stream)
+                except StopIteration:
+                    raise StoreError(
+                        f"the store stream ended after {step} batches but {total} steps were "
+                        "planned: the store changed while training? verify it with "
+                        "`masksae store verify`"
+                    ) from None
+                t1 = time.perf_counter()
+                if not bool(torch.isfinite(x_BD).all()):
+                    raise self._bad_input_error(step)
+                if self.scale is not None:
+                    x_BD = x_BD * self.scale
+                done = step + 1
+                want = done % cfg.log_every == 0 or done == total
+                records = [run.step(x_BD, step, total, want_metrics=want) for run in runs]
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t2 = time.perf_counter()
+                wall += t2 - t0
+                wait += t1 - t0
+                win_wall += t2 - t0
+                win_wait += t1 - t0
+                win_steps += 1
+                if want:
+                    tokens_per_s = win_steps * x_BD.shape[0] / max(win_wall, 1e-9)
+                    for run, record in zip(runs, records, strict=True):
+                        assert record is not None
+                        record = {
+                            "step": done,
+                            "tokens": done * cfg.batch_size,
+                            **record,
+                            "tokens_per_s": tokens_per_s,
+                            "data_wait_frac": win_wait / max(win_wall, 1e-9),
+                        }
+                        run.last_record = record
+                        assert run.metrics is not None
+                        run.metrics.write(record)
+                        if run.bar is not None:
+                            run.bar.set_postfix(
+                                {
+                                    "tok/s": f"{tokens_per_s:.0f}",
+                                    "loss": f"{record['loss']:.4g}",
+                                    "fvu": _fmt(record.get("fvu")),
+                                    "l0": _fmt(record.get("l0")),
+                                    "dead": f"{record['dead_frac']:.3f}",
+                                },
+                                refresh=False,
+                            )
+                    win_wall = win_wait = 0.0
+                    win_steps = 0
+                for run in runs:
+                    if run.bar is not None:
+                        run.bar.update(1)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
+                    self._checkpoint(runs, done, complete=False)
+                if self.on_step is not None:
+                    self.on_step(done)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        return wall, wait
+
+    def _meta(self, run: _Run, step: int, complete: bool) -> dict[str, Any]:
+        return ckpt.build_meta(
+            sae=run.sae,
+            train=run.train_dict,
+            store=self.store,
+            step=step,
+            tokens=step * self.cfg.batch_size,
+            scale=self.scale,
+            run_name=run.spec.name,
+            complete=complete,
+        )
+
+    def _checkpoint(self, runs: list[_Run], step: int, *, complete: bool) -> None:
+        for run in runs:
+            ckpt.write_checkpoint(
+                ckpt.checkpoint_dir(run.dir, step),
+                run.sae,
+                self._meta(run, step, complete),
+                run.state(step),
+                self.scale,
+            )
+            if not complete:
+                ckpt.prune_checkpoints(run.dir, self.cfg.keep_checkpoints)
+        log.debug("checkpoint at step %d written for %d run(s)", step, len(runs))
+
+    def _finish(self, runs: list[_Run]) -> None:
+        total = self.total_steps
+        if not all(total in ckpt.list_checkpoints(r.dir) for r in runs):
+            self._checkpoint(runs, total, complete=True)
+        for run in runs:
+            ckpt.publish(run.dir, ckpt.checkpoint_dir(run.dir, total))
+        for run in runs:  # only once every run is published: resume needs a common step
+            if self.cfg.keep_checkpoints > 0:
+                shutil.rmtree(run.dir / ckpt.CHECKPOINTS_DIR, ignore_errors=True)
+            else:
+                shutil.rmtree(ckpt.checkpoint_dir(run.dir, total), ignore_errors=True)
+
+    def _bad_input_error(self, step: int) -> MasksaeError:
+        bad = find_nonfinite_chunks(self.store)
+        where = (
+            f"chunk(s) {bad} of the store hold NaN/inf activations"
+            if bad
+            else "the store's chunks read back finite, so the stream itself is suspect"
+        )
+        return StoreError(
+            f"the batch of step {step} holds NaN/inf activations: {where}. Re-harvest those "
+            f"chunks (delete the store and rerun the harvest, or use a finite dtype such as "
+            f"float32 for the harvest); store: {self.store.path}"
+        )
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def find_nonfinite_chunks(store: Any, limit: int = 20) -> list[int]:
+    """Indices of chunks whose activations hold NaN/inf (first ``limit``)."""
+    import numpy as np
+
+    bad: list[int] = []
+    for index in sorted(store.completed_chunks):
+        acts = store.read_chunk(index, ("activations",))["activations"]
+        if store.spec.dtype == "bfloat16":  # uint16 bits: exponent all ones = inf/nan
+            finite = bool(((acts.view(np.uint16) & 0x7F80) != 0x7F80).all())
+        else:
+            finite = bool(np.isfinite(acts).all())
+        if not finite:
+            bad.append(index)
+            if len(bad) >= limit:
+                break
+    return bad

@@ -1,0 +1,81 @@
+"""Shared test fixtures: offline Hugging Face settings and a tiny-model factory.
+
+``tiny_model_factory(architecture="llama", n_layers=3, d_model=32, max_context=256, seed=0)``
+returns a directory holding a randomly initialised transformers causal LM plus a matching
+byte-level tokenizer (vocab 497, specials <pad> 0, <eos> 1, <bos> 2, <unk> 3; "..." is one
+token), so ``masksae.models.load_model(str(path), device="cpu")`` works offline. Directories
+are built once per session and cached by their arguments: treat them as read-only.
+Architectures: llama, gpt_neox, gemma2, gemma3_text, gpt2.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Callable building (once per argument set) a tiny random model directory."""
+    from masksae.models.tiny import build_tiny_model
+
+    built: dict[tuple, Path] = {}
+
+    def make(
+        architecture: str = "llama",
+        *,
+        n_layers: int = 3,
+        d_model: int = 32,
+        max_context: int = 256,
+        seed: int = 0,
+    ) -> Path:
+        key = (architecture, n_layers, d_model, max_context, seed)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{architecture}")
+            built[key] = build_tiny_model(out, architecture, n_layers=n_layers,
+                                          d_model=d_model, max_context=max_context, seed=seed)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_factory: Callable[..., Path]) -> Path:
+    """A tiny random Llama (3 blocks, d_model 32, max context 256) with its tokenizer."""
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tiny_model_factory: Callable[..., Path]) -> Path:
+    """A tiny random Gemma 2 (needs BOS: ``prepend_bos`` is True)."""
+    return tiny_model_factory("gemma2")
+
+
+_WORDS = ("the cat sat on a mat while dogs ran far away into green hills and rivers of light "
+          "under skies made from numbers like seven eleven forty two").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deterministic 400-document jsonl corpus (field "text", ~13K tiny-tokenizer tokens)."""
+    import json
+
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    rng = np.random.default_rng(0)
+    with path.open("w") as fh:
+        for i in range(400):
+            words = rng.choice(_WORDS, size=int(rng.integers(5, 60)))
+            fh.write(json.dumps({"text": " ".join(words), "meta": {"set": "web" if i % 3
+                                                                   else "books"}}) + "\n")
+    return path

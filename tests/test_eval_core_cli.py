@@ -1,0 +1,115 @@
+"""`masksae evaluate` end to end on a tiny random model and tiny native checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from masksae.evaluate.schema import PROVENANCE_KEYS, SCHEMA_NAME, SCHEMA_VERSION, load_result
+
+
+def _write_ckpt(path, model_dir, k, mask_prob, seed):
+    from masksae.train.checkpoint import write_checkpoint
+    from masksae.train.sae import build_sae, sae_config_from_dict
+
+    torch.manual_seed(seed)
+    sae = build_sae(sae_config_from_dict({"architecture": "topk", "d_in": 32, "d_sae": 64,
+                                          "k": k}))
+    meta = {
+        "format_version": 1, "run_name": path.name, "sae": sae.cfg.to_dict(),
+        "train": {"seed": seed}, "store": {"model": str(model_dir), "revision": "r0",
+                                           "layer": 1, "mask_prob": mask_prob, "seed": 0},
+        "store_fingerprint": "fp", "step": 10, "tokens": 1000, "complete": True,
+    }
+    write_checkpoint(path, sae, meta, None, None)
+
+
+@pytest.fixture()
+def sweep(tmp_path, tiny_model_dir):
+    root = tmp_path / "sweep"
+    _write_ckpt(root / "run-k4-p0", tiny_model_dir, 4, 0.0, 0)
+    _write_ckpt(root / "run-k8-p03", tiny_model_dir, 8, 0.3, 1)
+    return root
+
+
+def test_evaluate_cli_writes_schema_and_reuses_cache(sweep, tmp_path):
+    from typer.testing import CliRunner
+
+    from masksae.cli import app
+
+    out, cache = tmp_path / "eval", tmp_path / "cache"
+    args = ["evaluate", "--checkpoints", str(sweep), "--metrics", "core", "--out", str(out),
+            "--cache", str(cache), "--eval-tokens", "300", "--context-length", "32",
+            "--ce-sequences", "4", "--device", "cpu", "--eval-masked"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    files = sorted(out.glob("*.json"))
+    assert [f.name for f in files] == ["sweep__run-k4-p0.json", "sweep__run-k8-p03.json"]
+    first, second = (load_result(f) for f in files)
+    for doc in (first, second):
+        assert doc["schema"] == SCHEMA_NAME and doc["schema_version"] == SCHEMA_VERSION
+        assert set(doc["provenance"]) == set(PROVENANCE_KEYS)
+        core = doc["metrics"]["core"]
+        assert core["n_tokens"] == 300
+        assert 0 < core["l0"] <= doc["provenance"]["k"] + 1e-6
+        for key in ("explained_variance", "explained_variance_legacy", "mse",
+                    "cosine_similarity", "relative_norm", "frac_dead", "feature_density"):
+            assert key in core
+        ds = core["downstream"]
+        assert 0 < ds["n_tokens"] <= 4 * 30  # source and target kept, position 0 never
+        assert ds["ce_loss_zero"] > 0 and "kl_div_sae" in ds
+        assert doc["metrics"]["core_masked"]["n_tokens"] == 300
+        assert doc["timings_s"]["total"] > 0
+    assert first["provenance"]["k"] == 4 and second["provenance"]["mask_prob"] == 0.3
+    assert first["provenance"]["architecture"] == "topk" and first["provenance"]["seed"] == 0
+    # the first checkpoint builds the activation cache; the second reads it
+    assert first["eval_data"]["clean"]["cache_hit"] is False
+    assert second["eval_data"]["clean"]["cache_hit"] is True
+    # clean + masked at p=0.3 (the p=0 run is scored on masked text at the default p=0.3)
+    assert len(list(cache.glob("evaldata-*/meta.json"))) == 2
+    assert list(cache.glob("baseline-*.json"))
+    assert second["metrics"]["core"]["downstream"]["ce_loss_zero"] == pytest.approx(
+        first["metrics"]["core"]["downstream"]["ce_loss_zero"])
+    # a fresh process re-evaluating reuses the on-disk cache too
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    again = json.loads(files[0].read_text())
+    assert again["eval_data"]["clean"]["cache_hit"] is True
+    assert again["metrics"]["core"]["explained_variance"] == pytest.approx(
+        first["metrics"]["core"]["explained_variance"], rel=1e-9)
+
+
+def test_evaluate_cli_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from masksae.cli import app
+
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(app, ["evaluate", "--checkpoints", str(tmp_path / "empty"),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "no run or checkpoint" in res.output
+    res = CliRunner().invoke(app, ["evaluate", "--checkpoints", str(tmp_path), "--metrics",
+                                   "bogus", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "unknown metric" in res.output
+
+
+def test_absorption_is_dispatched_with_its_cache(sweep, tmp_path, monkeypatch):
+    from masksae.evaluate import absorption
+    from masksae.evaluate.runner import EvaluateConfig, Evaluator
+
+    calls = []
+
+    def fake_run(sae, lm, layer, cfg, cache_dir):
+        calls.append((layer, cache_dir, lm.d_model, sae.cfg.d_sae))
+        return {"mean_full_absorption_score": 0.25, "absorption_paper_convention": 75.0}
+
+    monkeypatch.setattr(absorption, "run", fake_run)
+    cfg = EvaluateConfig(metrics=("absorption",), cache_dir=tmp_path / "c", device="cpu")
+    doc = Evaluator(cfg).evaluate(sweep / "run-k4-p0")
+    assert doc["metrics"] == {"absorption": {"mean_full_absorption_score": 0.25,
+                                             "absorption_paper_convention": 75.0}}
+    assert calls == [(1, tmp_path / "c" / "absorption", 32, 64)]
+    assert "absorption" in doc["timings_s"] and "core" not in doc["timings_s"]
