@@ -69,8 +69,12 @@ def real_activations(n_tokens: int) -> tuple[np.ndarray, str] | None:
                            for _, stop in [store.chunk_bounds(i)]), default=0))
     data = store.read(0, n)
     acts = data.activations_torch(store.spec.dtype).float().numpy()[~data.excluded]
-    model = store.provenance.get("model", "?")
-    return acts, f"real activations: {model} layer {store.provenance.get('layer', '?')} ({path})"
+    prov = store.provenance
+    corpus = prov.get("corpus", {})
+    corpus = corpus.get("source", corpus) if isinstance(corpus, dict) else corpus
+    return acts, (f"real activations: {prov.get('model', '?')} layer {prov.get('layer', '?')}, "
+                  f"context {prov.get('context_length', '?')}, p={prov.get('mask_prob', '?')}, "
+                  f"corpus {corpus} (`masksae harvest` store {path})")
 
 
 def chunk_of(acts: np.ndarray, start: int, stop: int) -> ChunkData:
@@ -198,9 +202,11 @@ def machine() -> str:
 def render(comp: list[dict], stream: dict[str, Any], source: str, quick: bool) -> str:
     lines = ["# Activation store benchmark (`benchmarks/bench_store.py`)", "",
              f"Machine: {machine()}.", f"Data: {source}.",
-             "Run: " + ("--quick (smoke sizes)" if quick else "full sizes") + ".", "",
+             "Run: " + ("--quick (smoke sizes)" if quick else "full sizes") + "; regenerate "
+             "with `MASKSAE_BENCH_STORE=<a harvested store> .venv/bin/python "
+             "benchmarks/bench_store.py` (without the variable: synthetic activations).", "",
              "## Compression (activations array only; MB/s of raw at-rest bytes)", "",
-             "Write = StoreWriter open..close (background writer, blake2b checksum, float64 "
+             "Write = StoreWriter open..close (background writer, SHA-256 checksum, float64 "
              "statistics, fsync); read = whole chunks of `activations` decoded via zarr.", "",
              "| dtype | codec | ratio | write MB/s | read MB/s |", "|---|---|---:|---:|---:|"]
     for r in comp:
@@ -239,7 +245,9 @@ def main(quick: bool = False) -> dict:
         acts, source = real
         d_model = acts.shape[1]
         reps = -(-max(n_comp, n_stream) // acts.shape[0])
-        acts = np.concatenate([acts] * reps) if reps > 1 else acts
+        if reps > 1:
+            source += f"; its {acts.shape[0]} non-excluded tokens repeated x{reps}"
+            acts = np.concatenate([acts] * reps)
     else:
         acts = synthetic_activations(max(n_comp, n_stream), d_model)
         source = ("synthetic Gaussian activations, log-normal per-dim scales, 1% Student-t(3) "

@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# The whole pipeline on the bundled model (SmolLM2-135M) and corpus, on CPU, in minutes.
+# `make demo`: the whole pipeline on the bundled model (SmolLM2-135M, layer 15) and the bundled
+# corpus, offline on CPU: harvest unmasked (p=0) and masked (p=0.3) stores, train a
+# two-SAE MatryoshkaBatchTopK sweep on each, score every checkpoint, and write the report.
+# Sizes are demo-sized (minutes on 2 cores); the paper's sizes are in README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=.venv/bin/masksae
+M=${MASKSAE:-.venv/bin/masksae}
 OUT=${DEMO_OUT:-runs/demo}
 TOKENS=${DEMO_TOKENS:-60000}
+LAYER=${DEMO_LAYER:-15}
+ABSORPTION_WORDS=${DEMO_ABSORPTION_WORDS:-40}
+
 for p in 0.0 0.3; do
-  $M harvest --model bundled:smollm2-135m --layer 15 --corpus bundled --tokens "$TOKENS" \
-    --mask-prob "$p" --context-length 128 --batch-size 8 --out "$OUT/store-p$p"
-  $M store info "$OUT/store-p$p"
+  store="$OUT/stores/p$p"
+  $M harvest --model bundled:smollm2-135m --layer "$LAYER" --corpus bundled --tokens "$TOKENS" \
+    --mask-prob "$p" --context-length 128 --batch-size 8 --seed 0 --out "$store"
+  $M store verify "$store"
+  $M store info "$store"
+  # --resume makes a rerun of the demo continue (or skip) finished training instead of refusing
+  resume=""; [ -f "$OUT/sae/p$p/sweep.json" ] && resume="--resume"
+  $M train --store "$store" --config configs/demo-sweep.toml --out "$OUT/sae/p$p" $resume
 done
+
+$M evaluate --checkpoints "$OUT/sae/p0.0" "$OUT/sae/p0.3" --metrics core,absorption \
+  --absorption-max-words "$ABSORPTION_WORDS" --eval-tokens 8192 --ce-sequences 16 \
+  --cache "$OUT/eval-cache" --out "$OUT/eval"
+$M report "$OUT/eval" --out "$OUT/report"
+echo
+echo "demo finished: report in $OUT/report/report.md"
+cat "$OUT/report/report.md"

@@ -471,3 +471,26 @@ def test_sigkill_mid_chunk_then_resume(tmp_path, data):
     resumed, ref = ActivationStore.open(path), ActivationStore.open(tmp_path / "ref")
     assert resumed.verify() == [] and resumed.fingerprint == ref.fingerprint
     assert resumed.stats.to_dict() == ref.stats.to_dict()
+
+
+def test_second_process_cannot_write_the_same_store(tmp_path):
+    import subprocess
+    import sys
+
+    writer = StoreWriter.open(tmp_path / "s", make_spec())
+    script = ("import sys; sys.path.insert(0, {t!r}); import test_storage as t\n"
+              "from masksae.storage import StoreWriter\n"
+              "StoreWriter.open({p!r}, t.make_spec())\n").format(
+        t=str(Path(__file__).parent), p=str(tmp_path / "s"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode != 0 and b"is being written by pid" in proc.stderr
+    writer.close()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_stream_batches_are_in_random_order(f32_store):
+    """Not just a random set: rows inside a batch carry no order of the token index."""
+    batches = stream_ids(f32_store, 128, seed=0, shuffle_buffer_tokens=512)
+    corr = [abs(np.corrcoef(np.arange(len(b)), b)[0, 1]) for b in batches]
+    assert len(batches) == 7 and np.mean(corr) < 0.3

@@ -21,7 +21,10 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def evaluate_cmd(
     checkpoints: list[Path] = typer.Option(
-        ..., "--checkpoints", help="Run, checkpoint or sweep directories (repeatable)."),
+        ..., "--checkpoints",
+        help="Run, checkpoint or sweep directories: --checkpoints A B C (or repeat the flag)."),
+    more_checkpoints: list[Path] | None = typer.Argument(
+        None, metavar="[DIR]...", help="More checkpoint directories (what follows --checkpoints A)."),
     out: Path = typer.Option(..., "--out", help="Directory for one result JSON per checkpoint."),
     metrics: str = typer.Option(
         "core,absorption", "--metrics", help="Comma list of core, reconstruction, absorption."),
@@ -64,6 +67,8 @@ def evaluate_cmd(
         eval_store=eval_store,
         model_override=model,
     )
+    # click options take one value each; the positional list lets `--checkpoints A B` work too
+    checkpoints = [*checkpoints, *(more_checkpoints or [])]
     found = find_checkpoints(checkpoints)
     log.info("%d checkpoint(s) to evaluate", len(found))
     written = evaluate_checkpoints(found, out, cfg, roots=checkpoints)

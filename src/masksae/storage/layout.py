@@ -141,6 +141,51 @@ def create_store(path: Path, spec: StoreSpec) -> None:
              spec.n_chunks, spec.chunk_tokens, spec.dtype, spec.compression)
 
 
+LOCK_FILE = ".writer.lock"
+_HELD_LOCKS: dict[str, Any] = {}  # store realpath -> lock file handle held by this process
+
+
+def lock_store(path: Path) -> Any:
+    """Take the store's writer lock against other processes (an flock, released when the
+    process dies, e.g. on SIGKILL); StoreError if another process holds it.
+
+    Within one process a second writer is allowed (the first one is presumed abandoned,
+    as after an exception): it shares the lock.
+    """
+    import fcntl
+
+    key = os.path.realpath(path)
+    if key in _HELD_LOCKS:
+        log.warning("store %s is already open for writing in this process; reusing its lock",
+                    path)
+        return _HELD_LOCKS[key]
+    handle = open(Path(path) / LOCK_FILE, "a+")  # noqa: SIM115 - held for the writer's life
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StoreError(
+            f"store {path} is being written by {holder}: wait for it to finish, or stop it "
+            "and rerun (a killed writer releases the lock)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
+    return handle
+
+
+def unlock_store(path: Path, handle: Any) -> None:
+    """Release a lock taken by :func:`lock_store` (no-op if already released)."""
+    key = os.path.realpath(path)
+    if _HELD_LOCKS.get(key) is handle:
+        del _HELD_LOCKS[key]
+        handle.close()
+
+
 def chunk_files(path: Path, index: int) -> list[Path]:
     """The data files of chunk ``index`` (one per array; default v3 chunk key encoding)."""
     path = Path(path)

@@ -1,15 +1,22 @@
 """The shuffled, prefetching batch stream of an ActivationStore.
 
 Per epoch: a seeded permutation of the chunks; a background thread reads whole chunks in
-that order and drops the filtered tokens; the main thread mixes tokens through a slot
-buffer: it draws a random half of the buffer's slots as batches, then refills exactly
-those slots with the next incoming tokens. Every token is copied once into the buffer and
-once out of it. All randomness comes from generators seeded by (seed, epoch), so the
-stream is a pure function of its arguments and ``skip_batches`` can replay it cheaply.
+that order (zero-copy mmap views for uncompressed shards, zarr otherwise) and marks the
+tokens to keep; the main thread mixes tokens through a slot buffer: it draws a random half
+of the buffer's slots as batches, then refills exactly those slots, in random order, with
+the next incoming tokens. Because tokens land in random slots, a batch can be gathered in
+ascending slot order (memory locality) and still be in random token order. Every token is
+copied once into the buffer and once out of it. All randomness comes from generators
+seeded by (seed, epoch), so the stream is a pure function of its arguments and
+``skip_batches`` replays it without materialising the skipped batches.
 
 Data movement uses numpy on rows viewed as wide machine words (single-threaded, vectorised
 copies that do not suffer from OpenMP barriers on a busy machine); only the final dtype
-conversion and device transfer of each batch use torch.
+conversion and device transfer of each batch use torch (bf16 -> float32 on CPU is an exact
+numpy bit shift).
+
+Memory: the buffer holds ``max(shuffle_buffer_tokens, 2 * batch_size)`` rows at rest
+(131072 x 576 bf16 = 151 MB by default) plus ``prefetch`` chunks read ahead.
 """
 
 from __future__ import annotations
@@ -56,9 +63,11 @@ def row_words(array: np.ndarray) -> np.ndarray:
     """A C-contiguous [N, D] array viewed as [N, W] of the widest unsigned word dividing a row
     (no copy for contiguous input)."""
     row_bytes = array.shape[1] * array.itemsize
-    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and
-                array.__array_interface__["data"][0] % w == 0)
-    return np.ascontiguousarray(array).view(np.dtype(f"u{word}"))
+    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
+    array = np.ascontiguousarray(array)
+    if array.__array_interface__["data"][0] % word:  # misaligned view: an aligned copy
+        array = array.copy()
+    return array.view(np.dtype(f"u{word}"))
 
 
 Segment = tuple[np.ndarray, "slice | np.ndarray"]
@@ -318,7 +327,8 @@ def _epoch_batches(incoming: _Incoming, rng: np.random.Generator, batch_size: in
     if not first:
         return
     buffer = np.empty((capacity, first[0][0].shape[1]), dtype=first[0][0].dtype)
-    n_rows = scatter_rows(buffer, np.arange(capacity), first)
+    n_first = sum(_segment_rows(segment) for segment in first)
+    n_rows = scatter_rows(buffer, rng.permutation(n_first), first)  # slots 0..n-1, shuffled
     del first
     while n_rows == capacity:
         # steady state: buffer full; emit a random half, refill the freed slots
@@ -326,14 +336,15 @@ def _epoch_batches(incoming: _Incoming, rng: np.random.Generator, batch_size: in
         perm = rng.permutation(n_rows)
         freed = perm[:n_out]
         for start in range(0, n_out, batch_size):
-            # sorted slots: the same random set, gathered with better memory locality
             yield buffer, np.sort(freed[start : start + batch_size])
-        n_new = scatter_rows(buffer, np.sort(freed), incoming.take(n_out))
+        # incoming rows go to the freed slots in random order, so a batch read in ascending
+        # slot order (for memory locality) is still in random token order
+        n_new = scatter_rows(buffer, freed, incoming.take(n_out))
         if n_new < n_out:  # the epoch's data ran out: compact the live slots and drain
-            live = np.concatenate([perm[n_out:], np.sort(freed)[:n_new]])
+            live = np.concatenate([perm[n_out:], freed[:n_new]])
             buffer = np.take(buffer, live, axis=0)
             n_rows = buffer.shape[0]
             break
     perm = rng.permutation(n_rows)
     for start in range(0, n_rows - batch_size + 1, batch_size):
-        yield buffer, np.sort(perm[start : start + batch_size])
+        yield buffer, perm[start : start + batch_size]  # the epoch's tail: random order

@@ -47,6 +47,7 @@ class StoreWriter:
         self._error: tuple[int, BaseException] | None = None
         self._closed = False
         self._arrays: dict[str, Any] | None = None
+        self._lock_handle = layout.lock_store(self.path)
         self._thread = threading.Thread(
             target=self._run, name=f"masksae-store-writer:{self.path.name}", daemon=True
         )
@@ -149,13 +150,15 @@ class StoreWriter:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
-        self._raise_pending_error()
         try:
+            self._raise_pending_error()
             self._finalise()
         except OSError as exc:
             raise StoreError(f"cannot write the final attributes of store {self.path}: {exc}; "
                              "the chunks are complete: fix the cause and rerun to finalise")\
                 from exc
+        finally:
+            layout.unlock_store(self.path, self._lock_handle)
 
     def __enter__(self) -> StoreWriter:
         return self
