@@ -25,14 +25,16 @@ STORE ?= runs/stores/$(subst :,_,$(subst /,_,$(MODEL)))-L$(LAYER)-p$(MASK_PROB)
 # ---- train variables (make train STORE=... TRAIN_CONFIG=...) ----------------------------
 TRAIN_CONFIG ?= configs/demo-sweep.toml
 TRAIN_OUT ?= runs/sae/$(notdir $(STORE))
+RESUME ?=
 # ---- evaluate variables -----------------------------------------------------------------
 CHECKPOINTS ?= $(TRAIN_OUT)
 METRICS ?= core,absorption
 EVAL_OUT ?= runs/eval
 EVAL_CACHE ?= runs/eval-cache
 REPORT_OUT ?= runs/report
+BENCH_ARGS ?=
 
-.PHONY: setup test test-fast demo harvest train evaluate report bench lint clean
+.PHONY: setup test test-fast demo harvest train evaluate report bench docs lint clean
 
 setup: $(STAMP)
 
@@ -60,7 +62,7 @@ harvest: setup
 	  --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE) --seed $(SEED) --out $(STORE)
 
 train: setup
-	$(MASKSAE) train --store $(STORE) --config $(TRAIN_CONFIG) --out $(TRAIN_OUT)
+	$(MASKSAE) train --store $(STORE) --config $(TRAIN_CONFIG) --out $(TRAIN_OUT) $(if $(RESUME),--resume)
 
 evaluate: setup
 	$(MASKSAE) evaluate --checkpoints $(CHECKPOINTS) --metrics $(METRICS) --out $(EVAL_OUT) --cache $(EVAL_CACHE)
@@ -72,7 +74,10 @@ demo: setup
 	bash scripts/demo.sh
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+docs: setup
+	$(PY) scripts/gen_config_reference.py
 
 clean:
 	rm -rf runs .pytest_cache

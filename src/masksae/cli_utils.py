@@ -27,8 +27,11 @@ def user_errors(func: F) -> F:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: completed work is saved; rerun the same command to resume",
-                       err=True)
+            typer.echo(
+                "interrupted: completed work is saved; rerun the same command to resume "
+                "(with --resume for masksae train)",
+                err=True,
+            )
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from masksae.harvest.masking import DEFAULT_MASK_STRING
+from masksae.harvest.outliers import DEFAULT_OUTLIER_NORM_FACTOR
 
 DEFAULT_CHUNK_TOKENS = 32768
 """Target tokens per chunk when ``chunk_sequences`` is not given."""
@@ -53,3 +54,9 @@ class HarvestConfig:
     a multiple of batch_size."""
     compression: str | None = None
     """Activation compression (see masksae.storage.codecs); None = the storage default."""
+    outlier_norm_factor: float = DEFAULT_OUTLIER_NORM_FACTOR
+    """Flag as excluded the tokens whose activation norm exceeds this factor x the median norm
+    of their chunk's non-special, non-position-0 tokens (attention-sink-like outliers); 0 = off."""
+    devices: tuple[str, ...] = field(default_factory=tuple)
+    """Several devices (e.g. cuda:0, cuda:1) for a multi-worker harvest: one worker process per
+    device computes the chunks with index % len(devices) == its rank; empty = ``device``."""

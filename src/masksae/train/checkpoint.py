@@ -125,6 +125,16 @@ def list_checkpoints(run_dir: Path) -> dict[int, Path]:
     return found
 
 
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete temporary checkpoint directories left by a process killed while writing one."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".") and ".tmp-" in child.name and child.is_dir():
+                log.info("removing the partial checkpoint %s (the writer was killed)", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:09d}"
 

@@ -33,6 +33,7 @@ from masksae.errors import ConfigError
 OPERATIONAL_FIELDS = frozenset(
     {
         "device",
+        "devices",
         "threads",
         "checkpoint_every",
         "keep_checkpoints",
@@ -81,7 +82,14 @@ class TrainConfig:
     shuffle_buffer_tokens: int | None = None
     """Shuffle buffer of the store stream; None keeps the store's default."""
     device: str = "auto"
-    """auto | cpu | cuda | cuda:N."""
+    """auto | cpu | cuda | cuda:N: where every SAE trains (see ``devices`` for several)."""
+    devices: list[str] | None = None
+    """Several devices for one sweep, e.g. ``["cuda:0", "cuda:1"]`` (CLI: ``--devices
+    cuda:0,cuda:1``): run i of the sweep trains on ``devices[i % len(devices)]``
+    (round-robin). Each batch is still read once from the store, on the CPU, and copied to
+    every device (from pinned memory with ``non_blocking`` when a device is CUDA); each SAE
+    gives the weights it would give alone on its device. None (default): every run on
+    ``device``. Set ``device`` or ``devices``, not both; may change on --resume."""
     threads: int | None = None
     """CPU threads for torch during training (None: torch's default). On a busy machine
     fewer threads than cores can be much faster (no oversubscription)."""
@@ -125,10 +133,28 @@ class TrainConfig:
             (self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, ">= 0"),
             (self.log_every >= 1, "log_every", self.log_every, ">= 1"),
             (self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or unset"),
+            (
+                self.devices is None
+                or (
+                    isinstance(self.devices, list)
+                    and len(self.devices) >= 1
+                    and all(isinstance(d, str) and d.strip() for d in self.devices)
+                ),
+                "devices",
+                self.devices,
+                'a non-empty list of device names such as ["cuda:0", "cuda:1"] (or unset)',
+            ),
         ]
         for ok, name, value, expected in checks:
             if not ok:
                 raise ConfigError(f"train.{name} = {value!r} is invalid: expected {expected}")
+        if self.devices is not None:
+            self.devices = [d.strip() for d in self.devices]
+            if self.device != "auto":
+                raise ConfigError(
+                    f"train.device = {self.device!r} and train.devices = {self.devices!r} are "
+                    "both set: use devices alone to spread a sweep over several devices"
+                )
 
 
 def default_lr(d_sae: int) -> float:

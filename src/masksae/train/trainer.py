@@ -8,6 +8,13 @@ Per step and SAE (the dictionary_learning recipe): ``training_loss`` -> backward
 remove the decoder-parallel gradient -> clip -> Adam -> lr schedule -> renormalise decoder
 rows -> update dead-latent counters. b_dec starts at the geometric median of the first
 batch.
+
+Devices: with ``TrainConfig.devices`` the runs are placed round-robin over several devices;
+the batch is read once (on the CPU) and copied to each device. Interrupts: a first Ctrl-C
+(SIGINT, main thread only) finishes the current step, writes a checkpoint of it and then
+raises KeyboardInterrupt; a KeyboardInterrupt raised between steps (e.g. from ``on_step``)
+does the same, so ``--resume`` continues from exactly where the run stopped. A second
+Ctrl-C stops at once (the last checkpoint written is then used).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import dataclasses
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -106,6 +115,21 @@ def resolve_sae_configs(runs: Sequence[RunSpec], d_model: int) -> list[Any]:
         except ConfigError as exc:
             raise ConfigError(f"run {run.name}: {exc}") from None
     return configs
+
+
+def resolve_devices(cfg: TrainConfig) -> list[torch.device]:
+    """The devices of ``cfg`` (``devices``, else ``[device]``), checked to exist."""
+    names = cfg.devices if cfg.devices is not None else [cfg.device]
+    devices = [resolve_device(name) for name in names]
+    for name, device in zip(names, devices, strict=True):
+        if device.type == "cuda" and device.index is not None:
+            count = torch.cuda.device_count()
+            if device.index >= count:
+                raise ConfigError(
+                    f"device {name!r} requested but this machine has {count} CUDA device(s) "
+                    f"(cuda:0 .. cuda:{count - 1}): fix --device/--devices"
+                )
+    return devices
 
 
 def plan_steps(store: Any, cfg: TrainConfig) -> tuple[int, int]:
@@ -346,7 +370,19 @@ class Trainer:
                     f"{self.scale}: the store holds NaN/inf or all-zero activations; check it "
                     "with `masksae store verify` or set normalize_activations = false"
                 )
-        self.device = resolve_device(cfg.device)
+        self.devices = resolve_devices(cfg)
+        self.device = self.devices[0]
+        #: distinct devices, in order of first use; the batch is copied once to each
+        self.unique_devices = list(dict.fromkeys(self.devices))
+        if len(self.devices) > 1:
+            log.info(
+                "placing %d run(s) round-robin on %s",
+                len(runs),
+                ", ".join(str(d) for d in self.devices),
+            )
+        self._interrupt_requested = False
+        #: (last completed step, whether every run is at it): read on KeyboardInterrupt
+        self._position: tuple[int, bool] = (0, True)
         check_sinks_available(cfg.tensorboard, cfg.wandb)
         self.manifest = self._manifest()
 
@@ -436,19 +472,52 @@ class Trainer:
         threads = torch.get_num_threads()
         if self.cfg.threads is not None:
             torch.set_num_threads(self.cfg.threads)
+        self._interrupt_requested = False
+        previous_handler = self._install_sigint_handler()
         try:
             return self._train()
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
             torch.set_rng_state(global_rng)
             torch.set_num_threads(threads)
+
+    def run_device(self, index: int) -> torch.device:
+        """Device of run ``index`` of the sweep (round-robin over ``devices``)."""
+        return self.devices[index % len(self.devices)]
+
+    def _install_sigint_handler(self) -> Any:
+        """First Ctrl-C: finish the step, checkpoint, stop; second: stop at once.
+
+        Only in the main thread with Python's default handler in place (signal handlers
+        cannot be set elsewhere, and a caller's own handler is left alone). Returns the
+        handler to restore, or None when nothing was installed.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupt_requested:
+                raise KeyboardInterrupt
+            self._interrupt_requested = True
+            log.warning(
+                "interrupted: finishing the current step and writing a checkpoint "
+                "(press Ctrl-C again to stop at once)"
+            )
+
+        signal.signal(signal.SIGINT, handler)
+        return previous
 
     def _train(self) -> TrainSummary:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             atomic_write_json(self.out_dir / SWEEP_FILE, self.manifest)
         runs = [
-            _Run(spec, sae_cfg, self.cfg, self.total_steps, self.device, self.out_dir)
-            for spec, sae_cfg in zip(self.runs_spec, self.sae_configs, strict=True)
+            _Run(spec, sae_cfg, self.cfg, self.total_steps, self.run_device(i), self.out_dir)
+            for i, (spec, sae_cfg) in enumerate(zip(self.runs_spec, self.sae_configs, strict=True))
         ]
         start = self._resume_step(runs) if self.resume else 0
         for run in runs:
@@ -456,6 +525,7 @@ class Trainer:
             for step in ckpt.list_checkpoints(run.dir):
                 if step > start:  # written by some runs only, before the crash
                     shutil.rmtree(ckpt.checkpoint_dir(run.dir, step), ignore_errors=True)
+            ckpt.remove_partial_checkpoints(run.dir)  # a kill during a checkpoint write
             if start > 0:
                 self._load_run_state(run, start)
         if start > 0:
@@ -520,6 +590,9 @@ class Trainer:
                 )
 
     def _stream(self, start: int) -> Iterator[torch.Tensor]:
+        # one device: the stream delivers there (pinned + non_blocking for CUDA); several:
+        # batches arrive on the CPU and _place copies them to each device
+        device = self.device if len(self.unique_devices) == 1 else torch.device("cpu")
         kwargs: dict[str, Any] = {}
         if self.cfg.shuffle_buffer_tokens is not None:
             kwargs["shuffle_buffer_tokens"] = self.cfg.shuffle_buffer_tokens
@@ -528,13 +601,46 @@ class Trainer:
             seed=self.cfg.data_seed,
             include_masked=self.cfg.include_masked_positions,
             dtype="float32",
-            device=str(self.device),
+            device=str(device),
             skip_batches=start,
             epochs=self.epochs,
             **kwargs,
         )
 
+    def _place(self, x_BD: torch.Tensor) -> dict[torch.device, torch.Tensor]:
+        """The (scaled) batch on every device of the sweep, read once, copied to each."""
+        if len(self.unique_devices) > 1 and any(d.type == "cuda" for d in self.unique_devices):
+            x_BD = x_BD.pin_memory()  # lets the host->device copies run asynchronously
+        placed: dict[torch.device, torch.Tensor] = {}
+        for device in self.unique_devices:
+            x = x_BD.to(device, non_blocking=True)
+            placed[device] = x * self.scale if self.scale is not None else x
+        return placed
+
     def _loop(self, runs: list[_Run], start: int) -> tuple[float, float]:
+        """The step loop; on KeyboardInterrupt between steps, checkpoint the last step."""
+        self._position = (start, True)
+        try:
+            return self._loop_steps(runs, start)
+        except KeyboardInterrupt:
+            done, consistent = self._position
+            if not consistent:
+                log.warning(
+                    "interrupted in the middle of step %d: the last periodic checkpoint is "
+                    "kept; `--resume` continues from it",
+                    done + 1,
+                )
+            elif done > start and not all(done in ckpt.list_checkpoints(r.dir) for r in runs):
+                self._checkpoint(runs, done, complete=done == self.total_steps)
+                log.warning(
+                    "interrupted after step %d of %d: checkpoint written; rerun with "
+                    "--resume to continue",
+                    done,
+                    self.total_steps,
+                )
+            raise
+
+    def _loop_steps(self, runs: list[_Run], start: int) -> tuple[float, float]:
         cfg, total = self.cfg, self.total_steps
         stream = self._stream(start)
         wall = wait = 0.0
@@ -554,13 +660,17 @@ class Trainer:
                 t1 = time.perf_counter()
                 if not bool(torch.isfinite(x_BD).all()):
                     raise self._bad_input_error(step)
-                if self.scale is not None:
-                    x_BD = x_BD * self.scale
+                placed = self._place(x_BD)
                 done = step + 1
                 want = done % cfg.log_every == 0 or done == total
-                records = [run.step(x_BD, step, total, want_metrics=want) for run in runs]
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                self._position = (step, False)
+                records = [
+                    run.step(placed[run.device], step, total, want_metrics=want) for run in runs
+                ]
+                self._position = (done, True)
+                for device in self.unique_devices:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
                 t2 = time.perf_counter()
                 wall += t2 - t0
                 wait += t1 - t0
@@ -601,6 +711,8 @@ class Trainer:
                     self._checkpoint(runs, done, complete=False)
                 if self.on_step is not None:
                     self.on_step(done)
+                if self._interrupt_requested:
+                    raise KeyboardInterrupt
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
