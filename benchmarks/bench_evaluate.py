@@ -3,7 +3,8 @@
 Two checkpoints on the same model and layer are evaluated in one process with an empty
 activation cache: the first pays the LLM load, the activation capture, the zero-ablation
 baseline and the absorption LLM stage; the second reuses them all (in memory and on disk).
-Reports the wall time split by phase and the first / second ratio, and records them in
+The second also reuses the clean forward's log-probs kept in memory (CE/KL then runs only
+the spliced forward). Reports the wall time split by phase and the first / second ratio, and records them in
 docs/bench/evaluate.md. The SAEs are random (MatryoshkaBatchTopK, F = 4096): the cost of
 evaluation does not depend on how well an SAE is trained.
 """
@@ -71,13 +72,16 @@ def main(quick: bool = False) -> dict:
             runs.append({"wall_s": time.perf_counter() - t0, "phases": doc["timings_s"],
                          "ev": doc["metrics"]["core"]["explained_variance"],
                          "ce_rec": doc["metrics"]["core"]["downstream"]["ce_loss_recovered"],
-                         "absorption_cache_hit": doc["metrics"]["absorption"].get("cache_hit")})
+                         "absorption_cache_hit": doc["metrics"]["absorption"].get("cache_hit"),
+                         "clean_cached_seqs": doc["metrics"]["core"]["downstream"].get(
+                             "clean_forward_cached_sequences", 0)})
     first, nth = runs
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cpu, torch {torch.__version__}",
         "threads": torch.get_num_threads(), "quick": quick, "eval_tokens": n_tokens,
         "ce_sequences": ce_seqs, "absorption_words_per_letter": words,
         "first": first, "nth": nth, "ratio_first_over_nth": first["wall_s"] / nth["wall_s"],
+        "load_avg_1min_end": os.getloadavg()[0],
     }
     _write_doc(result)
     print(f"first checkpoint {first['wall_s']:.1f}s, next {nth['wall_s']:.1f}s, "
@@ -104,11 +108,15 @@ def _write_doc(r: dict) -> None:
         lines.append(f"| {p} | {'' if a is None else f'{a:.2f}'} | "
                      f"{'' if b is None else f'{b:.2f}'} |")
     lines += ["", f"First / next checkpoint wall time: **{r['ratio_first_over_nth']:.1f}x** "
-              f"({r['first']['wall_s']:.1f} s vs {r['nth']['wall_s']:.1f} s).", "",
+              f"({r['first']['wall_s']:.1f} s vs {r['nth']['wall_s']:.1f} s). 1-minute load average "
+              f"at the end: {r['load_avg_1min_end']:.2f} (the machine is shared: above the "
+              "core count, phase times are inflated by contention).", "",
               "The first checkpoint pays the LLM load, the activation capture (load_llm, "
-              "eval_data), the zero-ablation forward passes and the absorption LLM stage; "
-              "later ones on the same model/layer read the cache and run only the SAE, the "
-              "clean + spliced forward passes for CE/KL and the SAE side of absorption.", ""]
+              "eval_data), the clean and zero-ablation forward passes and the absorption LLM "
+              "stage; later ones on the same model/layer read the cache and run only the SAE, "
+              "the spliced forward pass for CE/KL (the clean log-probs of "
+              f"{r['nth']['clean_cached_seqs']} of {r['ce_sequences']} sequences are kept in "
+              "memory, `DownstreamConfig.clean_cache_mb`) and the SAE side of absorption.", ""]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))
 

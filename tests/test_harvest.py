@@ -284,3 +284,106 @@ def test_cli_errors_are_clean(tmp_path, corpus_file):
     assert "offline? use bundled:smollm2-135m" in res.output
     res = runner.invoke(app, ["harvest", "--mask-prob", "1.2", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "0 <= p < 1" in res.output
+
+
+# ---------------------------------------------------------------------------- norm outliers
+def test_flag_norm_outliers_finds_planted_ones():
+    import torch
+
+    from masksae.harvest import flag_norm_outliers
+    from masksae.harvest.outliers import row_norms, validate_outlier_factor
+
+    rng = np.random.default_rng(0)
+    acts = torch.from_numpy(rng.normal(size=(1000, 16)).astype(np.float32))
+    excluded = np.zeros(1000, dtype=bool)
+    excluded[::100] = True  # "position 0": huge, but already excluded
+    acts[::100] *= 1000
+    planted = np.array([5, 17, 333, 501, 999])
+    acts[planted] *= 150  # attention-sink-like
+    flags = flag_norm_outliers(row_norms(acts), excluded, 10.0)
+    assert np.array_equal(np.flatnonzero(flags), planted)
+    assert not (flags & excluded).any()
+    norms = np.linalg.norm(acts.numpy(), axis=1)  # numpy norms work too
+    assert np.array_equal(flag_norm_outliers(norms, excluded, 10.0), flags)
+    assert not flag_norm_outliers(norms, excluded, 0.0).any()  # 0 disables
+    assert not flag_norm_outliers(norms, np.ones(1000, dtype=bool), 10.0).any()
+    # bf16 activations give the same flags
+    assert np.array_equal(flag_norm_outliers(row_norms(acts.bfloat16()), excluded, 10.0), flags)
+    for bad in (-1, 0.5, 1.0, float("inf"), True, "10"):
+        with pytest.raises(ConfigError, match="--outlier-norm-factor .* 0 \\(off\\)"):
+            validate_outlier_factor(bad)
+
+
+def test_harvest_flags_norm_outliers(tmp_path, tiny_lm, tiny_model_dir, corpus_file,
+                                     monkeypatch):
+    import masksae.harvest.runner as runner
+    from masksae.storage import ActivationStore
+    from masksae.storage.commands import _format_info, store_summary
+
+    real_capture = runner.capture_resid_post
+
+    def sink_at_position_1(lm, ids, attention, layer):
+        h = real_capture(lm, ids, attention, layer).clone()
+        h[:, 1] *= 500  # a planted attention sink in every sequence
+        return h
+
+    monkeypatch.setattr(runner, "capture_resid_post", sink_at_position_1)
+    ratios = {}
+    for factor in (10.0, 0.0):
+        out = tmp_path / f"f{factor}"
+        result = run_harvest(_cfg(out, tiny_model_dir, corpus_file, outlier_norm_factor=factor),
+                             lm=tiny_lm, progress=False)
+        store = ActivationStore.open(out)
+        data = store.read(0, store.n_tokens)
+        base = (data.position == 0) | np.isin(data.token_ids, [0, 1, 2, 3])
+        sink = (data.position == 1) & ~base
+        prov = store.provenance
+        assert prov["outlier_norm_factor"] == factor
+        stats = store.stats
+        ratios[factor] = np.sqrt(stats.mean_sq_norm) / stats.mean_norm
+        if factor:
+            assert np.array_equal(data.excluded, base | sink)
+            assert result.norm_outliers == int(sink.sum()) == 32 - int(base[data.position == 1]
+                                                                        .sum())
+            assert sum(r["n_norm_outliers"] for r in store.records.values()) == sink.sum()
+            assert "norm outliers" in prov["excluded_token_policy"]
+            assert "10 x the median norm" in prov["excluded_token_policy"]
+            summary = store_summary(out)
+            assert summary["tokens_norm_outliers"] == int(sink.sum())
+            text = _format_info(summary)
+            assert (f"excluded     {int(base.sum())} special/position-0, {int(sink.sum())} "
+                    "norm outliers") in text
+            # statistics ignore the outliers: they equal numpy over the kept rows
+            acts = np.asarray(data.activations, dtype=np.float64)[~data.excluded]
+            assert stats.n_tokens == acts.shape[0]
+            assert stats.mean_norm == pytest.approx(np.linalg.norm(acts, axis=1).mean())
+        else:
+            assert np.array_equal(data.excluded, base) and result.norm_outliers == 0
+            assert "norm outliers" not in prov["excluded_token_policy"]
+    assert ratios[10.0] < 1.1 < 5 < ratios[0.0]  # the sinks wreck rms/mean unless flagged
+    # the factor is part of the store's identity: resuming with another factor is refused
+    with pytest.raises(ProvenanceMismatchError, match="outlier_norm_factor"):
+        run_harvest(_cfg(tmp_path / "f10.0", tiny_model_dir, corpus_file,
+                         outlier_norm_factor=5.0), lm=tiny_lm, progress=False)
+
+
+def test_tokenizer_provenance_is_portable(tiny_lm, tiny_model_dir):
+    import dataclasses
+
+    from masksae.models import model_summary, tokenizer_id
+
+    assert tokenizer_id(tiny_lm) == str(tiny_model_dir)  # a local model: the user's spec
+
+    class HubTok:
+        name_or_path = "HuggingFaceTB/SmolLM2-135M"
+
+    class CacheTok:
+        name_or_path = "/root/.cache/masksae/models/smollm2-135m"
+
+    hub = dataclasses.replace(tiny_lm, tokenizer=HubTok(), model_id="HuggingFaceTB/SmolLM2-135M")
+    assert tokenizer_id(hub) == "HuggingFaceTB/SmolLM2-135M"
+    bundled = dataclasses.replace(tiny_lm, tokenizer=CacheTok(), model_id="bundled:smollm2-135m")
+    assert tokenizer_id(bundled) == "bundled:smollm2-135m"
+    summary = model_summary(bundled)
+    assert summary["tokenizer"] == "bundled:smollm2-135m"
+    assert summary["tokenizer_class"] == "CacheTok"

@@ -57,7 +57,7 @@ def test_fused_matches_dense_fp32(arch, with_dead):
         assert torch.allclose(fg[name], g, rtol=1e-5, atol=1e-5), name
 
 
-@pytest.mark.parametrize("arch", ["matryoshka_batch_topk", "topk"])
+@pytest.mark.parametrize("arch", ["matryoshka_batch_topk", "batch_topk", "topk"])
 def test_fused_matches_dense_bf16_autocast(arch):
     sae = make(arch)
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(4))

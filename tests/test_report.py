@@ -11,13 +11,15 @@ from masksae.evaluate.report import ablation_table, group_results, write_report
 from masksae.evaluate.schema import SCHEMA_NAME, SCHEMA_VERSION, ResultFormatError
 
 
-def _doc(k, p, seed, ev, absorption, ce=0.9, step=100, letters=None):
+def _doc(k, p, seed, ev, absorption, ce=0.9, step=100, letters=None, n_letters=None):
     metrics = {
         "core": {"explained_variance": ev, "explained_variance_legacy": ev - 0.01,
                  "l0": float(k), "frac_dead": 0.0,
                  "downstream": {"ce_loss_recovered": ce, "kl_div_sae": 0.1}},
         "absorption": {"mean_full_absorption_score": absorption},
     }
+    if n_letters is not None:
+        metrics["absorption"]["n_eligible_letters"] = n_letters
     if letters:
         metrics["absorption"]["per_letter"] = {
             ltr: {"full_absorption_rate": r} for ltr, r in letters.items()}
@@ -112,3 +114,62 @@ def test_report_cli(results, tmp_path):
     res = CliRunner().invoke(app, ["report", str(results), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert (out / "report.md").is_file()
+
+
+def test_runs_per_cell_letters_and_warning(results, tmp_path):
+    md = write_report([results], tmp_path / "r").read_text()
+    runs = _row(md, "| Runs (seeds) behind the cell | w/o masking")
+    assert runs[2:] == ["2 (seeds 0, 1)", "1 (seed 0)"]
+    assert _row(md, "| Runs (seeds) behind the cell | w/ masking (p=0.5)")[2:] == [
+        "1 (seed 0)", "–"]
+    # the ablation tables carry the counts too
+    assert "| Runs (seeds) behind the cell | 2 (seeds 0, 1) | 1 (seed 0) | 1 (seed 0) |" in md
+    assert "Eligible absorption letters" not in md  # no letter counts in these results
+    assert "**Warning:**" not in md
+
+    docs = [_doc(20, 0.0, 0, 0.7, 0.1, n_letters=17), _doc(20, 0.0, 1, 0.7, 0.1, n_letters=21),
+            _doc(20, 0.3, 0, 0.7, 0.1, n_letters=24)]
+    d = tmp_path / "few"
+    d.mkdir()
+    for i, doc in enumerate(docs):
+        (d / f"r{i}.json").write_text(json.dumps(doc))
+    md = write_report([d], tmp_path / "r2").read_text()
+    assert _row(md, "| Eligible absorption letters")[2:] == ["19.0 ± 2.8 (n=2)"]
+    assert _row(md, "| Eligible absorption letters (of 26; SAEBench needs 20) | w/ masking")[
+        2:] == ["24.0"]
+    warnings = [ln for ln in md.splitlines() if "**Warning:**" in ln]
+    assert len(warnings) == 1
+    assert "1 cell(s) - k=20 w/o masking: 17." in warnings[0]  # the smallest count of the cell
+    assert "p=0.3" not in warnings[0]
+
+
+def test_error_bars_only_where_several_seeds(results, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    calls = []
+    real = Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        calls.append((list(x), kwargs.get("xerr"), kwargs.get("yerr")))
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    write_report([results], tmp_path / "r")
+    # frontier: only the (k=20, p=0) point has 2 seeds; letters: only p=0 at k=20 has 2 seeds
+    assert len(calls) == 2
+    frontier, letters = calls
+    assert frontier[0] == [20.0] and frontier[2] == [pytest.approx(statistics.stdev([70, 72]))]
+    assert len(letters[0]) == 2  # letters a and b of the p=0 series
+    assert letters[2] == [pytest.approx(statistics.stdev([0.1, 0.2])),
+                          pytest.approx(statistics.stdev([0.3, 0.1]))]
+
+    calls.clear()
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "a.json").write_text(json.dumps(_doc(20, 0.0, 0, 0.7, 0.1, letters={"a": 0.2})))
+    (single / "b.json").write_text(json.dumps(_doc(40, 0.3, 0, 0.8, 0.1, letters={"a": 0.1})))
+    write_report([single], tmp_path / "r3")
+    assert calls == []  # n == 1 everywhere: no error bars at all

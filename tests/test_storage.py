@@ -240,6 +240,52 @@ def test_verify_cli_good_store(f32_store):
 
     result = CliRunner().invoke(app, ["store", "verify", str(f32_store.path), "--no-progress"])
     assert result.exit_code == 0 and "OK: all 4 chunks" in result.output
+    result = CliRunner().invoke(app, ["store", "verify", str(f32_store.path), "--json",
+                                      "--no-progress"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report == {"path": str(f32_store.path), "ok": True, "n_chunks": 4, "n_bad_chunks": 0,
+                      "n_tokens": N_TOKENS, "fingerprint": f32_store.fingerprint,
+                      "bad_chunks": []}
+
+
+def test_verify_cli_json_names_bad_chunks(tmp_path, data):
+    from masksae.cli import app
+
+    write_store(tmp_path / "s", make_spec(), data)
+    shard = tmp_path / "s" / "activations" / "c" / "2" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    store_layout.manifest_path(tmp_path / "s", 3).unlink()
+    result = CliRunner().invoke(app, ["store", "verify", str(tmp_path / "s"), "--json",
+                                      "--no-progress"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["n_bad_chunks"] == 2 and report["n_chunks"] == 4
+    bad = report["bad_chunks"]
+    assert [(b["index"], b["start"], b["stop"]) for b in bad] == [(2, 512, 768), (3, 768, 1000)]
+    assert "checksum mismatch" in bad[0]["problem"] and "missing" in bad[1]["problem"]
+
+
+def test_record_extra_fields_and_outlier_count_in_info(tmp_path, data):
+    from masksae.storage.commands import _format_info, store_summary
+
+    writer = StoreWriter.open(tmp_path / "s", make_spec())
+    with pytest.raises(StoreError, match=r"may not set \['checksum'\]"):
+        writer.write_chunk(0, slice_data(data, 0, CHUNK), record_extra={"checksum": "x"})
+    for index in range(writer.n_chunks):
+        start, stop = writer.chunk_bounds(index)
+        writer.write_chunk(index, slice_data(data, start, stop),
+                           record_extra={"n_norm_outliers": index})
+    writer.close()
+    store = ActivationStore.open(tmp_path / "s")
+    assert [store.records[i]["n_norm_outliers"] for i in range(4)] == [0, 1, 2, 3]
+    summary = store_summary(tmp_path / "s")
+    n_excluded = int(np.asarray(data.excluded).sum())
+    assert summary["tokens_excluded"] == n_excluded and summary["tokens_norm_outliers"] == 6
+    assert f"excluded     {n_excluded - 6} special/position-0, 6 norm outliers" in \
+        _format_info(summary)
 
 
 # ---------------------------------------------------------------- opening errors

@@ -86,3 +86,7 @@ def test_bundled_configs_parse():
     assert paper.train.tokens == 500_000_000 and paper.train.batch_size == 2048
     assert all(r.sae["d_sae"] == 4096 for r in paper.runs())
     assert paper.runs()[0].resolved_lr(paper.train) == pytest.approx(4e-4)
+    # Gemma-2-2B layer 12: the same recipe, only the model (hence the store) differs
+    gemma = load_sweep(ROOT / "configs" / "paper-gemma.toml")
+    assert gemma.train == paper.train and gemma.sae == paper.sae and gemma.grid == paper.grid
+    assert "d_in" not in gemma.sae  # taken from the store's d_model (2304)

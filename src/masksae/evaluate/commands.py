@@ -32,7 +32,19 @@ def evaluate_cmd(
         None, "--cache", help="Cache of LLM activations reused across checkpoints and runs."),
     eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Held-out activations scored."),
     eval_corpus: str = typer.Option(
-        "bundled", "--eval-corpus", help="'bundled' or a text file / directory of .txt files."),
+        "bundled", "--eval-corpus",
+        help="'bundled', a local .txt/.jsonl/.parquet file or folder, or a Hugging Face "
+             "dataset id (read like harvest's --corpus; held out from a harvest's start)."),
+    eval_corpus_field: str = typer.Option(
+        "text", "--eval-corpus-field", help="Record field holding the text (jsonl/parquet/Hub)."),
+    eval_corpus_filter: list[str] | None = typer.Option(
+        None, "--eval-corpus-filter", help="key=value a record must match (repeatable)."),
+    eval_corpus_split: str = typer.Option(
+        "train", "--eval-corpus-split", help="Dataset split (Hugging Face datasets)."),
+    eval_skip_tokens: int | None = typer.Option(
+        None, "--eval-skip-tokens",
+        help="Read forward, skipping documents within the first N tokens (default: files "
+             "are read from the end, Hub streams skip 1M tokens)."),
     context_length: int = typer.Option(128, "--context-length", help="Evaluation sequence length."),
     ce_sequences: int = typer.Option(
         32, "--ce-sequences", help="Sequences scored for CE loss recovered / KL."),
@@ -57,8 +69,10 @@ def evaluate_cmd(
     names = tuple(m.strip() for m in metrics.split(",") if m.strip())
     cfg = EvaluateConfig(
         metrics=names,
-        data=EvalDataConfig(corpus=eval_corpus, n_tokens=eval_tokens,
-                            context_length=context_length),
+        data=EvalDataConfig(corpus=eval_corpus, corpus_field=eval_corpus_field,
+                            corpus_filter=tuple(eval_corpus_filter or ()),
+                            corpus_split=eval_corpus_split, skip_tokens=eval_skip_tokens,
+                            n_tokens=eval_tokens, context_length=context_length),
         downstream=DownstreamConfig(n_sequences=ce_sequences),
         absorption=AbsorptionConfig(max_words_per_letter=absorption_max_words or None),
         cache_dir=cache,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from masksae.errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""2: evaluation text read with masksae.harvest.Corpus (format 1 read gensim files itself)."""
 
 
 @dataclass
@@ -34,7 +35,18 @@ class EvalDataConfig:
     """How the held-out evaluation activations are made."""
 
     corpus: str = "bundled"
-    """'bundled' (held-out end of the pip-installed text) or a text file / directory."""
+    """Evaluation text, read with the harvest stage's ``masksae.harvest.Corpus``: "bundled",
+    a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id."""
+    corpus_field: str = "text"
+    """Record field holding the text (jsonl, parquet, Hugging Face datasets)."""
+    corpus_filter: tuple[str, ...] = ()
+    """``key=value`` conditions a record must meet (jsonl, parquet, Hugging Face datasets)."""
+    corpus_split: str = "train"
+    """Dataset split (Hugging Face datasets)."""
+    skip_tokens: int | None = None
+    """Held-out rule (``masksae.evaluate.texts``). None: finite corpora are read from the end
+    backwards, Hugging Face streams skip their first 1M tokens; N: read forward, skipping
+    every document that starts within the first N tokens."""
     n_tokens: int = 16384
     """Activations (non-excluded positions) used by the core reconstruction metrics."""
     context_length: int = 128
@@ -59,6 +71,9 @@ class EvalDataConfig:
             raise ConfigError(f"--eval-tokens {self.n_tokens}: expected at least 2 tokens")
         if self.context_length < 3:
             raise ConfigError(f"eval context_length {self.context_length}: expected >= 3")
+        if self.skip_tokens is not None and self.skip_tokens < 0:
+            raise ConfigError(f"eval skip_tokens {self.skip_tokens}: expected >= 0 or None")
+        self.corpus_filter = tuple(self.corpus_filter)
         if not 0.0 <= self.mask_prob < 1.0:
             raise ConfigError(f"eval mask_prob {self.mask_prob}: expected 0 <= p < 1")
 
@@ -89,7 +104,9 @@ def key_fields(model: str, revision: str | None, layer: int, cfg: EvalDataConfig
     """Everything that determines the evaluation data."""
     out: dict[str, Any] = {
         "format": CACHE_FORMAT, "model": model, "revision": revision, "layer": layer,
-        "corpus": cfg.corpus, "n_tokens": cfg.n_tokens, "context_length": cfg.context_length,
+        "corpus": cfg.corpus, "corpus_field": cfg.corpus_field,
+        "corpus_filter": list(cfg.corpus_filter), "corpus_split": cfg.corpus_split,
+        "skip_tokens": cfg.skip_tokens, "n_tokens": cfg.n_tokens, "context_length": cfg.context_length,
         "cache_dtype": cfg.cache_dtype, "masked": cfg.masked,
     }
     if cfg.masked:
@@ -98,7 +115,17 @@ def key_fields(model: str, revision: str | None, layer: int, cfg: EvalDataConfig
     return out
 
 
-def pack_sequences(lm: Any, texts: list[str], n_kept: int, cfg: EvalDataConfig) -> Tensor:
+def eval_documents(cfg: EvalDataConfig, tokenizer: Any) -> Iterator[str]:
+    """The held-out documents of ``cfg.corpus`` (see :mod:`masksae.evaluate.texts`)."""
+    from masksae.evaluate.texts import held_out_documents, make_corpus
+
+    corpus = make_corpus(cfg.corpus, cfg.corpus_field, cfg.corpus_filter, cfg.corpus_split)
+    # tokens wanted: the evaluated positions plus one position 0 per sequence
+    want = cfg.n_tokens + math.ceil(cfg.n_tokens / (cfg.context_length - 1)) + 1
+    return held_out_documents(corpus, tokenizer, want, cfg.skip_tokens)
+
+
+def pack_sequences(lm: Any, texts: Iterable[str], n_kept: int, cfg: EvalDataConfig) -> Tensor:
     """[S, T] token ids: documents joined by EOS and cut into windows, BOS first if needed.
 
     Enough sequences are produced for ``n_kept`` evaluated positions (T - 1 per sequence).
@@ -138,13 +165,18 @@ def apply_mask(ids_ST: Tensor, keep_ST: Tensor, prob: float, token_id: int, seed
     return torch.where(draw & keep_ST, torch.full_like(ids_ST, token_id), ids_ST)
 
 
-def build_eval_data(lm: Any, layer: int, texts: list[str], cfg: EvalDataConfig) -> EvalData:
-    """Tokenise, pack, optionally mask, and capture activations of block ``layer``."""
+def build_eval_data(lm: Any, layer: int, texts: Iterable[str] | None,
+                    cfg: EvalDataConfig) -> EvalData:
+    """Tokenise, pack, optionally mask, and capture activations of block ``layer``.
+
+    ``texts`` None reads the held-out documents of ``cfg`` (:func:`eval_documents`)."""
     from masksae.devices import resolve_dtype
     from masksae.evaluate.downstream import keep_positions
     from masksae.models import capture_resid_post
 
     specials = list(getattr(lm.tokenizer, "all_special_ids", []) or [])
+    if texts is None:
+        texts = eval_documents(cfg, lm.tokenizer)
     ids = pack_sequences(lm, texts, cfg.n_tokens, cfg)
     attn = torch.ones_like(ids)
     keep = keep_positions(ids, attn, specials)
@@ -221,11 +253,20 @@ def _read_entry(entry: Path) -> EvalData:
                          "it and re-run") from exc
 
 
-def store_activations(path: str | Path, n_tokens: int, *, include_masked: bool) -> Tensor:
-    """[N, D] float32 activations from the *end* of an activation store (the part a training
-    run reading from the start is least likely to have used), non-excluded tokens only."""
+def store_activations(path: str | Path, n_tokens: int, *,
+                      include_masked: bool) -> tuple[Tensor, dict[str, Any]]:
+    """The last ``n_tokens`` usable activations of an activation store (the part a training
+    run reading from the start is least likely to have used), in store order, as [N, D]
+    float32, with a JSON-able description.
+
+    Usable rows are the non-excluded tokens (never position 0 or special tokens); with
+    ``include_masked=False`` masked tokens are dropped too (the clean metrics), with True they
+    are kept (the masked metrics).
+    """
     from masksae.storage import ActivationStore
 
+    if n_tokens < 1:
+        raise ConfigError(f"store activations: n_tokens={n_tokens}, expected >= 1")
     store = ActivationStore.open(path)
     rows: list[Tensor] = []
     got = 0
@@ -238,7 +279,7 @@ def store_activations(path: str | Path, n_tokens: int, *, include_masked: bool) 
         if not include_masked:
             ok &= ~chunk.masked
         acts = torch.as_tensor(chunk.activations[ok])
-        if acts.dtype == torch.uint16 or str(acts.dtype) == "torch.uint16":
+        if acts.dtype == torch.uint16:  # bfloat16 stored as its bit pattern
             acts = acts.view(torch.bfloat16)
         rows.insert(0, acts.to(torch.float32))
         got += acts.shape[0]
@@ -246,4 +287,11 @@ def store_activations(path: str | Path, n_tokens: int, *, include_masked: bool) 
     if got == 0:
         raise StoreError(f"activation store {str(path)!r} has no usable tokens "
                          f"(include_masked={include_masked})")
-    return torch.cat(rows)[-n_tokens:]
+    if got < n_tokens:
+        log.warning("activation store %s holds %d usable tokens (include_masked=%s), fewer "
+                    "than the %d asked for; using them all", path, got, include_masked, n_tokens)
+    acts = torch.cat(rows)[-n_tokens:]
+    info = {"path": str(path), "n_tokens": int(acts.shape[0]), "d_model": int(acts.shape[1]),
+            "include_masked": include_masked, "fingerprint": store.fingerprint,
+            "provenance": {k: store.provenance.get(k) for k in ("model", "layer", "revision")}}
+    return acts, info

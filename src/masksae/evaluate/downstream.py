@@ -36,6 +36,49 @@ class DownstreamConfig:
     """Held-out sequences scored (the first ones of the evaluation set)."""
     batch_size: int = 8
     """Sequences per LLM forward pass."""
+    clean_cache_mb: int = 1024
+    """Memory (MiB) for keeping the clean forward's log-probs between checkpoints of one
+    run (exact float32, on CPU): later checkpoints skip the clean forward for the batches
+    that fit. 0 disables it. The full distribution is kept because exact KL needs it."""
+
+    def __post_init__(self) -> None:
+        if self.n_sequences < 1 or self.batch_size < 1:
+            raise ConfigError(f"downstream n_sequences={self.n_sequences}, batch_size="
+                              f"{self.batch_size}: expected >= 1")
+        if self.clean_cache_mb < 0:
+            raise ConfigError(f"downstream clean_cache_mb={self.clean_cache_mb}: expected >= 0")
+
+
+class CleanCache:
+    """The clean forward's log-probs per batch, kept in memory within a byte budget.
+
+    One instance serves one evaluation set (the caller keys instances by data); batches are
+    stored in the order they are first computed until the budget is full.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._batches: dict[int, Tensor] = {}
+        self._full_logged = False
+
+    def get(self, start: int) -> Tensor | None:
+        """Log-probs [B, T, V] of the batch starting at sequence ``start``, if kept."""
+        return self._batches.get(start)
+
+    def put(self, start: int, lp_BTV: Tensor) -> None:
+        """Keep a CPU float32 copy of ``lp_BTV`` if it fits the budget."""
+        size = lp_BTV.numel() * 4
+        if start in self._batches:
+            return
+        if self.used_bytes + size > self.budget_bytes:
+            if not self._full_logged:
+                log.info("clean log-prob cache full (%.0f of %.0f MiB): later batches re-run "
+                         "the clean forward", self.used_bytes / 2**20, self.budget_bytes / 2**20)
+                self._full_logged = True
+            return
+        self._batches[start] = lp_BTV.detach().to("cpu", torch.float32).clone()
+        self.used_bytes += size
 
 
 def keep_positions(
@@ -99,11 +142,14 @@ def downstream_metrics(
     cfg: DownstreamConfig | None = None,
     *,
     baseline: dict[str, float] | None = None,
+    clean_cache: CleanCache | None = None,
 ) -> dict[str, Any]:
     """CE loss recovered and KL of ``sae`` spliced into ``lm`` (a ``masksae.models.LoadedModel``).
 
     ``baseline`` (the ``baseline`` entry of an earlier result on the same sequences) skips
-    the zero-ablation forward pass, which does not depend on the SAE.
+    the zero-ablation forward pass, which does not depend on the SAE. ``clean_cache`` (one
+    per evaluation set, reused across checkpoints) keeps the clean forward's log-probs so a
+    later call skips that forward for the batches it holds.
     """
     from masksae.models import splice_resid_post
 
@@ -113,6 +159,7 @@ def downstream_metrics(
         raise ConfigError("downstream metrics need at least one evaluation sequence, got 0")
     sums = _Sums()
     need_zero = baseline is None
+    n_clean_cached = 0
 
     def reconstruct(h_BTD: Tensor) -> Tensor:
         shape = h_BTD.shape
@@ -130,7 +177,14 @@ def downstream_metrics(
             continue
         target = ids[:, 1:].to(lm.device)
 
-        clean = _logprobs(lm, ids, attn)
+        clean = clean_cache.get(start) if clean_cache is not None else None
+        if clean is not None:
+            clean = clean.to(lm.device)
+            n_clean_cached += ids.shape[0]
+        else:
+            clean = _logprobs(lm, ids, attn)
+            if clean_cache is not None:
+                clean_cache.put(start, clean)
         with splice_resid_post(lm, layer, _splice_fn(keep, reconstruct)):
             spliced = _logprobs(lm, ids, attn)
         sums.ce_clean += _nll(clean, target, count_BT)
@@ -169,4 +223,5 @@ def downstream_metrics(
         "kl_div_zero": kl_zero,
         "kl_div_score": (kl_zero - kl_sae) / kl_zero if kl_zero != 0 else float("nan"),
         "baseline": {"ce_loss_zero": ce_zero, "kl_div_zero": kl_zero},
+        "clean_forward_cached_sequences": n_clean_cached,
     }

@@ -51,6 +51,16 @@ def _absorption(doc: dict[str, Any]) -> float | None:
     return None if score is None else 100.0 * (1.0 - float(score))
 
 
+def _n_letters(doc: dict[str, Any]) -> float | None:
+    a = _get(doc, "metrics", "absorption")
+    if not isinstance(a, dict):
+        return None
+    n = a.get("n_eligible_letters")
+    if n is None and isinstance(a.get("eligible_letters"), list):
+        n = len(a["eligible_letters"])
+    return None if n is None else float(n)
+
+
 @dataclass(frozen=True)
 class MetricRow:
     """One reported metric: how to read it from a result document and how to label it."""
@@ -61,6 +71,8 @@ class MetricRow:
     """Row label in the tables."""
     read: Callable[[dict[str, Any]], float | None]
     """Reads the value (in reported units) from a result document."""
+    digits: int = 3
+    """Decimals shown in the tables."""
 
 
 METRIC_ROWS: tuple[MetricRow, ...] = (
@@ -78,7 +90,12 @@ METRIC_ROWS: tuple[MetricRow, ...] = (
               lambda d: _pct(_get(d, "metrics", "core", "frac_dead"))),
     MetricRow("explained_variance_masked", "Explained Variance on masked acts % (↑)",
               lambda d: _pct(_get(d, "metrics", "core_masked", "explained_variance"))),
+    MetricRow("absorption_letters", "Eligible absorption letters (of 26; SAEBench needs 20)",
+              _n_letters, digits=1),
 )
+
+MIN_ABSORPTION_LETTERS = 20
+"""SAEBench's minimum number of eligible letters for the absorption mean."""
 
 
 @dataclass
@@ -145,18 +162,34 @@ def _rows_present(cells: dict[Cell, list[dict]]) -> list[MetricRow]:
             if any(r.read(d) is not None for docs in cells.values() for d in docs)]
 
 
+RUNS_LABEL = "Runs (seeds) behind the cell"
+
+
+def runs_label(docs: Sequence[dict[str, Any]]) -> str:
+    """"2 (seeds 0, 1)": how many runs back a cell, and which seeds."""
+    if not docs:
+        return "–"
+    seeds = sorted((_prov(d, "seed") for d in docs), key=_sort_key)
+    word = "seed" if len(seeds) == 1 else "seeds"
+    return f"{len(docs)} ({word} {', '.join(str(s) for s in seeds)})"
+
+
 def paper_table(cells: dict[Cell, list[dict]]) -> str:
-    """Markdown: rows metric x method, columns k (the paper's Table 1/2 form)."""
+    """Markdown: rows metric x method, columns k (the paper's Table 1/2 form); the first
+    rows say how many runs (seeds) back each cell."""
     ks = sorted({k for k, _ in cells}, key=_sort_key)
     ps = sorted({p for _, p in cells})
     lines = ["| Metric | Method | " + " | ".join(_k_label(k) for k in ks) + " |",
              "|---|---|" + "---|" * len(ks)]
+    for p in ps:
+        lines.append(f"| {RUNS_LABEL} | {_method(p)} | "
+                     + " | ".join(runs_label(cells.get((k, p), [])) for k in ks) + " |")
     for row in _rows_present(cells):
         for p in ps:
             vals = []
             for k in ks:
                 s = stat([row.read(d) for d in cells.get((k, p), [])])
-                vals.append(s.fmt() if s else "–")
+                vals.append(s.fmt(row.digits) if s else "–")
             lines.append(f"| {row.label} | {_method(p)} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -168,14 +201,31 @@ def ablation_table(cells: dict[Cell, list[dict]], k: Any) -> str | None:
         return None
     sub = {c: d for c, d in cells.items() if c[0] == k}
     lines = ["| Metric | " + " | ".join(f"p={p:g}" for p in ps) + " |",
-             "|---|" + "---|" * len(ps)]
+             "|---|" + "---|" * len(ps),
+             f"| {RUNS_LABEL} | " + " | ".join(runs_label(sub.get((k, p), [])) for p in ps)
+             + " |"]
     for row in _rows_present(sub):
         vals = []
         for p in ps:
             s = stat([row.read(d) for d in sub.get((k, p), [])])
-            vals.append(s.fmt() if s else "–")
+            vals.append(s.fmt(row.digits) if s else "–")
         lines.append(f"| {row.label} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def absorption_warning(cells: dict[Cell, list[dict]]) -> str | None:
+    """A warning line naming every cell whose absorption averages over fewer than 20
+    eligible letters (None when there is none)."""
+    few = []
+    for (k, p), docs in sorted(cells.items(), key=lambda kv: (_sort_key(kv[0][0]), kv[0][1])):
+        counts = [n for d in docs if (n := _n_letters(d)) is not None]
+        if counts and min(counts) < MIN_ABSORPTION_LETTERS:
+            few.append(f"{_k_label(k)} {_method(p)}: {int(min(counts))}")
+    if not few:
+        return None
+    return (f"> **Warning:** absorption averages over fewer than {MIN_ABSORPTION_LETTERS} "
+            f"eligible letters (SAEBench's minimum) in {len(few)} cell(s) - "
+            + "; ".join(few) + ". Compare those absorption numbers with care.")
 
 
 def _slug(*parts: Any) -> str:
@@ -203,13 +253,23 @@ def plot_frontier(cells: dict[Cell, list[dict]], path: Path, title: str) -> bool
                 pts.append((x, y))
         if pts:
             drawn = True
-            ax.errorbar([a.mean for a, _ in pts], [b.mean for _, b in pts],
-                        xerr=[a.std for a, _ in pts], yerr=[b.std for _, b in pts],
-                        marker="o", capsize=3, label=_method(p))
+            (line,) = ax.plot([a.mean for a, _ in pts], [b.mean for _, b in pts], marker="o",
+                              label=_method(p))
+            spread = [(a, b) for a, b in pts if a.n > 1 or b.n > 1]
+            if spread:  # error bars only where several seeds give a spread
+                ax.errorbar([a.mean for a, _ in spread], [b.mean for _, b in spread],
+                            xerr=[a.std for a, _ in spread], yerr=[b.std for _, b in spread],
+                            fmt="none", ecolor=line.get_color(), capsize=3)
     if not drawn:
         plt.close(fig)
         return False
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ticks = sorted({round(x, 1) for line in ax.get_lines() for x in line.get_xdata()})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the measured L0s, in plain numbers
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel("explained variance (%)")
     ax.set_title(title, fontsize=9)
@@ -257,9 +317,14 @@ def plot_absorption_letters(cells: dict[Cell, list[dict]], k: Any, path: Path,
     width = 0.8 / len(series)
     for i, (p, stats) in enumerate(series.items()):
         xs = [j + i * width for j in range(len(letters))]
-        ax.bar(xs, [stats[ltr].mean if ltr in stats else 0.0 for ltr in letters], width,
-               yerr=[stats[ltr].std if ltr in stats else 0.0 for ltr in letters],
-               label=_method(p), capsize=2)
+        bars = ax.bar(xs, [stats[ltr].mean if ltr in stats else 0.0 for ltr in letters], width,
+                      label=_method(p))
+        err = [(x, stats[ltr]) for x, ltr in zip(xs, letters, strict=True)
+               if ltr in stats and stats[ltr].n > 1]
+        if err:  # error bars only where several seeds give a spread
+            ax.errorbar([x for x, _ in err], [st.mean for _, st in err],
+                        yerr=[st.std for _, st in err], fmt="none", capsize=2,
+                        ecolor=bars.patches[0].get_facecolor() if bars.patches else "k")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(letters))], letters)
     ax.set_ylabel("full absorption rate (↓)")
     ax.set_title(title, fontsize=9)
@@ -282,7 +347,9 @@ def build_report(docs: Sequence[dict[str, Any]], out_dir: Path) -> str:
     out_dir = Path(out_dir)
     md = ["# masksae evaluation report", "",
           f"{len(docs)} result file(s). Cells are the mean over seeds, with ± sample std and "
-          "the seed count n where there are several. Absorption is SAEBench's mean full "
+          "the seed count n where there are several; the first rows of each table give the "
+          "runs (seeds) behind every cell, and plots draw error bars only where n > 1. "
+          "Absorption is SAEBench's mean full "
           "absorption score in the paper's form 100·(1 − score) (higher is better); "
           "explained variance is the corrected definition unless labelled legacy.", ""]
     for setting, cells in group_results(docs).items():
@@ -291,6 +358,9 @@ def build_report(docs: Sequence[dict[str, Any]], out_dir: Path) -> str:
         slug = _slug(model, f"L{layer}", arch, d_sae)
         md += [f"## {title}", "", "### Metrics by sparsity, with vs without masking", "",
                paper_table(cells), ""]
+        warning = absorption_warning(cells)
+        if warning:
+            md += [warning, ""]
         for k in sorted({k for k, _ in cells}, key=_sort_key):
             table = ablation_table(cells, k)
             if table:

@@ -96,6 +96,7 @@ class Evaluator:
         self.cfg = cfg
         self._lms: dict[str, Any] = {}
         self._baselines: dict[str, dict[str, float]] = {}
+        self._clean_caches: dict[str, Any] = {}
 
     def _lm(self, spec: str, timer: _Timer) -> Any:
         if spec not in self._lms:
@@ -143,8 +144,7 @@ class Evaluator:
             with timer.phase("eval_data"):
                 data, hit = load_or_build(
                     cfg.cache_dir, fields,
-                    lambda: build_eval_data(self._lm(model_spec, timer), layer, self._texts(),
-                                            dcfg))
+                    lambda: build_eval_data(self._lm(model_spec, timer), layer, None, dcfg))
             eval_info["masked" if masked else "clean"] = {**data.meta, "cache_hit": hit}
             return data
 
@@ -154,32 +154,40 @@ class Evaluator:
                     sae, iter_batches(acts, cfg.core.batch_size, device=device), d_sae, cfg.core)
 
         want_core = "core" in cfg.metrics or "reconstruction" in cfg.metrics
+        d_in = int(prov["d_in"] or sae.cfg.d_in)
+
+        def from_store(include_masked: bool):
+            with timer.phase("eval_data"):
+                acts, info = store_activations(cfg.eval_store, cfg.data.n_tokens,
+                                               include_masked=include_masked)
+            _check_store(cfg.eval_store, info, prov, d_in)
+            eval_info["store_masked" if include_masked else "store"] = info
+            return acts
+
         with torch.no_grad():
             if want_core:
-                clean = get_data(False)
+                # corpus activations are needed for CE/KL and when no store is given
+                clean = get_data(False) if (cfg.eval_store is None
+                                            or "core" in cfg.metrics) else None
                 if cfg.eval_store is not None:
-                    with timer.phase("eval_data"):
-                        acts = store_activations(cfg.eval_store, cfg.data.n_tokens,
-                                                 include_masked=False)
-                    eval_info["store"] = {"path": str(cfg.eval_store), "n_tokens": len(acts)}
-                    metrics["core"] = core_on(acts)
+                    metrics["core"] = core_on(from_store(False))
                 else:
+                    assert clean is not None
                     metrics["core"] = core_on(clean.acts_ND)
                 if "core" in cfg.metrics:
+                    assert clean is not None
                     lm = self._lm(model_spec, timer)
                     base_key = json.dumps([clean.meta.get("cache_key"), cfg.downstream.n_sequences])
                     with timer.phase("downstream"):
                         ds = downstream_metrics(
                             lm, sae, layer, clean.input_ids_ST, clean.attention_mask_ST,
-                            clean.keep_ST, cfg.downstream, baseline=self._baseline(base_key))
+                            clean.keep_ST, cfg.downstream, baseline=self._baseline(base_key),
+                            clean_cache=self._clean_cache(base_key))
                     self._store_baseline(base_key, ds["baseline"])
                     metrics["core"]["downstream"] = ds
                 if cfg.eval_masked:
                     if cfg.eval_store is not None:
-                        with timer.phase("eval_data"):
-                            acts = store_activations(cfg.eval_store, cfg.data.n_tokens,
-                                                     include_masked=True)
-                        metrics["core_masked"] = core_on(acts)
+                        metrics["core_masked"] = core_on(from_store(True))
                     else:
                         metrics["core_masked"] = core_on(get_data(True).acts_ND)
             if "absorption" in cfg.metrics:
@@ -187,10 +195,17 @@ class Evaluator:
         timer.phases["total"] = time.perf_counter() - t_start
         return make_result(checkpoint, prov, eval_info, metrics, timer.phases)
 
-    def _texts(self) -> list[str]:
-        from masksae.evaluate.texts import load_eval_texts
+    def _clean_cache(self, key: str) -> Any:
+        """The in-memory clean log-prob cache of one evaluation set (None when disabled)."""
+        from masksae.evaluate.downstream import CleanCache
 
-        return load_eval_texts(self.cfg.data.corpus)
+        budget = self.cfg.downstream.clean_cache_mb << 20
+        if budget == 0:
+            return None
+        if key not in self._clean_caches:
+            self._clean_caches.clear()  # one evaluation set at a time keeps memory bounded
+            self._clean_caches[key] = CleanCache(budget)
+        return self._clean_caches[key]
 
     # the zero-ablation baseline depends on the data only: kept in memory and on disk
     def _baseline_path(self, key: str) -> Path | None:
@@ -223,6 +238,19 @@ class Evaluator:
         cache = None if self.cfg.cache_dir is None else Path(self.cfg.cache_dir) / "absorption"
         with timer.phase("absorption"):
             return absorption.run(sae, lm, layer, acfg, cache)
+
+
+def _check_store(path: Path, info: dict[str, Any], prov: dict[str, Any], d_in: int) -> None:
+    """ConfigError when the store's width is not the SAE's; a warning when its model or
+    layer differ from the checkpoint's."""
+    if info["d_model"] != d_in:
+        raise ConfigError(f"--eval-store {str(path)!r} holds {info['d_model']}-dim activations "
+                          f"but the SAE reads {d_in}: pass the store of the SAE's model/layer")
+    sprov = info.get("provenance") or {}
+    for key in ("model", "layer"):
+        if sprov.get(key) is not None and prov.get(key) is not None and sprov[key] != prov[key]:
+            log.warning("--eval-store %s has %s %r, the checkpoint %r", path, key, sprov[key],
+                        prov[key])
 
 
 def result_filename(checkpoint: Path, roots: Sequence[Path]) -> str:

@@ -8,12 +8,15 @@
 from masksae.harvest.config import HarvestConfig
 from masksae.harvest.corpus import Corpus, CorpusSpec
 from masksae.harvest.masking import mask_draw, mask_sequences, resolve_mask_token
+from masksae.harvest.outliers import DEFAULT_OUTLIER_NORM_FACTOR, flag_norm_outliers
 from masksae.harvest.runner import HarvestPlan, HarvestResult, plan_harvest, run_harvest
 from masksae.harvest.tokenize import pack_sequences, resolve_context_length
 
 __all__ = [
+    "DEFAULT_OUTLIER_NORM_FACTOR",
     "Corpus",
     "CorpusSpec",
+    "flag_norm_outliers",
     "HarvestConfig",
     "HarvestPlan",
     "HarvestResult",

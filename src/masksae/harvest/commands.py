@@ -48,6 +48,12 @@ def harvest(
                                            help="Activation dtype at rest; default the model "
                                            "dtype."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    devices: str | None = typer.Option(
+        None, "--devices",
+        help="Comma-separated devices for a multi-device harvest, e.g. cuda:0,cuda:1 (or "
+        "cpu,cpu): one worker process per device computes the chunks with index % n == its "
+        "rank into the same store; the main process holds the store lock, shows aggregate "
+        "progress and finalises. The store equals a single-device run. Overrides --device."),
     seed: int = typer.Option(0, "--seed", help="Seed of the mask draws."),
     chunk_sequences: int | None = typer.Option(None, "--chunk-sequences",
                                                help="Sequences per store chunk (unit of resume); "
@@ -55,10 +61,23 @@ def harvest(
     compression: str | None = typer.Option(None, "--compression",
                                            help="Activation compression, e.g. none, zstd:1, "
                                            "blosc-lz4-shuffle; default the storage default."),
+    outlier_norm_factor: float = typer.Option(
+        10.0, "--outlier-norm-factor",
+        help="Also flag as excluded (stored, skipped by the reader and the statistics) tokens "
+        "whose activation norm exceeds this factor x the median norm of their chunk's "
+        "non-special, non-position-0 tokens (attention-sink-like outliers); 0 disables."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Run the LLM on a masked corpus and cache the residual stream after block --layer."""
+    """Run the LLM on a masked corpus and cache the residual stream after block --layer.
+
+    Special tokens, position 0 and norm outliers (--outlier-norm-factor) are flagged excluded.
+
+    --devices cuda:0,cuda:1 splits the chunks over one worker process per device.
+
+    Rerunning the same command resumes an interrupted harvest.
+    """
     from masksae.harvest.config import HarvestConfig
+    from masksae.harvest.parallel import parse_devices
     from masksae.harvest.runner import run_harvest
 
     cfg = HarvestConfig(
@@ -67,12 +86,14 @@ def harvest(
         mask_prob=mask_prob, mask_string=mask_string, mask_token_id=mask_token_id,
         context_length=context_length, batch_size=batch_size, dtype=dtype,
         store_dtype=store_dtype, device=device, seed=seed, chunk_sequences=chunk_sequences,
-        compression=compression,
+        compression=compression, outlier_norm_factor=outlier_norm_factor,
+        devices=parse_devices(devices) if devices is not None else (),
     )
     result = run_harvest(cfg, progress=progress)
     typer.echo(
         f"harvested {result.total_tokens} tokens into {result.out} "
         f"({result.n_chunks} chunks, {result.skipped_chunks} resumed; "
-        f"{result.tokens_per_s:.0f} tok/s; masked fraction {result.masked_fraction:.4f})",
+        f"{result.tokens_per_s:.0f} tok/s; masked fraction {result.masked_fraction:.4f}; "
+        f"{result.norm_outliers} norm outliers flagged)",
         err=True,
     )

@@ -44,17 +44,25 @@ def validate_outlier_factor(factor: float) -> float:
     return float(factor)
 
 
-def flag_norm_outliers(acts_ND: torch.Tensor, excluded_N: np.ndarray,
+def row_norms(acts_ND: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row [N] (float32, on the activations' device: cheap on a GPU)."""
+    return torch.linalg.vector_norm(acts_ND.float(), dim=-1)
+
+
+def flag_norm_outliers(norms_N: np.ndarray | torch.Tensor, excluded_N: np.ndarray,
                        factor: float) -> np.ndarray:
     """Bool [N]: eligible tokens (not ``excluded_N``) whose norm > factor x their median.
 
-    Norms are computed in float32 on the activations' device; ``factor`` 0 flags nothing.
+    ``norms_N`` are the tokens' activation norms (see :func:`row_norms`); ``factor`` 0 flags
+    nothing.
     """
     flags = np.zeros(excluded_N.shape[0], dtype=bool)
     eligible = ~np.asarray(excluded_N, dtype=bool)
     if factor <= 0 or not eligible.any():
         return flags
-    norms = torch.linalg.vector_norm(acts_ND.float(), dim=1).cpu().numpy().astype(np.float64)
+    if isinstance(norms_N, torch.Tensor):
+        norms_N = norms_N.detach().cpu().numpy()
+    norms = np.asarray(norms_N, dtype=np.float64)
     median = float(np.median(norms[eligible]))
     flags[eligible] = norms[eligible] > factor * median
     return flags

@@ -2,21 +2,23 @@
 
 A chunk is ``chunk_sequences`` whole sequences. On resume the corpus is re-tokenised
 (deterministically) and the sequences of completed chunks are skipped without running the
-model. Activations of position 0 and of special tokens are stored but flagged ``excluded``;
-the store's reader skips them by default (see ``masksae.storage.EXCLUDED_TOKEN_POLICY``).
+model. Activations of position 0, of special tokens and of norm outliers (see
+``masksae.harvest.outliers``) are stored but flagged ``excluded``; the store's reader skips
+them by default (the policy is recorded in provenance ``excluded_token_policy``).
 Forward passes run in the main thread while the store's background writer compresses and
 writes the previous chunk, so compute and I/O overlap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,20 @@ from masksae.harvest.masking import (
     special_token_ids,
     validate_mask_prob,
 )
+from masksae.harvest.outliers import (
+    flag_norm_outliers,
+    outlier_policy,
+    row_norms,
+    validate_outlier_factor,
+)
 from masksae.harvest.tokenize import pack_sequences, resolve_context_length, separator_id
-from masksae.models import BUNDLED_PREFIX, LoadedModel, capture_resid_post, load_model
+from masksae.models import (
+    BUNDLED_PREFIX,
+    LoadedModel,
+    capture_resid_post,
+    load_model,
+    tokenizer_id,
+)
 from masksae.models import validate_layer as _validate_layer
 
 log = logging.getLogger(__name__)
@@ -61,6 +75,8 @@ class HarvestResult:
     """Wall time of the harvest loop."""
     masked_fraction: float
     """Fraction of tokens computed by this run that were masked."""
+    norm_outliers: int = 0
+    """Tokens computed by this run that were flagged as norm outliers."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -82,6 +98,7 @@ class HarvestPlan:
     n_sequences: int
     chunk_sequences: int
     store_dtype: str
+    outlier_norm_factor: float
 
     @property
     def total_tokens(self) -> int:
@@ -96,7 +113,6 @@ class HarvestPlan:
     def provenance(self) -> dict[str, Any]:
         """JSON-able description recorded in the store (resume requires equality)."""
         from masksae import __version__
-        from masksae.storage import EXCLUDED_TOKEN_POLICY
 
         tok = self.lm.tokenizer
         return {
@@ -117,14 +133,15 @@ class HarvestPlan:
             "mask_token_id": self.mask_id,
             "seed": self.cfg.seed,
             "corpus": self.corpus.describe(),
-            "tokenizer": getattr(tok, "name_or_path", "") or self.lm.model_id,
+            "tokenizer": tokenizer_id(self.lm),
             "tokenizer_class": type(tok).__name__,
             "vocab_size": len(tok),
             "special_token_ids": self.special_ids.tolist(),
             "n_sequences": self.n_sequences,
             "tokens_requested": self.cfg.tokens,
             "masksae_version": __version__,
-            "excluded_token_policy": EXCLUDED_TOKEN_POLICY,
+            "outlier_norm_factor": self.outlier_norm_factor,
+            "excluded_token_policy": outlier_policy(self.outlier_norm_factor),
         }
 
     def store_spec(self) -> Any:
@@ -149,13 +166,19 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-def plan_harvest(cfg: HarvestConfig, *, lm: LoadedModel | None = None) -> HarvestPlan:
-    """Validate ``cfg`` (loading the model unless ``lm`` is given) and resolve every default."""
+def plan_harvest(cfg: HarvestConfig, *, lm: LoadedModel | None = None,
+                 check_corpus: bool = True) -> HarvestPlan:
+    """Validate ``cfg`` (loading the model unless ``lm`` is given) and resolve every default.
+
+    ``check_corpus`` tokenises the corpus up front to refuse one that is too small (workers
+    of a multi-device harvest skip it: their parent checked).
+    """
     if not cfg.out:
         raise ConfigError("no output path given: use --out PATH")
     tokens = _positive_int(cfg.tokens, "--tokens")
     batch_size = _positive_int(cfg.batch_size, "--batch-size")
     validate_mask_prob(cfg.mask_prob)
+    outlier_factor = validate_outlier_factor(cfg.outlier_norm_factor)
     store_dtype = dtype_name(resolve_dtype(cfg.store_dtype or cfg.dtype))
     corpus = Corpus(CorpusSpec(source=cfg.corpus, field=cfg.corpus_field,
                                filters=tuple(cfg.corpus_filter), split=cfg.corpus_split))
@@ -177,26 +200,25 @@ def plan_harvest(cfg: HarvestConfig, *, lm: LoadedModel | None = None) -> Harves
         cfg=cfg, lm=lm, corpus=corpus, layer=layer, context_length=context, mask_id=mask_id,
         mask_string=mask_string, special_ids=special_token_ids(lm.tokenizer),
         n_sequences=n_sequences, chunk_sequences=min(per_chunk, n_sequences),
-        store_dtype=store_dtype,
+        store_dtype=store_dtype, outlier_norm_factor=outlier_factor,
     )
-    _check_corpus_size(plan)
+    if check_corpus:
+        _check_corpus_size(plan)
     return plan
 
 
 def _check_corpus_size(plan: HarvestPlan) -> None:
     """CorpusError up front if the corpus is empty, or (finite sources) too small."""
     packed = plan.sequences()
-    if plan.corpus.kind == "hub":  # streaming: only check that something comes out
-        count = 1 if next(packed, None) is not None else 0
-    else:
-        count = sum(1 for _ in packed)
+    streaming = plan.corpus.kind == "hub"  # only check that something comes out
+    count = (1 if next(packed, None) is not None else 0) if streaming else sum(1 for _ in packed)
     if count == 0:
         raise CorpusError(
             f"corpus {plan.corpus.spec.source!r} yields no sequence of {plan.context_length} "
             "tokens (empty, filtered out, or too short): check --corpus, --corpus-field and "
             "--corpus-filter"
         )
-    if count < plan.n_sequences:
+    if not streaming and count < plan.n_sequences:
         available = count * plan.context_length
         raise CorpusError(
             f"corpus {plan.corpus.spec.source!r} holds only {count} sequences of "
@@ -208,7 +230,24 @@ def _check_corpus_size(plan: HarvestPlan) -> None:
 def run_harvest(
     cfg: HarvestConfig, *, lm: LoadedModel | None = None, progress: bool = True
 ) -> HarvestResult:
-    """Harvest (or resume harvesting) the store described by ``cfg``."""
+    """Harvest (or resume harvesting) the store described by ``cfg``.
+
+    With several ``cfg.devices`` the chunks are computed by one worker process per device
+    (see :mod:`masksae.harvest.parallel`); the store is identical to a single-process run.
+    """
+    if len(cfg.devices) > 1:
+        from masksae.harvest.parallel import run_parallel_harvest
+
+        if lm is not None:
+            raise ConfigError("a multi-device harvest loads the model in each worker: "
+                              "do not pass a loaded model (lm) with several devices")
+        return run_parallel_harvest(cfg, progress=progress)
+    if len(cfg.devices) == 1:
+        cfg = dataclasses.replace(cfg, device=cfg.devices[0], devices=())
+    return _run_single(cfg, lm=lm, progress=progress)
+
+
+def _run_single(cfg: HarvestConfig, *, lm: LoadedModel | None, progress: bool) -> HarvestResult:
     from tqdm.auto import tqdm
 
     from masksae.storage import StoreWriter
@@ -219,47 +258,99 @@ def run_harvest(
     completed = writer.completed_chunks
     n_chunks = writer.n_chunks
     done_tokens = sum(_chunk_len(spec, i) for i in completed)
-    log.info(
-        "harvest %s layer %d (%s) -> %s: %d tokens = %d sequences x %d, %d chunks "
-        "(%d complete), p=%.3g, mask %r (id %d), seed %d",
-        plan.lm.model_id, plan.layer, HOOK, cfg.out, plan.total_tokens, plan.n_sequences,
-        plan.context_length, n_chunks, len(completed), cfg.mask_prob, plan.mask_string,
-        plan.mask_id, cfg.seed,
-    )
+    log_start(plan, n_chunks, len(completed))
     bar = tqdm(total=plan.total_tokens, initial=done_tokens, unit="tok", unit_scale=True,
                desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    sequences = _prefetch(plan.sequences(), depth=4 * plan.chunk_sequences)
-    new_tokens = masked_tokens = 0
     start = time.perf_counter()
     with writer:
-        for index in range(n_chunks):
-            n_seq = min(plan.chunk_sequences, plan.n_sequences - index * plan.chunk_sequences)
-            block = list(itertools.islice(sequences, n_seq))
-            if len(block) != n_seq:  # the corpus changed since the size check
-                raise CorpusError(
-                    f"corpus {cfg.corpus!r} ended early at chunk {index}: it changed during "
-                    "the harvest; rerun to resume"
-                )
-            if index in completed:
-                continue
-            data = _harvest_chunk(plan, np.stack(block), index * plan.chunk_sequences, bar)
-            writer.write_chunk(index, data)
-            new_tokens += len(data)
-            masked_tokens += int(data.masked.sum())
+        counts = harvest_chunks(plan, writer, owned=lambda _i: True, on_tokens=bar.update)
     seconds = time.perf_counter() - start
     bar.close()
-    result = HarvestResult(
-        out=Path(cfg.out), total_tokens=plan.total_tokens, new_tokens=new_tokens,
-        n_chunks=n_chunks, skipped_chunks=len(completed), seconds=seconds,
-        masked_fraction=masked_tokens / new_tokens if new_tokens else 0.0,
+    result = make_result(plan, counts, n_chunks, len(completed), seconds)
+    log_done(result)
+    return result
+
+
+@dataclass
+class ChunkCounts:
+    """Token counts of the chunks one process computed."""
+
+    tokens: int = 0
+    """Tokens computed."""
+    masked: int = 0
+    """Of which masked."""
+    outliers: int = 0
+    """Of which flagged as norm outliers."""
+
+    def add(self, other: ChunkCounts) -> None:
+        self.tokens += other.tokens
+        self.masked += other.masked
+        self.outliers += other.outliers
+
+
+def harvest_chunks(plan: HarvestPlan, writer: Any, *, owned: Callable[[int], bool],
+                   on_tokens: Callable[[int], Any],
+                   before_chunk: Callable[[int], None] | None = None) -> ChunkCounts:
+    """Compute and write every chunk that is ``owned`` and not complete in ``writer``.
+
+    The corpus is always tokenised from the start (deterministic), skipping the sequences of
+    chunks that are complete or not owned. ``on_tokens(n)`` is called after each forward
+    batch; ``before_chunk(index)`` before computing each chunk (may raise to stop).
+    """
+    completed = writer.completed_chunks
+    sequences = _prefetch(plan.sequences(), depth=4 * plan.chunk_sequences)
+    counts = ChunkCounts()
+    for index in range(writer.n_chunks):
+        n_seq = min(plan.chunk_sequences, plan.n_sequences - index * plan.chunk_sequences)
+        block = list(itertools.islice(sequences, n_seq))
+        if len(block) != n_seq:  # the corpus changed since the size check
+            raise CorpusError(
+                f"corpus {plan.cfg.corpus!r} ended early at chunk {index}: it changed during "
+                "the harvest; rerun to resume"
+            )
+        if index in completed or not owned(index):
+            continue
+        if before_chunk is not None:
+            before_chunk(index)
+        data, n_outliers = _harvest_chunk(plan, np.stack(block), index * plan.chunk_sequences,
+                                          on_tokens)
+        writer.write_chunk(index, data, record_extra={"n_norm_outliers": n_outliers})
+        counts.add(ChunkCounts(len(data), int(data.masked.sum()), n_outliers))
+    return counts
+
+
+def log_start(plan: HarvestPlan, n_chunks: int, n_completed: int) -> None:
+    """Log what a harvest is about to do."""
+    cfg = plan.cfg
+    log.info(
+        "harvest %s layer %d (%s) -> %s: %d tokens = %d sequences x %d, %d chunks "
+        "(%d complete), p=%.3g, mask %r (id %d), seed %d, outlier norm factor %g",
+        plan.lm.model_id, plan.layer, HOOK, cfg.out, plan.total_tokens, plan.n_sequences,
+        plan.context_length, n_chunks, n_completed, cfg.mask_prob, plan.mask_string,
+        plan.mask_id, cfg.seed, plan.outlier_norm_factor,
     )
+
+
+def make_result(plan: HarvestPlan, counts: ChunkCounts, n_chunks: int, skipped: int,
+                seconds: float) -> HarvestResult:
+    """The HarvestResult of a finished harvest."""
+    return HarvestResult(
+        out=Path(plan.cfg.out), total_tokens=plan.total_tokens, new_tokens=counts.tokens,
+        n_chunks=n_chunks, skipped_chunks=skipped, seconds=seconds,
+        masked_fraction=counts.masked / counts.tokens if counts.tokens else 0.0,
+        norm_outliers=counts.outliers,
+    )
+
+
+def log_done(result: HarvestResult) -> None:
+    """Log the summary of a finished harvest."""
     log.info(
         "harvest done: %s holds %d tokens in %d chunks (%d computed now, %d resumed) in "
-        "%.1f s, %.0f tok/s, masked fraction %.4f",
-        cfg.out, result.total_tokens, n_chunks, n_chunks - len(completed), len(completed),
-        seconds, result.tokens_per_s, result.masked_fraction,
+        "%.1f s, %.0f tok/s, masked fraction %.4f, %d norm outliers flagged",
+        result.out, result.total_tokens, result.n_chunks,
+        result.n_chunks - result.skipped_chunks, result.skipped_chunks, result.seconds,
+        result.tokens_per_s, result.masked_fraction, result.norm_outliers,
     )
-    return result
 
 
 def _prefetch(items: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:
@@ -290,8 +381,10 @@ def _chunk_len(spec: Any, index: int) -> int:
     return hi - lo
 
 
-def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int, bar: Any) -> Any:
-    """Mask, run the truncated forward in batches, and assemble one chunk's ChunkData."""
+def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int,
+                   on_tokens: Callable[[int], Any]) -> tuple[Any, int]:
+    """Mask, run the truncated forward in batches, flag norm outliers, and assemble one
+    chunk's ChunkData; returns it with the number of norm outliers flagged."""
     from masksae.storage import ChunkData
 
     n_seq, length = ids_ST.shape
@@ -301,6 +394,7 @@ def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int, bar: A
         special_ids=plan.special_ids,
     )
     acts = torch.empty((n_seq * length, plan.lm.d_model), dtype=plan.lm.dtype)
+    norms = torch.empty(n_seq * length, dtype=torch.float32)
     input_ids = torch.from_numpy(masked_ids.astype(np.int64))
     attention = torch.ones_like(input_ids)
     batch = plan.cfg.batch_size
@@ -308,12 +402,16 @@ def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int, bar: A
         hi = min(lo + batch, n_seq)
         h_BTD = capture_resid_post(plan.lm, input_ids[lo:hi], attention[lo:hi], plan.layer)
         acts[lo * length:hi * length] = h_BTD.reshape(-1, plan.lm.d_model).to("cpu")
-        bar.update((hi - lo) * length)
-    return ChunkData(
+        norms[lo * length:hi * length] = row_norms(h_BTD).reshape(-1).to("cpu")
+        on_tokens((hi - lo) * length)
+    excluded_N = excluded.reshape(-1)
+    outliers_N = flag_norm_outliers(norms, excluded_N, plan.outlier_norm_factor)
+    data = ChunkData(
         activations=acts,
         token_ids=masked_ids.reshape(-1),
         masked=masked.reshape(-1),
-        excluded=excluded.reshape(-1),
+        excluded=excluded_N | outliers_N,
         seq_index=np.repeat(seq_idx_S, length),
         position=np.tile(np.arange(length, dtype=np.int32), n_seq),
     )
+    return data, int(outliers_N.sum())

@@ -19,6 +19,7 @@ from masksae.models.loading import (
     LoadedModel,
     load_model,
     model_summary,
+    tokenizer_id,
 )
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "load_model",
     "model_summary",
     "splice_resid_post",
+    "tokenizer_id",
     "validate_layer",
 ]

@@ -81,10 +81,15 @@ def _needs_bos(architecture: str) -> bool:
     return architecture.startswith("gemma")
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "auto") -> LoadedModel:
-    """Load ``spec`` (Hub id, local directory, or ``bundled:<name>``) in eval mode on ``device``."""
+def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "auto",
+               weights: bool = True) -> LoadedModel:
+    """Load ``spec`` (Hub id, local directory, or ``bundled:<name>``) in eval mode on ``device``.
+
+    ``weights=False`` builds the model on the meta device (config, tokenizer, revision and
+    shapes, no weights, no memory): enough to plan a harvest whose workers load the weights.
+    """
     torch_dtype = resolve_dtype(dtype)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device) if weights else torch.device("meta")
     if spec.startswith(BUNDLED_PREFIX):
         folder, revision = resolve_bundled(spec)
         source, local = str(folder), True
@@ -99,10 +104,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
                 f"save_pretrained folder ({OFFLINE_HINT})"
             )
         source, revision = str(path), ""
-    model, tokenizer = _from_pretrained(spec, source, torch_dtype)
+    model, tokenizer = _from_pretrained(spec, source, torch_dtype, weights=weights)
     if not revision:
         revision = _local_revision(Path(source)) if local else _hub_revision(model, spec)
-    model.to(torch_device)
+    if weights:
+        model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
     config = model.config
@@ -134,12 +140,18 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     return lm
 
 
-def _from_pretrained(spec: str, source: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _from_pretrained(spec: str, source: str, dtype: torch.dtype,
+                     weights: bool = True) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(source)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -151,6 +163,14 @@ def _from_pretrained(spec: str, source: str, dtype: torch.dtype) -> tuple[torch.
             raise ModelError(f"cannot reach the Hub for model {spec!r}: {name} ({OFFLINE_HINT})") from exc
         raise
     return model, tokenizer
+
+
+def tokenizer_id(lm: LoadedModel) -> str:
+    """A portable name of the model's tokenizer: its Hub id when it was loaded from the Hub,
+    else the model spec the user gave (never a machine-local cache path)."""
+    name = str(getattr(lm.tokenizer, "name_or_path", "") or "")
+    is_path = not name or name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    return lm.model_id if is_path or lm.model_id.startswith(BUNDLED_PREFIX) else name
 
 
 def model_summary(lm: LoadedModel) -> dict[str, Any]:
@@ -165,7 +185,8 @@ def model_summary(lm: LoadedModel) -> dict[str, Any]:
                 "d_model": lm.d_model,
                 "max_context": lm.max_context,
                 "prepend_bos": lm.prepend_bos,
-                "tokenizer": getattr(lm.tokenizer, "name_or_path", "") or lm.model_id,
+                "tokenizer": tokenizer_id(lm),
+                "tokenizer_class": type(lm.tokenizer).__name__,
             }
         )
     )

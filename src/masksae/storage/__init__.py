@@ -2,8 +2,9 @@
 
 Public API (see docs/architecture.md): :class:`ChunkData`, :class:`StoreSpec`,
 :class:`StoreWriter`, :class:`ActivationStore`, :class:`ActivationStats`.
-Excluded-token policy: special tokens and position 0 are stored and flagged
-(``excluded``); the reader skips them by default and statistics ignore them.
+Excluded-token policy: special tokens, position 0 and (harvest option
+``--outlier-norm-factor``) norm outliers are stored and flagged (``excluded``); the reader
+skips them by default and statistics ignore them.
 """
 
 from masksae.storage.codecs import DEFAULT_COMPRESSION, parse_compression

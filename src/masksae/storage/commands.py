@@ -58,8 +58,11 @@ def store_summary(path: Path) -> dict[str, Any]:
         "complete": store.is_complete,
         "tokens_usable": store.count_tokens(),
         "tokens_excluded": store.count_tokens(include_excluded=True) - store.count_tokens(),
+        "tokens_norm_outliers": sum(int(r.get("n_norm_outliers", 0))
+                                    for r in store.records.values()),
         "tokens_masked": store.count_tokens() - store.count_tokens(include_masked=False),
-        "excluded_token_policy": store.attrs.get("excluded_token_policy"),
+        "excluded_token_policy": store.provenance.get("excluded_token_policy")
+        or store.attrs.get("excluded_token_policy"),
         "fingerprint": store.fingerprint,
         "statistics": store.stats.summary() if store.completed_chunks else None,
     }
@@ -72,7 +75,10 @@ def _format_info(s: dict[str, Any]) -> str:
     lines.append(f"chunks       {s['chunks_complete']}/{s['chunks_total']} complete "
                  f"({s['chunk_tokens']} tokens each): {status}")
     lines.append(f"tokens       {s['n_tokens']} total, {s['tokens_usable']} usable, "
-                 f"{s['tokens_excluded']} excluded, {s['tokens_masked']} masked (usable)")
+                 f"{s['tokens_masked']} masked (usable)")
+    outliers = s["tokens_norm_outliers"]
+    lines.append(f"excluded     {s['tokens_excluded'] - outliers} special/position-0, "
+                 f"{outliers} norm outliers")
     lines.append(f"activations  d_model={s['d_model']} dtype={s['dtype']}")
     ratio = s["compression_ratio"]
     lines.append(f"compression  {s['compression']}"
@@ -108,22 +114,43 @@ def info(
 @user_errors
 def verify(
     path: Path = typer.Argument(..., help="Store directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON report "
+                                 "on stdout (path, ok, chunk counts, fingerprint, and each "
+                                 "bad chunk's index, token range and problem)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
 ) -> None:
     """Check every chunk is present and checksum-correct (exit 1 naming bad chunks)."""
     from tqdm import tqdm
 
     from masksae.storage.reader import ActivationStore
-    from masksae.storage.verify import verify_store
+    from masksae.storage.verify import chunk_problems
 
     store = ActivationStore.open(path, require_complete=False)
     with tqdm(total=store.n_chunks, desc="verify", unit="chunk", disable=not progress,
               file=None) as bar:
-        problems = verify_store(store, on_chunk=lambda _i: bar.update(1))
-    if problems:
-        for problem in problems:
+        problems = chunk_problems(store, on_chunk=lambda _i: bar.update(1))
+    if as_json:
+        report = {
+            "path": str(store.path),
+            "ok": not problems,
+            "n_chunks": store.n_chunks,
+            "n_bad_chunks": len(problems),
+            "n_tokens": store.n_tokens,
+            "fingerprint": store.fingerprint,
+            "bad_chunks": [
+                {"index": index, "start": store.chunk_bounds(index)[0],
+                 "stop": store.chunk_bounds(index)[1], "problem": problem}
+                for index, problem in problems.items()
+            ],
+        }
+        typer.echo(json.dumps(report, indent=2))
+    elif problems:
+        for problem in problems.values():
             typer.echo(f"BAD {problem}")
         typer.echo(f"{len(problems)} of {store.n_chunks} chunks bad or missing in {store.path}")
+    else:
+        typer.echo(f"OK: all {store.n_chunks} chunks of {store.path} present and "
+                   f"checksum-correct ({store.n_tokens} tokens, fingerprint "
+                   f"{store.fingerprint})")
+    if problems:
         raise typer.Exit(code=1)
-    typer.echo(f"OK: all {store.n_chunks} chunks of {store.path} present and checksum-correct "
-               f"({store.n_tokens} tokens, fingerprint {store.fingerprint})")

@@ -178,6 +178,25 @@ def lock_store(path: Path) -> Any:
     return handle
 
 
+def lock_holder(path: Path) -> int | None:
+    """Pid of the process holding the store's writer lock, or None when nobody holds it."""
+    import fcntl
+
+    lock_path = Path(path) / LOCK_FILE
+    if not lock_path.is_file():
+        return None
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held exclusively: read the holder's pid
+            handle.seek(0)
+            text = handle.read().split()
+            return int(text[1]) if len(text) >= 2 and text[0] == "pid" and \
+                text[1].isdigit() else -1
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return None
+
+
 def unlock_store(path: Path, handle: Any) -> None:
     """Release a lock taken by :func:`lock_store` (no-op if already released)."""
     key = os.path.realpath(path)

@@ -33,8 +33,9 @@ FORMAT_NAME = "masksae-activation-store"
 FORMAT_VERSION = 1
 MANIFEST_DIR = "_chunks"
 EXCLUDED_TOKEN_POLICY = (
-    "stored and flagged: special tokens and position 0 are written with excluded=True; "
-    "the reader skips excluded tokens by default and statistics ignore them"
+    "stored and flagged: tokens that are not training data (special tokens, position 0, and "
+    "the producer's norm outliers: see provenance.excluded_token_policy) are written with "
+    "excluded=True; the reader skips excluded tokens by default and statistics ignore them"
 )
 
 STORE_DTYPES: dict[str, np.dtype] = {
@@ -72,7 +73,7 @@ class ChunkData:
     masked: Any
     """[N] bool: token replaced by the mask token."""
     excluded: Any
-    """[N] bool: special token or position 0 (not training data)."""
+    """[N] bool: not training data (special token, position 0, or a norm outlier)."""
     seq_index: Any
     """[N] int64: global sequence index."""
     position: Any

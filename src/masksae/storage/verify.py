@@ -42,15 +42,21 @@ def record_hint(store: ActivationStore, index: int) -> str:
     return str(manifest_path(store.path, index))
 
 
-def verify_store(store: ActivationStore,
-                 on_chunk: Callable[[int], None] | None = None) -> list[str]:
-    """Problems found in ``store``, one line per bad chunk; [] when every chunk is good."""
-    problems: list[str] = []
+def chunk_problems(store: ActivationStore,
+                   on_chunk: Callable[[int], None] | None = None) -> dict[int, str]:
+    """The problem of each bad chunk by index, in order; {} when every chunk is good."""
+    problems: dict[int, str] = {}
     for index in range(store.n_chunks):
         problem = verify_chunk(store, index)
         if problem is not None:
             log.debug("verify %s: %s", store.path, problem)
-            problems.append(problem)
+            problems[index] = problem
         if on_chunk is not None:
             on_chunk(index)
     return problems
+
+
+def verify_store(store: ActivationStore,
+                 on_chunk: Callable[[int], None] | None = None) -> list[str]:
+    """Problems found in ``store``, one line per bad chunk; [] when every chunk is good."""
+    return list(chunk_problems(store, on_chunk).values())

@@ -33,12 +33,18 @@ from masksae.storage.stats import ChunkStats, aggregate, chunk_stats
 log = logging.getLogger(__name__)
 
 _STOP = object()
+RECORD_FIELDS = frozenset({
+    "index", "start", "stop", "n_tokens", "n_excluded", "n_masked", "n_masked_excluded",
+    "checksum", "checksum_algorithm", "stats",
+})
+"""Fields of a chunk completion record written by the writer itself."""
 
 
 class StoreWriter:
     """Writes the chunks of one store; use :meth:`open`, then as a context manager."""
 
-    def __init__(self, path: Path, spec: StoreSpec, completed: set[int], queue_size: int) -> None:
+    def __init__(self, path: Path, spec: StoreSpec, completed: set[int], queue_size: int,
+                 *, worker: bool = False) -> None:
         self.path = Path(path)
         self.spec = spec
         self._completed = set(completed)
@@ -47,7 +53,8 @@ class StoreWriter:
         self._error: tuple[int, BaseException] | None = None
         self._closed = False
         self._arrays: dict[str, Any] | None = None
-        self._lock_handle = layout.lock_store(self.path)
+        self._worker = worker  # chunk writer under a parent's lock: no lock, no finalising
+        self._lock_handle = None if worker else layout.lock_store(self.path)
         self._thread = threading.Thread(
             target=self._run, name=f"masksae-store-writer:{self.path.name}", daemon=True
         )
@@ -99,6 +106,39 @@ class StoreWriter:
                  spec.n_chunks)
         return cls(path, spec, completed, queue_size)
 
+    @classmethod
+    def attach(cls, path: str | Path, spec: StoreSpec, *, owner_pid: int,
+               queue_size: int = 2) -> StoreWriter:
+        """A chunk writer for a worker process of a multi-worker harvest.
+
+        The store must already exist with exactly ``spec`` and its writer lock must be held
+        by process ``owner_pid`` (the parent, which created or resumed it with :meth:`open`
+        and finalises it). The returned writer takes no lock and does not finalise on close:
+        it only writes chunks and their completion records. Workers must write disjoint
+        chunks (each chunk is its own set of files, so that is safe).
+        """
+        path = Path(path)
+        attrs = layout.read_attrs(path)
+        if attrs is None:
+            raise StoreError(f"worker cannot attach to {path}: not an activation store "
+                             "(the parent process creates it first)")
+        diffs = spec_differences(layout.spec_from_attrs(attrs), spec)
+        if diffs:
+            keys = ", ".join(key for key, _old, _new in diffs)
+            raise ProvenanceMismatchError(
+                f"worker's settings differ from store {path} on: {keys}; every worker must "
+                "run the parent's exact configuration"
+            )
+        holder = layout.lock_holder(path)
+        if holder != owner_pid:
+            raise StoreError(
+                f"worker cannot attach to {path}: its writer lock is held by "
+                f"{'pid ' + str(holder) if holder else 'nobody'}, not by the parent pid "
+                f"{owner_pid}; start multi-device harvests with `masksae harvest --devices`"
+            )
+        completed = set(layout.read_manifests(path, spec))
+        return cls(path, spec, completed, queue_size, worker=True)
+
     # ------------------------------------------------------------------ state
     @property
     def n_chunks(self) -> int:
@@ -116,17 +156,25 @@ class StoreWriter:
         return self.spec.chunk_bounds(index)
 
     # ------------------------------------------------------------------ writing
-    def write_chunk(self, index: int, data: ChunkData) -> None:
+    def write_chunk(self, index: int, data: ChunkData,
+                    record_extra: dict[str, Any] | None = None) -> None:
         """Queue chunk ``index`` for the writer thread (blocks only while the queue is full).
 
         The fields of ``data`` may be numpy arrays or torch tensors (any device); they are
-        copied, so the caller may reuse its buffers. An error of an earlier chunk in the
+        copied, so the caller may reuse its buffers. ``record_extra`` holds JSON-able
+        producer fields added to the chunk's completion record (e.g. ``n_norm_outliers``);
+        they may not replace the writer's own fields. An error of an earlier chunk in the
         writer thread is raised here as a StoreError naming that chunk.
         """
         self._raise_pending_error()
         if self._closed:
             raise StoreError(f"store writer for {self.path} is closed")
-        item = self._prepare(index, data)
+        extra = dict(record_extra or {})
+        clash = sorted(set(extra) & RECORD_FIELDS)
+        if clash:
+            raise StoreError(f"record_extra of chunk {index} may not set {clash}: those are "
+                             "the writer's own record fields")
+        item = (*self._prepare(index, data), extra)
         while True:
             try:
                 self._queue.put(item, timeout=0.5)
@@ -152,13 +200,15 @@ class StoreWriter:
         self._thread.join()
         try:
             self._raise_pending_error()
-            self._finalise()
+            if not self._worker:
+                self._finalise()
         except OSError as exc:
             raise StoreError(f"cannot write the final attributes of store {self.path}: {exc}; "
                              "the chunks are complete: fix the cause and rerun to finalise")\
                 from exc
         finally:
-            layout.unlock_store(self.path, self._lock_handle)
+            if self._lock_handle is not None:
+                layout.unlock_store(self.path, self._lock_handle)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -209,10 +259,10 @@ class StoreWriter:
             try:
                 if item is _STOP:
                     return
-                data, index = item
+                data, index, extra = item
                 if self._error is None:  # after a failure, drop the rest (never half-written)
                     try:
-                        self._write(index, data)
+                        self._write(index, data, extra)
                     except BaseException as exc:  # noqa: BLE001 - surfaced to the caller
                         log.debug("writer thread failed on chunk %d", index, exc_info=True)
                         self._error = (index, exc)
@@ -227,7 +277,7 @@ class StoreWriter:
             self._arrays = {name: group[name] for name in ARRAY_NAMES}
         return self._arrays
 
-    def _write(self, index: int, data: ChunkData) -> None:
+    def _write(self, index: int, data: ChunkData, extra: dict[str, Any]) -> None:
         start, stop = self.spec.chunk_bounds(index)
         with self._lock:
             self._completed.discard(index)
@@ -250,6 +300,7 @@ class StoreWriter:
             "checksum": checksum,
             "checksum_algorithm": "sha256[:32] over the raw bytes of " + ", ".join(ARRAY_NAMES),
             "stats": stats.to_dict(),
+            **extra,
         }
         layout.write_manifest(self.path, index, record)
         with self._lock:

@@ -28,7 +28,7 @@ def train_command(
     config: Path | None = typer.Option(
         None,
         "--config",
-        help="Sweep TOML ([train], [sae], [grid]). Without it the flags below define one SAE.",
+        help="Sweep TOML with train, sae and grid tables. Without it the flags below define one SAE.",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run held in --out (same config)."
@@ -47,7 +47,16 @@ def train_command(
         None, "--batch-size", help="Activations per step (default 2048)."
     ),
     seed: int | None = typer.Option(None, help="SAE init seed (default 0)."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    device: str | None = typer.Option(
+        None, help="auto | cpu | cuda | cuda:N: where every SAE trains."
+    ),
+    devices: str | None = typer.Option(
+        None,
+        "--devices",
+        help="Spread a sweep over several devices, e.g. cuda:0,cuda:1: run i trains on device "
+        "i mod N (round-robin); each batch is read once and copied to every device. "
+        "Instead of --device.",
+    ),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's)."),
     normalize: bool | None = typer.Option(
         None,
@@ -70,7 +79,11 @@ def train_command(
         True, "--progress/--no-progress", help="Progress bars on stderr."
     ),
 ) -> None:
-    """Train one SAE or a sweep of SAEs (one pass over the store for all of them)."""
+    """Train one SAE or a sweep of SAEs (one pass over the store for all of them).
+
+    Ctrl-C finishes the current step, writes a checkpoint of it and stops (a second Ctrl-C
+    stops at once); rerun the same command with --resume to continue.
+    """
     from masksae.errors import ConfigError
     from masksae.train.config import SweepConfig, TrainConfig, load_sweep
     from masksae.train.sweep import single_run, train_sweep
@@ -80,6 +93,7 @@ def train_command(
         "tokens": tokens,
         "batch_size": batch_size,
         "device": device,
+        "devices": _split_devices(devices),
         "threads": threads,
         "normalize_activations": normalize,
         "autocast_bf16": autocast_bf16,
@@ -87,6 +101,10 @@ def train_command(
         "log_every": log_every,
     }
     train_overrides = {key: v for key, v in train_overrides.items() if v is not None}
+    if devices is not None:
+        if device is not None:
+            raise ConfigError("--device and --devices cannot be combined: pass one of them")
+        train_overrides["device"] = "auto"  # --devices replaces a config file's device
     if config is not None:
         given = [
             f"--{n.replace('_', '-')}"
@@ -123,14 +141,24 @@ def train_command(
         )
         sweep = SweepConfig(train=train_cfg, sae=sae)
         runs = [single_run(sae, lr=None, seed=train_cfg.seed)]
-    if runs is None:
-        summary = train_sweep(store, sweep, out, resume=resume, progress=progress, verify=verify)
-    else:
-        from masksae.train.sweep import open_store
-        from masksae.train.trainer import Trainer
+    try:
+        if runs is None:
+            summary = train_sweep(
+                store, sweep, out, resume=resume, progress=progress, verify=verify
+            )
+        else:
+            from masksae.train.sweep import open_store
+            from masksae.train.trainer import Trainer
 
-        st = open_store(store, verify=verify)
-        summary = Trainer(st, runs, sweep.train, out, resume=resume, progress=progress).train()
+            st = open_store(store, verify=verify)
+            summary = Trainer(st, runs, sweep.train, out, resume=resume, progress=progress).train()
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: training progress is checkpointed in {out}; rerun the same "
+            "command with --resume to continue",
+            err=True,
+        )
+        raise typer.Exit(code=130) from None
     for run in summary.runs:
         m = run.last_metrics
         typer.echo(
@@ -138,6 +166,20 @@ def train_command(
             f"l0 {m.get('l0', float('nan')):.1f}  dead {m.get('dead_frac', float('nan')):.3f}"
         )
     typer.echo(f"data wait: {100 * summary.data_wait_frac:.1f}% of step time")
+
+
+def _split_devices(value: str | None) -> list[str] | None:
+    """``"cuda:0, cuda:1"`` -> ``["cuda:0", "cuda:1"]`` (None stays None)."""
+    if value is None:
+        return None
+    from masksae.errors import ConfigError
+
+    names = [part.strip() for part in value.split(",")]
+    if not all(names):
+        raise ConfigError(
+            f"--devices {value!r}: expected comma-separated device names, e.g. cuda:0,cuda:1"
+        )
+    return names
 
 
 @user_errors

@@ -87,7 +87,8 @@ class TrainConfig:
     """Several devices for one sweep, e.g. ``["cuda:0", "cuda:1"]`` (CLI: ``--devices
     cuda:0,cuda:1``): run i of the sweep trains on ``devices[i % len(devices)]``
     (round-robin). Each batch is still read once from the store, on the CPU, and copied to
-    every device (from pinned memory with ``non_blocking`` when a device is CUDA); each SAE
+    every device (from pinned memory with ``non_blocking`` when a device is CUDA); the
+    devices step their runs concurrently (a worker thread per distinct device). Each SAE
     gives the weights it would give alone on its device. None (default): every run on
     ``device``. Set ``device`` or ``devices``, not both; may change on --resume."""
     threads: int | None = None

@@ -10,7 +10,9 @@ rows -> update dead-latent counters. b_dec starts at the geometric median of the
 batch.
 
 Devices: with ``TrainConfig.devices`` the runs are placed round-robin over several devices;
-the batch is read once (on the CPU) and copied to each device. Interrupts: a first Ctrl-C
+the batch is read once (on the CPU) and copied to each device, and each device's runs step
+in their own worker thread, so the devices work concurrently (each run's step has host
+syncs that would otherwise serialise them); every run stays on its device's CUDA context. Interrupts: a first Ctrl-C
 (SIGINT, main thread only) finishes the current step, writes a checkpoint of it and then
 raises KeyboardInterrupt; a KeyboardInterrupt raised between steps (e.g. from ``on_step``)
 does the same, so ``--resume`` continues from exactly where the run stopped. A second
@@ -224,22 +226,41 @@ class _Run:
         self.dead_threshold = int(sae_cfg.dead_tokens_threshold)
         self.dead_mask_F = torch.zeros(F, dtype=torch.bool, device=device)
         self.any_dead = False
+        #: True when the sweep steps each device's runs in a worker thread
+        self.threaded = False
         self.metrics: MetricsLog | None = None
         self.last_record: dict[str, Any] = {}
         self.bar: Any = None
 
-    # -- RNG isolation: each run draws from its own stream, whatever the others do
+    # -- RNG isolation: each run draws from its own stream, whatever the others do. With
+    # several devices each device's runs step in a worker thread (one task per device and
+    # step, all awaited before the next step). The CPU generator is process-wide, so there
+    # only runs on the CPU swap it (a CUDA run's step draws nothing from it); a CUDA run
+    # swaps its own device's generator, which no other device's task touches.
+    def _swaps_cpu_rng(self) -> bool:
+        return not self.threaded or self.device.type == "cpu"
+
     def _enter_rng(self) -> None:
-        torch.set_rng_state(self.rng_state)
+        if self._swaps_cpu_rng():
+            torch.set_rng_state(self.rng_state)
         if self.cuda_rng_state is not None:
             torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
 
     def _exit_rng(self) -> None:
-        self.rng_state = torch.get_rng_state()
+        if self._swaps_cpu_rng():
+            self.rng_state = torch.get_rng_state()
         if self.cuda_rng_state is not None:
             self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
 
     def step(
+        self, x_BD: torch.Tensor, step: int, total_steps: int, *, want_metrics: bool
+    ) -> dict[str, float] | None:
+        # kernels (Triton included) launch on the *current* CUDA device: make it the run's
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with on_device:
+            return self._step(x_BD, step, total_steps, want_metrics=want_metrics)
+
+    def _step(
         self, x_BD: torch.Tensor, step: int, total_steps: int, *, want_metrics: bool
     ) -> dict[str, float] | None:
         from masksae.train.sae.base import StepContext
@@ -383,6 +404,8 @@ class Trainer:
         self._interrupt_requested = False
         #: (last completed step, whether every run is at it): read on KeyboardInterrupt
         self._position: tuple[int, bool] = (0, True)
+        self._pool: Any = None
+        self._groups: list[list[int]] = []
         check_sinks_available(cfg.tensorboard, cfg.wandb)
         self.manifest = self._manifest()
 
@@ -642,6 +665,7 @@ class Trainer:
 
     def _loop_steps(self, runs: list[_Run], start: int) -> tuple[float, float]:
         cfg, total = self.cfg, self.total_steps
+        self._start_workers(runs)
         stream = self._stream(start)
         wall = wait = 0.0
         win_wall = win_wait = 0.0
@@ -664,9 +688,7 @@ class Trainer:
                 done = step + 1
                 want = done % cfg.log_every == 0 or done == total
                 self._position = (step, False)
-                records = [
-                    run.step(placed[run.device], step, total, want_metrics=want) for run in runs
-                ]
+                records = self._step_runs(runs, placed, step, want)
                 self._position = (done, True)
                 for device in self.unique_devices:
                     if device.type == "cuda":
@@ -714,10 +736,56 @@ class Trainer:
                 if self._interrupt_requested:
                     raise KeyboardInterrupt
         finally:
+            if self._pool is not None:  # let a worker finish its step before anything else
+                self._pool.shutdown(wait=True)
+                self._pool = None
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
         return wall, wait
+
+    def device_groups(self, runs: list[_Run]) -> list[list[int]]:
+        """Indices of ``runs`` per device (one worker thread each when there are several)."""
+        groups: dict[torch.device, list[int]] = {}
+        for i, run in enumerate(runs):
+            groups.setdefault(run.device, []).append(i)
+        return list(groups.values())
+
+    def _start_workers(self, runs: list[_Run]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._groups = self.device_groups(runs)
+        self._pool = None
+        if len(self._groups) > 1:
+            # one thread per device: a device's runs step in order while the other devices
+            # work (the steps' host syncs would otherwise serialise the GPUs)
+            self._pool = ThreadPoolExecutor(len(self._groups), thread_name_prefix="masksae-dev")
+            for run in runs:
+                run.threaded = True
+
+    def _step_runs(
+        self, runs: list[_Run], placed: dict[torch.device, torch.Tensor], step: int, want: bool
+    ) -> list[dict[str, float] | None]:
+        """Step every run on the batch; concurrently per device when there are several."""
+        total = self.total_steps
+
+        def step_group(indices: list[int]) -> list[dict[str, float] | None]:
+            return [
+                runs[i].step(placed[runs[i].device], step, total, want_metrics=want)
+                for i in indices
+            ]
+
+        if self._pool is None:
+            return step_group(list(range(len(runs))))
+        from concurrent.futures import wait
+
+        futures = [self._pool.submit(step_group, group) for group in self._groups]
+        wait(futures)  # every worker is done with this step before any error is raised
+        records: list[dict[str, float] | None] = [None] * len(runs)
+        for group, future in zip(self._groups, futures, strict=True):
+            for i, record in zip(group, future.result(), strict=True):
+                records[i] = record
+        return records
 
     def _meta(self, run: _Run, step: int, complete: bool) -> dict[str, Any]:
         return ckpt.build_meta(
