@@ -20,6 +20,8 @@ CONTEXT ?= 128
 BATCH ?= 8
 DTYPE ?= float32
 DEVICE ?= auto
+# several GPUs: DEVICES=cuda:0,cuda:1 (one harvest worker per device; sweep runs round-robin)
+DEVICES ?=
 SEED ?= 0
 STORE ?= runs/stores/$(subst :,_,$(subst /,_,$(MODEL)))-L$(LAYER)-p$(MASK_PROB)
 # ---- train variables (make train STORE=... TRAIN_CONFIG=...) ----------------------------
@@ -59,10 +61,10 @@ lint: setup
 harvest: setup
 	$(MASKSAE) harvest --model $(MODEL) --layer $(LAYER) --corpus $(CORPUS) \
 	  --tokens $(TOKENS) --mask-prob $(MASK_PROB) --context-length $(CONTEXT) \
-	  --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE) --seed $(SEED) --out $(STORE)
+	  --batch-size $(BATCH) --dtype $(DTYPE) $(if $(DEVICES),--devices $(DEVICES),--device $(DEVICE)) --seed $(SEED) --out $(STORE)
 
 train: setup
-	$(MASKSAE) train --store $(STORE) --config $(TRAIN_CONFIG) --out $(TRAIN_OUT) $(if $(RESUME),--resume)
+	$(MASKSAE) train --store $(STORE) --config $(TRAIN_CONFIG) --out $(TRAIN_OUT) $(if $(RESUME),--resume) $(if $(DEVICES),--devices $(DEVICES))
 
 evaluate: setup
 	$(MASKSAE) evaluate --checkpoints $(CHECKPOINTS) --metrics $(METRICS) --out $(EVAL_OUT) --cache $(EVAL_CACHE)

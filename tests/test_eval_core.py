@@ -161,3 +161,20 @@ def test_empty_input_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="empty"):
         ReconstructionAccumulator(d_sae=2).result()
+
+
+def test_eval_data_drops_norm_outliers_from_acts_and_keep() -> None:
+    from masksae.evaluate.data import _drop_norm_outliers
+
+    keep = torch.tensor([[False, True, True, True], [False, True, True, True]])
+    acts = torch.ones(6, 3)
+    acts[1] *= 500.0  # sequence 0, position 2: an attention-sink-like outlier
+    kept_acts, kept = _drop_norm_outliers(acts, keep, factor=10.0)
+    assert kept_acts.shape == (5, 3)
+    assert torch.equal(kept_acts, torch.ones(5, 3))
+    expected = keep.clone()
+    expected[0, 2] = False
+    assert torch.equal(kept, expected)
+    assert torch.equal(keep[0], torch.tensor([False, True, True, True]))  # input untouched
+    same_acts, same_keep = _drop_norm_outliers(acts, keep, factor=0.0)
+    assert same_acts.shape == (6, 3) and torch.equal(same_keep, keep)

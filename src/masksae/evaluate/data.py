@@ -26,8 +26,8 @@ from masksae.errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
-"""2: evaluation text read with masksae.harvest.Corpus (format 1 read gensim files itself)."""
+CACHE_FORMAT = 3
+"""3: norm outliers excluded; 2: text read with masksae.harvest.Corpus; 1: own gensim reader."""
 
 
 @dataclass
@@ -65,6 +65,9 @@ class EvalDataConfig:
     """Mask token id when masked=True (None: the tokenization of mask_string)."""
     mask_string: str = "..."
     """Mask string (the paper's "...") used when mask_token_id is None."""
+    outlier_norm_factor: float = 10.0
+    """Positions whose activation norm exceeds this factor x the median norm are not
+    evaluated (and not spliced), the harvest's rule for training data; 0 keeps them."""
 
     def __post_init__(self) -> None:
         if self.n_tokens < 2:
@@ -108,6 +111,7 @@ def key_fields(model: str, revision: str | None, layer: int, cfg: EvalDataConfig
         "corpus_filter": list(cfg.corpus_filter), "corpus_split": cfg.corpus_split,
         "skip_tokens": cfg.skip_tokens, "n_tokens": cfg.n_tokens, "context_length": cfg.context_length,
         "cache_dtype": cfg.cache_dtype, "masked": cfg.masked,
+        "outlier_norm_factor": cfg.outlier_norm_factor,
     }
     if cfg.masked:
         out.update(seed=cfg.seed, mask_prob=cfg.mask_prob, mask_token_id=cfg.mask_token_id,
@@ -192,16 +196,37 @@ def build_eval_data(lm: Any, layer: int, texts: Iterable[str] | None,
     store_dtype = resolve_dtype(cfg.cache_dtype)
     rows: list[Tensor] = []
     n_rows = 0
+    n_captured_seqs = 0
     for start in range(0, ids.shape[0], cfg.llm_batch_size):
         if n_rows >= cfg.n_tokens:
             break
         sl = slice(start, start + cfg.llm_batch_size)
         h = capture_resid_post(lm, ids[sl], attn[sl], layer)
-        chunk = h[keep[sl].to(h.device)].to("cpu", torch.float32).to(store_dtype)
+        chunk = h[keep[sl].to(h.device)].to("cpu", torch.float32)
         rows.append(chunk)
         n_rows += chunk.shape[0]
-    acts = torch.cat(rows)[: cfg.n_tokens].contiguous()
-    return EvalData(ids, attn, keep, acts)
+        n_captured_seqs = min(start + cfg.llm_batch_size, ids.shape[0])
+    acts = torch.cat(rows)
+    keep[n_captured_seqs:] = False
+    acts, keep = _drop_norm_outliers(acts, keep, cfg.outlier_norm_factor)
+    return EvalData(ids, attn, keep, acts[: cfg.n_tokens].to(store_dtype).contiguous())
+
+
+def _drop_norm_outliers(acts_ND: Tensor, keep_ST: Tensor, factor: float) -> tuple[Tensor, Tensor]:
+    """Remove norm-outlier rows (the harvest's rule) from ``acts_ND`` and from ``keep_ST``.
+
+    ``acts_ND`` holds the kept positions of ``keep_ST`` in row-major order."""
+    from masksae.harvest import flag_norm_outliers
+
+    norms = torch.linalg.vector_norm(acts_ND, dim=-1)
+    outlier = torch.from_numpy(
+        flag_norm_outliers(norms, torch.zeros(len(norms), dtype=torch.bool).numpy(), factor))
+    if outlier.any():
+        log.info("evaluation: %d of %d positions are norm outliers (> %g x median norm); "
+                 "not evaluated", int(outlier.sum()), len(norms), factor)
+        keep_ST = keep_ST.clone()
+        keep_ST[keep_ST.clone()] = ~outlier
+    return acts_ND[~outlier], keep_ST
 
 
 def has_entry(cache_dir: Path | None, fields: dict[str, Any]) -> bool:
