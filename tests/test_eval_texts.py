@@ -56,11 +56,9 @@ def _eval_consumed(tokenizer, cfg: EvalDataConfig) -> tuple[set[str], int]:
 
 
 def _smollm_dir() -> Path:
-    from masksae.models import cache_root
+    from masksae.models.bundled import resolve_bundled
 
-    path = cache_root() / "smollm2-135m"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("bundled SmolLM2 tokenizer not materialised (run the demo once)")
+    path, _ = resolve_bundled("bundled:smollm2-135m")  # builds the cache on a fresh machine
     return path
 
 
