@@ -79,3 +79,15 @@ def tiny_corpus_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
             fh.write(json.dumps({"text": " ".join(words), "meta": {"set": "web" if i % 3
                                                                    else "books"}}) + "\n")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with torch on one CPU thread (restored afterwards): the train tests use
+    it (``pytestmark = pytest.mark.usefixtures("one_thread")``) for speed and determinism."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,22 +14,7 @@ from masksae.evaluate.core import (
     iter_batches,
     reconstruction_metrics,
 )
-
-
-class IdentitySAE(torch.nn.Module):
-    """d_sae = 2 d, W_enc = [I, -I], relu, W_dec = [I; -I]: reconstructs x exactly."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        eye = torch.eye(d)
-        self.W_enc = torch.cat([eye, -eye], dim=1)
-        self.W_dec = torch.cat([eye, -eye], dim=0)
-
-    def encode(self, x):
-        return torch.relu(x @ self.W_enc)
-
-    def decode(self, f):
-        return f @ self.W_dec
+from test_eval_fixtures import IdentitySAE
 
 
 class BiasOnlySAE(torch.nn.Module):

@@ -9,21 +9,9 @@ import torch
 
 from masksae.errors import ConfigError
 from masksae.evaluate.downstream import DownstreamConfig, downstream_metrics, keep_positions
+from test_eval_fixtures import IdentitySAE
 
 models = pytest.importorskip("masksae.models")
-
-
-class IdentitySAE:
-    def __init__(self, d: int) -> None:
-        eye = torch.eye(d)
-        self.W_enc = torch.cat([eye, -eye], dim=1)
-        self.W_dec = torch.cat([eye, -eye], dim=0)
-
-    def encode(self, x):
-        return torch.relu(x @ self.W_enc)
-
-    def decode(self, f):
-        return f @ self.W_dec
 
 
 class ZeroSAE:

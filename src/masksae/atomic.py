@@ -28,7 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -43,10 +43,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | Path) -> None:
+    """Best-effort fsync of ``directory`` (so a rename in it is durable); a plain file path
+    works too. Errors are ignored: some filesystems do not allow opening directories."""
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -54,3 +56,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir  # the former private name

@@ -174,6 +174,12 @@ def runs_label(docs: Sequence[dict[str, Any]]) -> str:
     return f"{len(docs)} ({word} {', '.join(str(s) for s in seeds)})"
 
 
+def _cell_text(row: MetricRow, docs: Sequence[dict[str, Any]]) -> str:
+    """One table cell: ``row``'s mean ± std over the runs ``docs`` ("–" when none has it)."""
+    s = stat([row.read(d) for d in docs])
+    return s.fmt(row.digits) if s else "–"
+
+
 def paper_table(cells: dict[Cell, list[dict]]) -> str:
     """Markdown: rows metric x method, columns k (the paper's Table 1/2 form); the first
     rows say how many runs (seeds) back each cell."""
@@ -186,10 +192,7 @@ def paper_table(cells: dict[Cell, list[dict]]) -> str:
                      + " | ".join(runs_label(cells.get((k, p), [])) for k in ks) + " |")
     for row in _rows_present(cells):
         for p in ps:
-            vals = []
-            for k in ks:
-                s = stat([row.read(d) for d in cells.get((k, p), [])])
-                vals.append(s.fmt(row.digits) if s else "–")
+            vals = [_cell_text(row, cells.get((k, p), [])) for k in ks]
             lines.append(f"| {row.label} | {_method(p)} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -205,10 +208,7 @@ def ablation_table(cells: dict[Cell, list[dict]], k: Any) -> str | None:
              f"| {RUNS_LABEL} | " + " | ".join(runs_label(sub.get((k, p), [])) for p in ps)
              + " |"]
     for row in _rows_present(sub):
-        vals = []
-        for p in ps:
-            s = stat([row.read(d) for d in sub.get((k, p), [])])
-            vals.append(s.fmt(row.digits) if s else "–")
+        vals = [_cell_text(row, sub.get((k, p), [])) for p in ps]
         lines.append(f"| {row.label} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 

@@ -13,8 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from masksae.evaluate.data import (
 )
 from masksae.evaluate.downstream import DownstreamConfig, downstream_metrics
 from masksae.evaluate.schema import make_result, provenance_from_meta
+from masksae.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,6 @@ class EvaluateConfig:
                               f"choose from {', '.join(METRICS)}")
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
-
-
 class Evaluator:
     """Evaluates checkpoints one after another, keeping the LLM loaded between them."""
 
@@ -98,7 +85,7 @@ class Evaluator:
         self._baselines: dict[str, dict[str, float]] = {}
         self._clean_caches: dict[str, Any] = {}
 
-    def _lm(self, spec: str, timer: _Timer) -> Any:
+    def _lm(self, spec: str, timer: PhaseTimer) -> Any:
         if spec not in self._lms:
             from masksae.models import load_model
 
@@ -114,7 +101,7 @@ class Evaluator:
         from masksae.train.checkpoint import load_sae
 
         cfg = self.cfg
-        timer = _Timer()
+        timer = PhaseTimer()
         t_start = time.perf_counter()
         device = resolve_device(cfg.device)
         with timer.phase("load_sae"):
@@ -192,8 +179,8 @@ class Evaluator:
                         metrics["core_masked"] = core_on(get_data(True).acts_ND)
             if "absorption" in cfg.metrics:
                 metrics["absorption"] = self._absorption(sae, model_spec, layer, timer)
-        timer.phases["total"] = time.perf_counter() - t_start
-        return make_result(checkpoint, prov, eval_info, metrics, timer.phases)
+        timer.seconds["total"] = time.perf_counter() - t_start
+        return make_result(checkpoint, prov, eval_info, metrics, timer.seconds)
 
     def _clean_cache(self, key: str) -> Any:
         """The in-memory clean log-prob cache of one evaluation set (None when disabled)."""
@@ -230,7 +217,9 @@ class Evaluator:
             if path is not None:
                 atomic_write_json(path, baseline)
 
-    def _absorption(self, sae: Any, model_spec: str, layer: int, timer: _Timer) -> dict[str, Any]:
+    def _absorption(
+        self, sae: Any, model_spec: str, layer: int, timer: PhaseTimer
+    ) -> dict[str, Any]:
         from masksae.evaluate import absorption
 
         acfg = self.cfg.absorption or absorption.AbsorptionConfig()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from masksae.atomic import atomic_write_json
+from masksae.atomic import atomic_write_json, fsync_dir
 from masksae.errors import StoreError
 from masksae.storage.codecs import METADATA_COMPRESSION, zarr_compressors
 from masksae.storage.schema import (
@@ -259,16 +259,7 @@ def store_fingerprint(spec: StoreSpec, checksums: list[str]) -> str:
 def fsync_files(files: list[Path]) -> None:
     """fsync each existing file (best effort: data first, then its completion record)."""
     for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_dir(file)
 
 
 def directory_bytes(path: Path) -> int:

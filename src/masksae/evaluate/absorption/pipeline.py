@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from masksae.evaluate.absorption.vocab import (
     first_letter_index,
     split_vocab,
 )
+from masksae.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +34,6 @@ def paper_convention(mean_full_absorption_score: float | None) -> float | None:
     if mean_full_absorption_score is None:
         return None
     return 100.0 * (1.0 - mean_full_absorption_score)
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -74,7 +59,7 @@ def _words_and_labels(prompts) -> torch.Tensor:
     return torch.tensor([p.letter for p in prompts], dtype=torch.long)
 
 
-def compute_llm_stage(lm, layer: int, cfg: AbsorptionConfig, timer: _Timer) -> LLMStage:
+def compute_llm_stage(lm, layer: int, cfg: AbsorptionConfig, timer: PhaseTimer) -> LLMStage:
     """Vocabulary, prompts, LLM activations, the ground-truth probe and the activations of
     the probe's true-positive test words in fresh prompts (SAEBench's absorption prompts)."""
     with timer.phase("vocab_prompts"):
@@ -188,7 +173,7 @@ def run(
     cfg = cfg or AbsorptionConfig()
     cfg.validate()
     _validate_layer(lm, layer)
-    timer = _Timer()
+    timer = PhaseTimer()
     warnings: list[str] = []
     key = cache.cache_key(lm, layer, cfg)
     stage = cache.load(Path(cache_dir), key) if cache_dir is not None else None
