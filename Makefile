@@ -56,7 +56,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 harvest: setup
 	$(MASKSAE) harvest --model $(MODEL) --layer $(LAYER) --corpus $(CORPUS) \

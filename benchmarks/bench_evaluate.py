@@ -33,12 +33,22 @@ def _checkpoint(path: Path, k: int, seed: int, d_in: int) -> None:
     from masksae.train.sae import build_sae, sae_config_from_dict
 
     torch.manual_seed(seed)
-    sae = build_sae(sae_config_from_dict({"architecture": "matryoshka_batch_topk",
-                                          "d_in": d_in, "d_sae": 4096, "k": k}))
-    meta = {"format_version": 1, "run_name": path.name, "sae": sae.cfg.to_dict(),
-            "train": {"seed": seed},
-            "store": {"model": MODEL, "revision": None, "layer": LAYER, "mask_prob": 0.3},
-            "store_fingerprint": None, "step": 0, "tokens": 0, "complete": True}
+    sae = build_sae(
+        sae_config_from_dict(
+            {"architecture": "matryoshka_batch_topk", "d_in": d_in, "d_sae": 4096, "k": k}
+        )
+    )
+    meta = {
+        "format_version": 1,
+        "run_name": path.name,
+        "sae": sae.cfg.to_dict(),
+        "train": {"seed": seed},
+        "store": {"model": MODEL, "revision": None, "layer": LAYER, "mask_prob": 0.3},
+        "store_fingerprint": None,
+        "step": 0,
+        "tokens": 0,
+        "complete": True,
+    }
     write_checkpoint(path, sae, meta, None, None)
 
 
@@ -69,54 +79,77 @@ def main(quick: bool = False) -> dict:
         for c in ckpts:
             t0 = time.perf_counter()
             doc = ev.evaluate(c)
-            runs.append({"wall_s": time.perf_counter() - t0, "phases": doc["timings_s"],
-                         "ev": doc["metrics"]["core"]["explained_variance"],
-                         "ce_rec": doc["metrics"]["core"]["downstream"]["ce_loss_recovered"],
-                         "absorption_cache_hit": doc["metrics"]["absorption"].get("cache_hit"),
-                         "clean_cached_seqs": doc["metrics"]["core"]["downstream"].get(
-                             "clean_forward_cached_sequences", 0)})
+            runs.append(
+                {
+                    "wall_s": time.perf_counter() - t0,
+                    "phases": doc["timings_s"],
+                    "ev": doc["metrics"]["core"]["explained_variance"],
+                    "ce_rec": doc["metrics"]["core"]["downstream"]["ce_loss_recovered"],
+                    "absorption_cache_hit": doc["metrics"]["absorption"].get("cache_hit"),
+                    "clean_cached_seqs": doc["metrics"]["core"]["downstream"].get(
+                        "clean_forward_cached_sequences", 0
+                    ),
+                }
+            )
     first, nth = runs
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cpu, torch {torch.__version__}",
-        "threads": torch.get_num_threads(), "quick": quick, "eval_tokens": n_tokens,
-        "ce_sequences": ce_seqs, "absorption_words_per_letter": words,
-        "first": first, "nth": nth, "ratio_first_over_nth": first["wall_s"] / nth["wall_s"],
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "eval_tokens": n_tokens,
+        "ce_sequences": ce_seqs,
+        "absorption_words_per_letter": words,
+        "first": first,
+        "nth": nth,
+        "ratio_first_over_nth": first["wall_s"] / nth["wall_s"],
         "load_avg_1min_end": os.getloadavg()[0],
     }
     _write_doc(result)
-    print(f"first checkpoint {first['wall_s']:.1f}s, next {nth['wall_s']:.1f}s, "
-          f"ratio {result['ratio_first_over_nth']:.1f}x")
+    print(
+        f"first checkpoint {first['wall_s']:.1f}s, next {nth['wall_s']:.1f}s, "
+        f"ratio {result['ratio_first_over_nth']:.1f}x"
+    )
     return result
 
 
 def _write_doc(r: dict) -> None:
-    phases = sorted(set(r["first"]["phases"]) | set(r["nth"]["phases"]),
-                    key=lambda p: (p == "total", p))
+    phases = sorted(
+        set(r["first"]["phases"]) | set(r["nth"]["phases"]), key=lambda p: (p == "total", p)
+    )
     lines = [
-        "# Evaluation cost (core + absorption), bundled SmolLM2-135M layer 15, CPU", "",
+        "# Evaluation cost (core + absorption), bundled SmolLM2-135M layer 15, CPU",
+        "",
         f"Machine: {r['machine']}, {r['threads']} torch threads. quick={r['quick']}. "
         f"{r['eval_tokens']} held-out tokens for the reconstruction metrics, "
         f"{r['ce_sequences']} x 128-token sequences for CE/KL, absorption vocabulary capped "
         f"at {r['absorption_words_per_letter']} words per letter; MatryoshkaBatchTopK "
         "F = 4096 (random weights: cost does not depend on training). Measured by "
-        "`benchmarks/bench_evaluate.py` (one run, empty cache at the start).", "",
-        "| phase | first checkpoint (s) | next checkpoint, cached (s) |", "|---|---|---|",
+        "`benchmarks/bench_evaluate.py` (one run, empty cache at the start).",
+        "",
+        "| phase | first checkpoint (s) | next checkpoint, cached (s) |",
+        "|---|---|---|",
     ]
     for p in phases:
         a = r["first"]["phases"].get(p)
         b = r["nth"]["phases"].get(p)
-        lines.append(f"| {p} | {'' if a is None else f'{a:.2f}'} | "
-                     f"{'' if b is None else f'{b:.2f}'} |")
-    lines += ["", f"First / next checkpoint wall time: **{r['ratio_first_over_nth']:.1f}x** "
-              f"({r['first']['wall_s']:.1f} s vs {r['nth']['wall_s']:.1f} s). 1-minute load average "
-              f"at the end: {r['load_avg_1min_end']:.2f} (the machine is shared: above the "
-              "core count, phase times are inflated by contention).", "",
-              "The first checkpoint pays the LLM load, the activation capture (load_llm, "
-              "eval_data), the clean and zero-ablation forward passes and the absorption LLM "
-              "stage; later ones on the same model/layer read the cache and run only the SAE, "
-              "the spliced forward pass for CE/KL (the clean log-probs of "
-              f"{r['nth']['clean_cached_seqs']} of {r['ce_sequences']} sequences are kept in "
-              "memory, `DownstreamConfig.clean_cache_mb`) and the SAE side of absorption.", ""]
+        lines.append(
+            f"| {p} | {'' if a is None else f'{a:.2f}'} | {'' if b is None else f'{b:.2f}'} |"
+        )
+    lines += [
+        "",
+        f"First / next checkpoint wall time: **{r['ratio_first_over_nth']:.1f}x** "
+        f"({r['first']['wall_s']:.1f} s vs {r['nth']['wall_s']:.1f} s). 1-minute load average "
+        f"at the end: {r['load_avg_1min_end']:.2f} (the machine is shared: above the "
+        "core count, phase times are inflated by contention).",
+        "",
+        "The first checkpoint pays the LLM load, the activation capture (load_llm, "
+        "eval_data), the clean and zero-ablation forward passes and the absorption LLM "
+        "stage; later ones on the same model/layer read the cache and run only the SAE, "
+        "the spliced forward pass for CE/KL (the clean log-probs of "
+        f"{r['nth']['clean_cached_seqs']} of {r['ce_sequences']} sequences are kept in "
+        "memory, `DownstreamConfig.clean_cache_mb`) and the SAE side of absorption.",
+        "",
+    ]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))
 

@@ -40,7 +40,9 @@ def _bare_tokens_per_s(plan: Any, ids_ST: np.ndarray) -> float:
     batch = plan.cfg.batch_size
     start = time.perf_counter()
     for lo in range(0, len(ids), batch):
-        h = capture_resid_post(plan.lm, ids[lo:lo + batch], attention[lo:lo + batch], plan.layer)
+        h = capture_resid_post(
+            plan.lm, ids[lo : lo + batch], attention[lo : lo + batch], plan.layer
+        )
         h.reshape(-1, plan.lm.d_model).to("cpu")
     return ids.numel() / (time.perf_counter() - start)
 
@@ -49,11 +51,13 @@ def _settings(quick: bool, work: Path) -> dict[str, Any]:
     if quick:
         from masksae.models.tiny import build_tiny_model
 
-        model = str(build_tiny_model(work / "tiny", "llama", n_layers=4, d_model=64,
-                                     max_context=256))
+        model = str(
+            build_tiny_model(work / "tiny", "llama", n_layers=4, d_model=64, max_context=256)
+        )
         return dict(model=model, layer=2, tokens=16_384, context_length=64, batch_size=8)
-    return dict(model="bundled:smollm2-135m", layer=15, tokens=8_192, context_length=128,
-                batch_size=8)
+    return dict(
+        model="bundled:smollm2-135m", layer=15, tokens=8_192, context_length=128, batch_size=8
+    )
 
 
 def main(quick: bool = False) -> dict[str, Any]:
@@ -67,14 +71,29 @@ def main(quick: bool = False) -> dict[str, Any]:
         work = Path(tmp)
         s = _settings(quick, work)
         lm = load_model(s["model"], dtype="float32", device="cpu")
-        cfg = HarvestConfig(out=str(work / "store"), model=s["model"], layer=s["layer"],
-                            corpus="bundled", tokens=s["tokens"], mask_prob=0.3,
-                            context_length=s["context_length"], batch_size=s["batch_size"],
-                            dtype="float32", device="cpu", seed=0)
+        cfg = HarvestConfig(
+            out=str(work / "store"),
+            model=s["model"],
+            layer=s["layer"],
+            corpus="bundled",
+            tokens=s["tokens"],
+            mask_prob=0.3,
+            context_length=s["context_length"],
+            batch_size=s["batch_size"],
+            dtype="float32",
+            device="cpu",
+            seed=0,
+        )
         plan = plan_harvest(cfg, lm=lm)
         ids = np.stack(list(plan.sequences()))
-        masked_ids, _, _ = mask_sequences(ids, np.arange(len(ids)), seed=0, p=0.3,
-                                          mask_id=plan.mask_id, special_ids=plan.special_ids)
+        masked_ids, _, _ = mask_sequences(
+            ids,
+            np.arange(len(ids)),
+            seed=0,
+            p=0.3,
+            mask_id=plan.mask_id,
+            special_ids=plan.special_ids,
+        )
         _bare_tokens_per_s(plan, masked_ids[: s["batch_size"]])  # warm-up
         bare_before = _bare_tokens_per_s(plan, masked_ids)
         wall_start = time.perf_counter()
@@ -99,7 +118,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         "ratio_wall": result.total_tokens / wall / bare,
         "store_mib": store_bytes / 2**20,
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}",
+        f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}",
         "quick": quick,
     }
     table = _table(figures)
@@ -111,12 +130,18 @@ def main(quick: bool = False) -> dict[str, Any]:
 
 def _table(f: dict[str, Any]) -> str:
     rows = [
-        ("bare truncated forward (before / after harvest)",
-         f"{f['bare_before']:,.0f} / {f['bare_after']:,.0f} tok/s"),
-        ("harvest loop (mask + hook + chunks + background writes)",
-         f"{f['harvest_tokens_per_s']:,.0f} tok/s"),
-        ("harvest incl. planning (corpus check, store open, close)",
-         f"{f['harvest_wall_tokens_per_s']:,.0f} tok/s"),
+        (
+            "bare truncated forward (before / after harvest)",
+            f"{f['bare_before']:,.0f} / {f['bare_after']:,.0f} tok/s",
+        ),
+        (
+            "harvest loop (mask + hook + chunks + background writes)",
+            f"{f['harvest_tokens_per_s']:,.0f} tok/s",
+        ),
+        (
+            "harvest incl. planning (corpus check, store open, close)",
+            f"{f['harvest_wall_tokens_per_s']:,.0f} tok/s",
+        ),
         ("**ratio harvest loop / bare**", f"**{f['ratio']:.3f}**"),
         ("ratio incl. planning / bare", f"{f['ratio_wall']:.3f}"),
         ("store size", f"{f['store_mib']:.1f} MiB"),
@@ -128,13 +153,13 @@ def _table(f: dict[str, Any]) -> str:
 def _doc(f: dict[str, Any], table: str) -> str:
     return f"""# Harvest throughput
 
-`benchmarks/bench_harvest.py{' --quick' if f['quick'] else ''}`: {f['model']}, layer
-{f['layer']}, {f['tokens']:,} tokens (context {f['context_length']}, batch {f['batch_size']},
-{f['dtype']}, p = 0.3, bundled corpus, storage-default compression), CPU.
+`benchmarks/bench_harvest.py{" --quick" if f["quick"] else ""}`: {f["model"]}, layer
+{f["layer"]}, {f["tokens"]:,} tokens (context {f["context_length"]}, batch {f["batch_size"]},
+{f["dtype"]}, p = 0.3, bundled corpus, storage-default compression), CPU.
 
 {table}
 
-Machine: {f['machine']}.
+Machine: {f["machine"]}.
 
 The bare pass and the harvest run in one process on the same loaded model and the same
 masked sequences, so the ratio is the overhead of tokenising and packing, masking, the hook,

@@ -29,8 +29,15 @@ from masksae.storage.stream import bf16_bits_to_float32
 
 log = logging.getLogger("bench_store")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bench" / "store.md"
-CODECS = ("none", "zstd:1", "zstd:3", "blosc-lz4-shuffle", "blosc-lz4-bitshuffle",
-          "blosc-zstd-shuffle:1", "blosc-zstd-bitshuffle:1")
+CODECS = (
+    "none",
+    "zstd:1",
+    "zstd:3",
+    "blosc-lz4-shuffle",
+    "blosc-lz4-bitshuffle",
+    "blosc-zstd-shuffle:1",
+    "blosc-zstd-bitshuffle:1",
+)
 DTYPES = ("float32", "float16", "bfloat16")
 SEQ_LEN = 1024
 DECISION = f"""## Default codec: `{DEFAULT_COMPRESSION}`
@@ -65,16 +72,22 @@ def real_activations(n_tokens: int) -> tuple[np.ndarray, str] | None:
     if not path:
         return None
     store = ActivationStore.open(path, require_complete=False)
-    n = min(n_tokens, max((stop for i in store.completed_chunks
-                           for _, stop in [store.chunk_bounds(i)]), default=0))
+    n = min(
+        n_tokens,
+        max(
+            (stop for i in store.completed_chunks for _, stop in [store.chunk_bounds(i)]), default=0
+        ),
+    )
     data = store.read(0, n)
     acts = data.activations_torch(store.spec.dtype).float().numpy()[~data.excluded]
     prov = store.provenance
     corpus = prov.get("corpus", {})
     corpus = corpus.get("source", corpus) if isinstance(corpus, dict) else corpus
-    return acts, (f"real activations: {prov.get('model', '?')} layer {prov.get('layer', '?')}, "
-                  f"context {prov.get('context_length', '?')}, p={prov.get('mask_prob', '?')}, "
-                  f"corpus {corpus} (`masksae harvest` store {path})")
+    return acts, (
+        f"real activations: {prov.get('model', '?')} layer {prov.get('layer', '?')}, "
+        f"context {prov.get('context_length', '?')}, p={prov.get('mask_prob', '?')}, "
+        f"corpus {corpus} (`masksae harvest` store {path})"
+    )
 
 
 def chunk_of(acts: np.ndarray, start: int, stop: int) -> ChunkData:
@@ -90,12 +103,16 @@ def chunk_of(acts: np.ndarray, start: int, stop: int) -> ChunkData:
     )
 
 
-def write(path: Path, acts: np.ndarray, dtype: str, compression: str,
-          chunk_tokens: int) -> float:
+def write(path: Path, acts: np.ndarray, dtype: str, compression: str, chunk_tokens: int) -> float:
     """Write a store; seconds from open to close (checksums and statistics included)."""
-    spec = StoreSpec(d_model=acts.shape[1], dtype=dtype, chunk_tokens=chunk_tokens,
-                     total_tokens=acts.shape[0], provenance={"bench": True},
-                     compression=compression)
+    spec = StoreSpec(
+        d_model=acts.shape[1],
+        dtype=dtype,
+        chunk_tokens=chunk_tokens,
+        total_tokens=acts.shape[0],
+        provenance={"bench": True},
+        compression=compression,
+    )
     start = time.perf_counter()
     with StoreWriter.open(path, spec) as writer:
         for index in range(writer.n_chunks):
@@ -108,8 +125,9 @@ def compression_table(acts32: np.ndarray, root: Path, chunk_tokens: int) -> list
     rows = []
     for dtype in DTYPES:
         acts = torch.from_numpy(acts32).to(getattr(torch, dtype))
-        acts_np = acts.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" \
-            else acts.numpy()
+        acts_np = (
+            acts.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else acts.numpy()
+        )
         raw = acts_np.nbytes
         for codec in CODECS:
             path = root / f"c-{dtype}-{codec.replace(':', '_')}"
@@ -120,16 +138,30 @@ def compression_table(acts32: np.ndarray, root: Path, chunk_tokens: int) -> list
                 store.read_chunk(index, ("activations",))
             seconds_r = time.perf_counter() - start
             disk = directory_bytes(path / "activations")
-            rows.append({"dtype": dtype, "codec": codec, "ratio": raw / disk,
-                         "write_MBps": raw / seconds_w / 1e6, "read_MBps": raw / seconds_r / 1e6})
-            log.info("%s %s: ratio %.3f write %.0f MB/s read %.0f MB/s", dtype, codec,
-                     rows[-1]["ratio"], rows[-1]["write_MBps"], rows[-1]["read_MBps"])
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "codec": codec,
+                    "ratio": raw / disk,
+                    "write_MBps": raw / seconds_w / 1e6,
+                    "read_MBps": raw / seconds_r / 1e6,
+                }
+            )
+            log.info(
+                "%s %s: ratio %.3f write %.0f MB/s read %.0f MB/s",
+                dtype,
+                codec,
+                rows[-1]["ratio"],
+                rows[-1]["write_MBps"],
+                rows[-1]["read_MBps"],
+            )
             shutil.rmtree(path)
     return rows
 
 
-def stream_vs_memmap(acts32: np.ndarray, root: Path, chunk_tokens: int, batch_size: int,
-                     codecs: tuple[str, ...]) -> dict[str, Any]:
+def stream_vs_memmap(
+    acts32: np.ndarray, root: Path, chunk_tokens: int, batch_size: int, codecs: tuple[str, ...]
+) -> dict[str, Any]:
     """Shuffled-stream tokens/s of stores (one per codec) vs shuffled gathers from a memmap."""
     bits = torch.from_numpy(acts32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     n_tokens, d_model = bits.shape
@@ -157,6 +189,7 @@ def stream_vs_memmap(acts32: np.ndarray, root: Path, chunk_tokens: int, batch_si
             for batch in store.stream(batch_size, seed=0):  # excluded tokens filtered
                 n += batch.shape[0]
             return n, time.perf_counter() - start
+
         return run_store
 
     runs = {"memmap": run_memmap}
@@ -171,9 +204,13 @@ def stream_vs_memmap(acts32: np.ndarray, root: Path, chunk_tokens: int, batch_si
             if _round:
                 best[name] = max(best.get(name, 0.0), n / seconds)
     result: dict[str, Any] = {
-        "n_tokens": n_tokens, "d_model": d_model, "batch_size": batch_size,
-        "chunk_tokens": chunk_tokens, "memmap_tokens_per_s": best["memmap"],
-        "memmap_GBps_at_rest": best["memmap"] * d_model * 2 / 1e9, "codecs": {},
+        "n_tokens": n_tokens,
+        "d_model": d_model,
+        "batch_size": batch_size,
+        "chunk_tokens": chunk_tokens,
+        "memmap_tokens_per_s": best["memmap"],
+        "memmap_GBps_at_rest": best["memmap"] * d_model * 2 / 1e9,
+        "codecs": {},
     }
     for codec in codecs:
         result["codecs"][codec] = {
@@ -195,41 +232,64 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} CPUs visible, Linux {platform.release()}, "
-            f"python {platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs visible, Linux {platform.release()}, "
+        f"python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def render(comp: list[dict], stream: dict[str, Any], source: str, quick: bool) -> str:
-    lines = ["# Activation store benchmark (`benchmarks/bench_store.py`)", "",
-             f"Machine: {machine()}.", f"Data: {source}.",
-             "Run: " + ("--quick (smoke sizes)" if quick else "full sizes") + "; regenerate "
-             "with `MASKSAE_BENCH_STORE=<a harvested store> .venv/bin/python "
-             "benchmarks/bench_store.py` (without the variable: synthetic activations).", "",
-             "## Compression (activations array only; MB/s of raw at-rest bytes)", "",
-             "Write = StoreWriter open..close (background writer, SHA-256 checksum, float64 "
-             "statistics, fsync); read = whole chunks of `activations` decoded via zarr.", "",
-             "| dtype | codec | ratio | write MB/s | read MB/s |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "# Activation store benchmark (`benchmarks/bench_store.py`)",
+        "",
+        f"Machine: {machine()}.",
+        f"Data: {source}.",
+        "Run: " + ("--quick (smoke sizes)" if quick else "full sizes") + "; regenerate "
+        "with `MASKSAE_BENCH_STORE=<a harvested store> .venv/bin/python "
+        "benchmarks/bench_store.py` (without the variable: synthetic activations).",
+        "",
+        "## Compression (activations array only; MB/s of raw at-rest bytes)",
+        "",
+        "Write = StoreWriter open..close (background writer, SHA-256 checksum, float64 "
+        "statistics, fsync); read = whole chunks of `activations` decoded via zarr.",
+        "",
+        "| dtype | codec | ratio | write MB/s | read MB/s |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in comp:
-        lines.append(f"| {r['dtype']} | {r['codec']} | {r['ratio']:.3f} | "
-                     f"{r['write_MBps']:.0f} | {r['read_MBps']:.0f} |")
+        lines.append(
+            f"| {r['dtype']} | {r['codec']} | {r['ratio']:.3f} | "
+            f"{r['write_MBps']:.0f} | {r['read_MBps']:.0f} |"
+        )
     s = stream
-    lines += ["", "## Shuffled stream vs raw memmap (bf16 at rest, float32 batches out)", "",
-              f"{s['n_tokens']} tokens x {s['d_model']}, batch {s['batch_size']}, chunk "
-              f"{s['chunk_tokens']} tokens, shuffle buffer 131072 tokens, page cache warm, "
-              "best of 3 interleaved rounds. The stream filters excluded tokens (its default). "
-              "Baseline: the same bf16 bits in a numpy memmap, a random permutation gathered "
-              "batch by batch (sorted indices) and converted to float32 with the same bit-shift "
-              "conversion the stream uses.", "",
-              "| reader | tokens/s | GB/s (bf16 at rest) | ratio to memmap |",
-              "|---|---:|---:|---:|",
-              f"| memmap gather | {s['memmap_tokens_per_s']:,.0f} | "
-              f"{s['memmap_GBps_at_rest']:.2f} | 1.00 |"]
+    lines += [
+        "",
+        "## Shuffled stream vs raw memmap (bf16 at rest, float32 batches out)",
+        "",
+        f"{s['n_tokens']} tokens x {s['d_model']}, batch {s['batch_size']}, chunk "
+        f"{s['chunk_tokens']} tokens, shuffle buffer 131072 tokens, page cache warm, "
+        "best of 3 interleaved rounds. The stream filters excluded tokens (its default). "
+        "Baseline: the same bf16 bits in a numpy memmap, a random permutation gathered "
+        "batch by batch (sorted indices) and converted to float32 with the same bit-shift "
+        "conversion the stream uses.",
+        "",
+        "| reader | tokens/s | GB/s (bf16 at rest) | ratio to memmap |",
+        "|---|---:|---:|---:|",
+        f"| memmap gather | {s['memmap_tokens_per_s']:,.0f} | "
+        f"{s['memmap_GBps_at_rest']:.2f} | 1.00 |",
+    ]
     for codec, r in s["codecs"].items():
         path = "zero-copy mmap of shards" if codec == "none" else "zarr decode"
-        lines.append(f"| store.stream, {codec} ({path}) | {r['tokens_per_s']:,.0f} | "
-                     f"{r['GBps_at_rest']:.2f} | {r['ratio']:.2f} |")
-    lines += ["", f"Ratio store / memmap with the default codec: **{s['ratio']:.2f}** "
-              "(target >= 0.5).", "", DECISION]
+        lines.append(
+            f"| store.stream, {codec} ({path}) | {r['tokens_per_s']:,.0f} | "
+            f"{r['GBps_at_rest']:.2f} | {r['ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Ratio store / memmap with the default codec: **{s['ratio']:.2f}** (target >= 0.5).",
+        "",
+        DECISION,
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -250,13 +310,16 @@ def main(quick: bool = False) -> dict:
             acts = np.concatenate([acts] * reps)
     else:
         acts = synthetic_activations(max(n_comp, n_stream), d_model)
-        source = ("synthetic Gaussian activations, log-normal per-dim scales, 1% Student-t(3) "
-                  "heavy dims x20 (no real harvested store was available)")
+        source = (
+            "synthetic Gaussian activations, log-normal per-dim scales, 1% Student-t(3) "
+            "heavy dims x20 (no real harvested store was available)"
+        )
     root = Path(tempfile.mkdtemp(prefix="bench_store_"))
     try:
         comp = compression_table(acts[:n_comp], root, chunk_tokens)
-        stream = stream_vs_memmap(acts[:n_stream], root, chunk_tokens, batch_size,
-                                  (DEFAULT_COMPRESSION, "zstd:1"))
+        stream = stream_vs_memmap(
+            acts[:n_stream], root, chunk_tokens, batch_size, (DEFAULT_COMPRESSION, "zstd:1")
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     text = render(comp, stream, source, quick)

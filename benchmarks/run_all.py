@@ -33,7 +33,9 @@ def main() -> int:
     names = [n for n in ORDER if (HERE / f"{n}.py").exists()]
     if args.only:
         names = [n for n in names if n in args.only]
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}"
+    )
     results: dict[str, object] = {}
     failed = []
     for name in names:

@@ -41,8 +41,14 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
         key = (architecture, n_layers, d_model, max_context, seed)
         if key not in built:
             out = tmp_path_factory.mktemp(f"tiny-{architecture}")
-            built[key] = build_tiny_model(out, architecture, n_layers=n_layers,
-                                          d_model=d_model, max_context=max_context, seed=seed)
+            built[key] = build_tiny_model(
+                out,
+                architecture,
+                n_layers=n_layers,
+                d_model=d_model,
+                max_context=max_context,
+                seed=seed,
+            )
         return built[key]
 
     return make
@@ -60,8 +66,10 @@ def tiny_gemma_dir(tiny_model_factory: Callable[..., Path]) -> Path:
     return tiny_model_factory("gemma2")
 
 
-_WORDS = ("the cat sat on a mat while dogs ran far away into green hills and rivers of light "
-          "under skies made from numbers like seven eleven forty two").split()
+_WORDS = (
+    "the cat sat on a mat while dogs ran far away into green hills and rivers of light "
+    "under skies made from numbers like seven eleven forty two"
+).split()
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +84,10 @@ def tiny_corpus_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with path.open("w") as fh:
         for i in range(400):
             words = rng.choice(_WORDS, size=int(rng.integers(5, 60)))
-            fh.write(json.dumps({"text": " ".join(words), "meta": {"set": "web" if i % 3
-                                                                   else "books"}}) + "\n")
+            fh.write(
+                json.dumps({"text": " ".join(words), "meta": {"set": "web" if i % 3 else "books"}})
+                + "\n"
+            )
     return path
 
 

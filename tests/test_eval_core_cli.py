@@ -15,13 +15,23 @@ def _write_ckpt(path, model_dir, k, mask_prob, seed):
     from masksae.train.sae import build_sae, sae_config_from_dict
 
     torch.manual_seed(seed)
-    sae = build_sae(sae_config_from_dict({"architecture": "topk", "d_in": 32, "d_sae": 64,
-                                          "k": k}))
+    sae = build_sae(sae_config_from_dict({"architecture": "topk", "d_in": 32, "d_sae": 64, "k": k}))
     meta = {
-        "format_version": 1, "run_name": path.name, "sae": sae.cfg.to_dict(),
-        "train": {"seed": seed}, "store": {"model": str(model_dir), "revision": "r0",
-                                           "layer": 1, "mask_prob": mask_prob, "seed": 0},
-        "store_fingerprint": "fp", "step": 10, "tokens": 1000, "complete": True,
+        "format_version": 1,
+        "run_name": path.name,
+        "sae": sae.cfg.to_dict(),
+        "train": {"seed": seed},
+        "store": {
+            "model": str(model_dir),
+            "revision": "r0",
+            "layer": 1,
+            "mask_prob": mask_prob,
+            "seed": 0,
+        },
+        "store_fingerprint": "fp",
+        "step": 10,
+        "tokens": 1000,
+        "complete": True,
     }
     write_checkpoint(path, sae, meta, None, None)
 
@@ -40,9 +50,26 @@ def test_evaluate_cli_writes_schema_and_reuses_cache(sweep, tmp_path):
     from masksae.cli import app
 
     out, cache = tmp_path / "eval", tmp_path / "cache"
-    args = ["evaluate", "--checkpoints", str(sweep), "--metrics", "core", "--out", str(out),
-            "--cache", str(cache), "--eval-tokens", "300", "--context-length", "32",
-            "--ce-sequences", "4", "--device", "cpu", "--eval-masked"]
+    args = [
+        "evaluate",
+        "--checkpoints",
+        str(sweep),
+        "--metrics",
+        "core",
+        "--out",
+        str(out),
+        "--cache",
+        str(cache),
+        "--eval-tokens",
+        "300",
+        "--context-length",
+        "32",
+        "--ce-sequences",
+        "4",
+        "--device",
+        "cpu",
+        "--eval-masked",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     files = sorted(out.glob("*.json"))
@@ -54,8 +81,15 @@ def test_evaluate_cli_writes_schema_and_reuses_cache(sweep, tmp_path):
         core = doc["metrics"]["core"]
         assert core["n_tokens"] == 300
         assert 0 < core["l0"] <= doc["provenance"]["k"] + 1e-6
-        for key in ("explained_variance", "explained_variance_legacy", "mse",
-                    "cosine_similarity", "relative_norm", "frac_dead", "feature_density"):
+        for key in (
+            "explained_variance",
+            "explained_variance_legacy",
+            "mse",
+            "cosine_similarity",
+            "relative_norm",
+            "frac_dead",
+            "feature_density",
+        ):
             assert key in core
         ds = core["downstream"]
         assert 0 < ds["n_tokens"] <= 4 * 30  # source and target kept, position 0 never
@@ -71,14 +105,16 @@ def test_evaluate_cli_writes_schema_and_reuses_cache(sweep, tmp_path):
     assert len(list(cache.glob("evaldata-*/meta.json"))) == 2
     assert list(cache.glob("baseline-*.json"))
     assert second["metrics"]["core"]["downstream"]["ce_loss_zero"] == pytest.approx(
-        first["metrics"]["core"]["downstream"]["ce_loss_zero"])
+        first["metrics"]["core"]["downstream"]["ce_loss_zero"]
+    )
     # a fresh process re-evaluating reuses the on-disk cache too
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     again = json.loads(files[0].read_text())
     assert again["eval_data"]["clean"]["cache_hit"] is True
     assert again["metrics"]["core"]["explained_variance"] == pytest.approx(
-        first["metrics"]["core"]["explained_variance"], rel=1e-9)
+        first["metrics"]["core"]["explained_variance"], rel=1e-9
+    )
 
 
 def test_evaluate_cli_clear_errors(tmp_path):
@@ -87,12 +123,23 @@ def test_evaluate_cli_clear_errors(tmp_path):
     from masksae.cli import app
 
     (tmp_path / "empty").mkdir()
-    res = CliRunner().invoke(app, ["evaluate", "--checkpoints", str(tmp_path / "empty"),
-                                   "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app, ["evaluate", "--checkpoints", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]
+    )
     assert res.exit_code == 2
     assert "no run or checkpoint" in res.output
-    res = CliRunner().invoke(app, ["evaluate", "--checkpoints", str(tmp_path), "--metrics",
-                                   "bogus", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoints",
+            str(tmp_path),
+            "--metrics",
+            "bogus",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2 and "unknown metric" in res.output
 
 
@@ -109,7 +156,8 @@ def test_absorption_is_dispatched_with_its_cache(sweep, tmp_path, monkeypatch):
     monkeypatch.setattr(absorption, "run", fake_run)
     cfg = EvaluateConfig(metrics=("absorption",), cache_dir=tmp_path / "c", device="cpu")
     doc = Evaluator(cfg).evaluate(sweep / "run-k4-p0")
-    assert doc["metrics"] == {"absorption": {"mean_full_absorption_score": 0.25,
-                                             "absorption_paper_convention": 75.0}}
+    assert doc["metrics"] == {
+        "absorption": {"mean_full_absorption_score": 0.25, "absorption_paper_convention": 75.0}
+    }
     assert calls == [(1, tmp_path / "c" / "absorption", 32, 64)]
     assert "absorption" in doc["timings_s"] and "core" not in doc["timings_s"]

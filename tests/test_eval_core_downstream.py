@@ -32,11 +32,24 @@ def tiny_lm():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).eval()
-    return SimpleNamespace(model=model, model_id="tiny-llama", device=torch.device("cpu"),
-                           dtype=torch.float32, d_model=16, n_layers=2)
+    return SimpleNamespace(
+        model=model,
+        model_id="tiny-llama",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        d_model=16,
+        n_layers=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +71,9 @@ def test_keep_positions_drops_position0_specials_and_padding():
 
 def test_perfect_reconstruction_recovers_everything(tiny_lm, batch):
     ids, attn, keep = batch
-    m = downstream_metrics(tiny_lm, IdentitySAE(16), 0, ids, attn, keep,
-                           DownstreamConfig(n_sequences=5, batch_size=2))
+    m = downstream_metrics(
+        tiny_lm, IdentitySAE(16), 0, ids, attn, keep, DownstreamConfig(n_sequences=5, batch_size=2)
+    )
     assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert m["kl_div_sae"] == pytest.approx(0.0, abs=1e-6)
     assert m["ce_loss_sae"] == pytest.approx(m["ce_loss_clean"], abs=1e-5)
@@ -76,8 +90,9 @@ def test_zero_reconstruction_recovers_nothing_and_baseline_reuse(tiny_lm, batch)
     assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-5)
     assert m["kl_div_score"] == pytest.approx(0.0, abs=1e-5)
     half = downstream_metrics(tiny_lm, HalfSAE(16), 1, ids, attn, keep, cfg)
-    reused = downstream_metrics(tiny_lm, HalfSAE(16), 1, ids, attn, keep, cfg,
-                                baseline=m["baseline"])
+    reused = downstream_metrics(
+        tiny_lm, HalfSAE(16), 1, ids, attn, keep, cfg, baseline=m["baseline"]
+    )
     assert reused["ce_loss_recovered"] == pytest.approx(half["ce_loss_recovered"], rel=1e-6)
     assert half["kl_div_sae"] > 0
 
@@ -103,8 +118,7 @@ def test_clean_cache_skips_clean_forward_and_is_exact(tiny_lm, batch, monkeypatc
 
     ids, attn, keep = batch
     # splice_resid_post hooks the real module: give it the real model
-    monkeypatch.setattr("masksae.models.splice_resid_post",
-                        _splice_on_inner(ds_mod), raising=True)
+    monkeypatch.setattr("masksae.models.splice_resid_post", _splice_on_inner(ds_mod), raising=True)
     cfg = DownstreamConfig(n_sequences=5, batch_size=2)  # batches of 2, 2, 1 sequences
     lm = _CountingLM(tiny_lm)
     plain = downstream_metrics(lm, HalfSAE(16), 1, ids, attn, keep, cfg)
@@ -112,13 +126,15 @@ def test_clean_cache_skips_clean_forward_and_is_exact(tiny_lm, batch, monkeypatc
     one_batch = 2 * ids.shape[1] * 64 * 4  # [2, T, V] float32 bytes
     cache = ds_mod.CleanCache(one_batch)  # room for the first batch only
     lm.calls = 0
-    first = downstream_metrics(lm, HalfSAE(16), 1, ids, attn, keep, cfg,
-                               baseline=plain["baseline"], clean_cache=cache)
+    first = downstream_metrics(
+        lm, HalfSAE(16), 1, ids, attn, keep, cfg, baseline=plain["baseline"], clean_cache=cache
+    )
     assert lm.calls == 3 * 2 and first["clean_forward_cached_sequences"] == 0
     assert cache.used_bytes == one_batch
     lm.calls = 0
-    second = downstream_metrics(lm, IdentitySAE(16), 1, ids, attn, keep, cfg,
-                                baseline=plain["baseline"], clean_cache=cache)
+    second = downstream_metrics(
+        lm, IdentitySAE(16), 1, ids, attn, keep, cfg, baseline=plain["baseline"], clean_cache=cache
+    )
     assert lm.calls == 3 * 2 - 1  # the cached batch skipped its clean forward
     assert second["clean_forward_cached_sequences"] == 2
     assert second["ce_loss_clean"] == first["ce_loss_clean"] == plain["ce_loss_clean"]

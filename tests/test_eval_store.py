@@ -31,24 +31,41 @@ def _data(seed: int = 0):
     acts[:, 0] = np.arange(N)  # row identity, exact in float32
     acts[masked, 1:] = 5.0
     acts[excluded, 1:] = 1000.0
-    return ChunkData(activations=acts, token_ids=np.zeros(N, np.int32), masked=masked,
-                     excluded=excluded, seq_index=(np.arange(N) // SEQ).astype(np.int64),
-                     position=position)
+    return ChunkData(
+        activations=acts,
+        token_ids=np.zeros(N, np.int32),
+        masked=masked,
+        excluded=excluded,
+        seq_index=(np.arange(N) // SEQ).astype(np.int64),
+        position=position,
+    )
 
 
 def _write_store(path, data, dtype="float32", **prov):
     from masksae.storage import ChunkData, StoreSpec, StoreWriter
 
-    spec = StoreSpec(d_model=D, dtype=dtype, chunk_tokens=CHUNK, total_tokens=N,
-                     provenance={"model": "tiny", "layer": 1, "mask_prob": 0.3, **prov},
-                     compression="none")
+    spec = StoreSpec(
+        d_model=D,
+        dtype=dtype,
+        chunk_tokens=CHUNK,
+        total_tokens=N,
+        provenance={"model": "tiny", "layer": 1, "mask_prob": 0.3, **prov},
+        compression="none",
+    )
     with StoreWriter.open(path, spec) as writer:
         for index in range(writer.n_chunks):
             a, b = spec.chunk_bounds(index)
-            writer.write_chunk(index, ChunkData(
-                activations=data.activations[a:b], token_ids=data.token_ids[a:b],
-                masked=data.masked[a:b], excluded=data.excluded[a:b],
-                seq_index=data.seq_index[a:b], position=data.position[a:b]))
+            writer.write_chunk(
+                index,
+                ChunkData(
+                    activations=data.activations[a:b],
+                    token_ids=data.token_ids[a:b],
+                    masked=data.masked[a:b],
+                    excluded=data.excluded[a:b],
+                    seq_index=data.seq_index[a:b],
+                    position=data.position[a:b],
+                ),
+            )
     return path
 
 
@@ -93,16 +110,22 @@ def _bias_only_ckpt(path, b_dec: torch.Tensor, model="tiny"):
     from masksae.train.checkpoint import write_checkpoint
     from masksae.train.sae import build_sae, sae_config_from_dict
 
-    sae = build_sae(sae_config_from_dict({"architecture": "topk", "d_in": D, "d_sae": 16,
-                                          "k": 2}))
+    sae = build_sae(sae_config_from_dict({"architecture": "topk", "d_in": D, "d_sae": 16, "k": 2}))
     with torch.no_grad():
         sae.W_enc.zero_()
         sae.b_enc.fill_(-1.0)  # nothing ever fires: x_hat = b_dec
         sae.b_dec.copy_(b_dec)
-    meta = {"format_version": 1, "run_name": path.name, "sae": sae.cfg.to_dict(),
-            "train": {"seed": 0}, "store": {"model": model, "revision": "r0", "layer": 1,
-                                            "mask_prob": 0.3, "seed": 0},
-            "store_fingerprint": "fp", "step": 10, "tokens": 1000, "complete": True}
+    meta = {
+        "format_version": 1,
+        "run_name": path.name,
+        "sae": sae.cfg.to_dict(),
+        "train": {"seed": 0},
+        "store": {"model": model, "revision": "r0", "layer": 1, "mask_prob": 0.3, "seed": 0},
+        "store_fingerprint": "fp",
+        "step": 10,
+        "tokens": 1000,
+        "complete": True,
+    }
     write_checkpoint(path, sae, meta, None, None)
     return path
 
@@ -110,8 +133,12 @@ def _bias_only_ckpt(path, b_dec: torch.Tensor, model="tiny"):
 def _expected(x: np.ndarray, b: np.ndarray) -> dict[str, float]:
     x = x.astype(np.float64)
     sq = ((x - b) ** 2).sum(1)
-    return {"n_tokens": len(x), "mse": sq.mean() / D,
-            "explained_variance": 1.0 - sq.mean() / x.var(0).sum(), "l0": 0.0}
+    return {
+        "n_tokens": len(x),
+        "mse": sq.mean() / D,
+        "explained_variance": 1.0 - sq.mean() / x.var(0).sum(),
+        "l0": 0.0,
+    }
 
 
 def test_evaluate_from_store_known_answers(store, tmp_path):
@@ -122,8 +149,9 @@ def test_evaluate_from_store_known_answers(store, tmp_path):
     b[0] = 300.0  # near the row-id mean, so the id column does not dominate
     ckpt = _bias_only_ckpt(tmp_path / "ck", torch.from_numpy(b))
     # model "tiny" does not exist: nothing may touch the LLM on this path
-    cfg = EvaluateConfig(metrics=("reconstruction",), eval_store=path, eval_masked=True,
-                         device="cpu")
+    cfg = EvaluateConfig(
+        metrics=("reconstruction",), eval_store=path, eval_masked=True, device="cpu"
+    )
     cfg.data.n_tokens = 10_000
     doc = Evaluator(cfg).evaluate(ckpt)
     clean = data.activations[~data.excluded & ~data.masked]
@@ -133,8 +161,9 @@ def test_evaluate_from_store_known_answers(store, tmp_path):
         assert got["n_tokens"] == want_doc["n_tokens"]
         assert got["l0"] == 0.0
         assert got["mse"] == pytest.approx(want_doc["mse"], rel=1e-5)
-        assert got["explained_variance"] == pytest.approx(want_doc["explained_variance"],
-                                                          rel=1e-5, abs=1e-6)
+        assert got["explained_variance"] == pytest.approx(
+            want_doc["explained_variance"], rel=1e-5, abs=1e-6
+        )
     # masked rows (all 5.0) sit far from b: the masked set scores clearly worse, and an
     # excluded row (1000.0) anywhere would have blown the MSE up by orders of magnitude
     assert doc["metrics"]["core_masked"]["mse"] > doc["metrics"]["core"]["mse"]
@@ -148,14 +177,26 @@ def test_eval_store_width_mismatch_is_clear(tmp_path):
     from masksae.evaluate.runner import EvaluateConfig, Evaluator
     from masksae.storage import ChunkData, StoreSpec, StoreWriter
 
-    spec = StoreSpec(d_model=8, dtype="float32", chunk_tokens=64, total_tokens=64,
-                     provenance={"model": "tiny", "layer": 1}, compression="none")
+    spec = StoreSpec(
+        d_model=8,
+        dtype="float32",
+        chunk_tokens=64,
+        total_tokens=64,
+        provenance={"model": "tiny", "layer": 1},
+        compression="none",
+    )
     with StoreWriter.open(tmp_path / "s8", spec) as w:
-        w.write_chunk(0, ChunkData(activations=np.ones((64, 8), np.float32),
-                                   token_ids=np.zeros(64, np.int32),
-                                   masked=np.zeros(64, bool), excluded=np.zeros(64, bool),
-                                   seq_index=np.zeros(64, np.int64),
-                                   position=np.arange(64, dtype=np.int32)))
+        w.write_chunk(
+            0,
+            ChunkData(
+                activations=np.ones((64, 8), np.float32),
+                token_ids=np.zeros(64, np.int32),
+                masked=np.zeros(64, bool),
+                excluded=np.zeros(64, bool),
+                seq_index=np.zeros(64, np.int64),
+                position=np.arange(64, dtype=np.int32),
+            ),
+        )
     ckpt = _bias_only_ckpt(tmp_path / "ck", torch.zeros(D))
     cfg = EvaluateConfig(metrics=("reconstruction",), eval_store=tmp_path / "s8", device="cpu")
     with pytest.raises(ConfigError, match="8-dim activations but the SAE reads 32"):

@@ -97,13 +97,21 @@ def test_local_jsonl_tail_and_filters(tmp_path, tiny_model_dir):
     cfg = EvalDataConfig(corpus=str(path), corpus_field="body", n_tokens=50, context_length=16)
     got = list(eval_documents(cfg, tok))
     assert got == docs[::-1]  # small corpus: all of it fits the tail budget, last first
-    cfg = EvalDataConfig(corpus=str(path), corpus_field="body", corpus_filter=("meta.keep=y",),
-                         n_tokens=50, context_length=16)
+    cfg = EvalDataConfig(
+        corpus=str(path),
+        corpus_field="body",
+        corpus_filter=("meta.keep=y",),
+        n_tokens=50,
+        context_length=16,
+    )
     assert list(eval_documents(cfg, tok)) == docs[::2][::-1]
     # the corpus settings are part of the cache key
     assert key_fields("m", "r", 1, cfg) != key_fields(
-        "m", "r", 1, EvalDataConfig(corpus=str(path), corpus_field="body", n_tokens=50,
-                                    context_length=16))
+        "m",
+        "r",
+        1,
+        EvalDataConfig(corpus=str(path), corpus_field="body", n_tokens=50, context_length=16),
+    )
 
 
 def test_tail_documents_bounds_memory():
@@ -121,8 +129,9 @@ def test_skip_tokens_known_answer_and_disjoint_from_harvest(tmp_path, tiny_model
     skip = 200
     cum = list(itertools.accumulate([0, *lengths]))  # cum[i] = text tokens before doc i
     first = next(i for i, c in enumerate(cum) if c >= skip)
-    cfg = EvalDataConfig(corpus=str(path), corpus_field="body", skip_tokens=skip, n_tokens=50,
-                         context_length=16)
+    cfg = EvalDataConfig(
+        corpus=str(path), corpus_field="body", skip_tokens=skip, n_tokens=50, context_length=16
+    )
     got = list(eval_documents(cfg, tok))
     assert got == docs[first:]
     # a harvest of `skip` tokens (its own packer, separators counted) reads none of them
@@ -132,9 +141,18 @@ def test_skip_tokens_known_answer_and_disjoint_from_harvest(tmp_path, tiny_model
     list(itertools.islice(harvest_pack(rec, tok, 16, docs_per_batch=1), skip // 16))
     assert not set(rec.seen) & set(got)
     with pytest.raises(CorpusError, match="ended within"):
-        list(eval_documents(EvalDataConfig(corpus=str(path), corpus_field="body",
-                                           skip_tokens=10**7, n_tokens=50,
-                                           context_length=16), tok))
+        list(
+            eval_documents(
+                EvalDataConfig(
+                    corpus=str(path),
+                    corpus_field="body",
+                    skip_tokens=10**7,
+                    n_tokens=50,
+                    context_length=16,
+                ),
+                tok,
+            )
+        )
 
 
 def test_hub_dataset_goes_through_corpus_and_skips(monkeypatch, tiny_model_dir):
@@ -147,11 +165,13 @@ def test_hub_dataset_goes_through_corpus_and_skips(monkeypatch, tiny_model_dir):
         return iter(records)
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    lengths = [len(ids) for ids in tok([r["text"] for r in records],
-                                       add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids) for ids in tok([r["text"] for r in records], add_special_tokens=False)["input_ids"]
+    ]
     monkeypatch.setattr(texts, "HUB_SKIP_TOKENS", sum(lengths[:3]))  # exactly 3 records
-    cfg = EvalDataConfig(corpus="someone/dataset", corpus_split="validation", n_tokens=20,
-                         context_length=8)
+    cfg = EvalDataConfig(
+        corpus="someone/dataset", corpus_split="validation", n_tokens=20, context_length=8
+    )
     got = list(eval_documents(cfg, tok))
     assert calls == [("someone/dataset", "validation", True)]
     assert got[0] == records[3]["text"] and got[-1] == records[-1]["text"]

@@ -25,8 +25,10 @@ from masksae.harvest.masking import special_token_ids, validate_mask_prob
 from masksae.harvest.tokenize import resolve_context_length
 from masksae.models import load_model
 
-WORDS = ("the cat sat on a mat while dogs ran far away into green hills and rivers of light "
-         "under skies made from numbers like seven eleven forty two").split()
+WORDS = (
+    "the cat sat on a mat while dogs ran far away into green hills and rivers of light "
+    "under skies made from numbers like seven eleven forty two"
+).split()
 
 
 def write_jsonl(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
@@ -62,8 +64,9 @@ def test_mask_rate_within_binomial_bounds_and_specials_untouched():
     ids = rng.integers(10, 500, size=(n_seq, length)).astype(np.int32)
     special_pos = rng.random((n_seq, length)) < 0.05
     ids[special_pos] = rng.choice(specials, size=int(special_pos.sum()))
-    out, masked, excluded = mask_sequences(ids, np.arange(n_seq), seed=3, p=p, mask_id=mask_id,
-                                           special_ids=specials)
+    out, masked, excluded = mask_sequences(
+        ids, np.arange(n_seq), seed=3, p=p, mask_id=mask_id, special_ids=specials
+    )
     eligible = ~special_pos
     eligible[:, 0] = False
     n = int(eligible.sum())
@@ -81,16 +84,19 @@ def test_mask_is_pure_function_of_seed_and_sequence_index():
     kw = dict(seed=5, p=0.4, mask_id=7, special_ids=np.array([0, 1]))
     whole, masked_all, _ = mask_sequences(ids, np.arange(100, 112), **kw)
     # different batching / order / workers give the same per-sequence masks
-    parts = [mask_sequences(ids[i:i + 5], np.arange(100 + i, 100 + min(i + 5, 12)), **kw)[0]
-             for i in range(0, 12, 5)]
+    parts = [
+        mask_sequences(ids[i : i + 5], np.arange(100 + i, 100 + min(i + 5, 12)), **kw)[0]
+        for i in range(0, 12, 5)
+    ]
     assert np.array_equal(np.concatenate(parts), whole)
     rev = mask_sequences(ids[::-1], np.arange(111, 99, -1), **kw)[0]
     assert np.array_equal(rev[::-1], whole)
     assert np.array_equal(mask_draw(5, 103, 64, 0.4), mask_draw(5, 103, 64, 0.4))
     assert not np.array_equal(mask_draw(5, 103, 64, 0.4), mask_draw(6, 103, 64, 0.4))
     assert not np.array_equal(mask_draw(5, 103, 64, 0.4), mask_draw(5, 104, 64, 0.4))
-    plain, masked0, _ = mask_sequences(ids, np.arange(12), seed=5, p=0.0, mask_id=7,
-                                       special_ids=np.array([0, 1]))
+    plain, masked0, _ = mask_sequences(
+        ids, np.arange(12), seed=5, p=0.0, mask_id=7, special_ids=np.array([0, 1])
+    )
     assert np.array_equal(plain, ids) and not masked0.any()
 
 
@@ -199,9 +205,19 @@ def test_hub_corpus_without_datasets_or_offline(monkeypatch):
 
 # ---------------------------------------------------------------------------- harvest runs
 def _cfg(out: Path, model_dir: Path, corpus: Path, **kw) -> HarvestConfig:
-    base = dict(out=str(out), model=str(model_dir), layer=1, corpus=str(corpus), tokens=1000,
-                mask_prob=0.3, context_length=32, batch_size=4, chunk_sequences=8,
-                device="cpu", seed=1)
+    base = dict(
+        out=str(out),
+        model=str(model_dir),
+        layer=1,
+        corpus=str(corpus),
+        tokens=1000,
+        mask_prob=0.3,
+        context_length=32,
+        batch_size=4,
+        chunk_sequences=8,
+        device="cpu",
+        seed=1,
+    )
     base.update(kw)
     return HarvestConfig(**base)
 
@@ -226,18 +242,26 @@ def test_tiny_harvest_store_contents(tmp_path, tiny_lm, tiny_model_dir, corpus_f
     data = store.read(0, 1024)
     assert np.array_equal(data.seq_index, np.repeat(np.arange(32), 32))
     assert np.array_equal(data.position, np.tile(np.arange(32), 32))
-    assert np.array_equal(data.excluded, (data.position == 0) | np.isin(data.token_ids, [0, 1, 2, 3]))
+    assert np.array_equal(
+        data.excluded, (data.position == 0) | np.isin(data.token_ids, [0, 1, 2, 3])
+    )
     assert not (data.masked & data.excluded).any()
     # stored activations are exactly the truncated forward of the stored (masked) ids
     ids = torch.from_numpy(data.token_ids.astype(np.int64)).view(32, 32)
     ref = capture_resid_post(tiny_lm, ids, torch.ones_like(ids), 1).reshape(-1, 32)
     assert torch.equal(torch.from_numpy(np.asarray(data.activations)), ref)
     # masks are those of mask_sequences on the packed corpus
-    packed = np.stack(list(pack_sequences(Corpus(CorpusSpec(str(corpus_file))),
-                                          tiny_lm.tokenizer, 32))[:32])
-    expect, masked, _ = mask_sequences(packed, np.arange(32), seed=1, p=0.3,
-                                       mask_id=prov["mask_token_id"],
-                                       special_ids=np.array([0, 1, 2, 3]))
+    packed = np.stack(
+        list(pack_sequences(Corpus(CorpusSpec(str(corpus_file))), tiny_lm.tokenizer, 32))[:32]
+    )
+    expect, masked, _ = mask_sequences(
+        packed,
+        np.arange(32),
+        seed=1,
+        p=0.3,
+        mask_id=prov["mask_token_id"],
+        special_ids=np.array([0, 1, 2, 3]),
+    )
     assert np.array_equal(data.token_ids, expect.reshape(-1))
     assert np.array_equal(data.masked, masked.reshape(-1))
     # rerunning the same command is a no-op resume
@@ -266,20 +290,36 @@ def test_bad_inputs(tmp_path, tiny_lm, tiny_model_dir, corpus_file):
     with pytest.raises(CorpusError, match="holds only .* --tokens"):
         plan(tokens=10_000_000)
     # an output path holding a different cache
-    run_harvest(_cfg(tmp_path / "s", tiny_model_dir, corpus_file, tokens=256), lm=tiny_lm,
-                progress=False)
+    run_harvest(
+        _cfg(tmp_path / "s", tiny_model_dir, corpus_file, tokens=256), lm=tiny_lm, progress=False
+    )
     with pytest.raises(ProvenanceMismatchError, match="mask_prob"):
-        run_harvest(_cfg(tmp_path / "s", tiny_model_dir, corpus_file, tokens=256,
-                         mask_prob=0.2), lm=tiny_lm, progress=False)
+        run_harvest(
+            _cfg(tmp_path / "s", tiny_model_dir, corpus_file, tokens=256, mask_prob=0.2),
+            lm=tiny_lm,
+            progress=False,
+        )
 
 
 def test_cli_errors_are_clean(tmp_path, corpus_file):
     from masksae.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["harvest", "--model", "no-such-org/no-such-model-xyz",
-                              "--corpus", str(corpus_file), "--out", str(tmp_path / "o"),
-                              "--device", "cpu", "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "harvest",
+            "--model",
+            "no-such-org/no-such-model-xyz",
+            "--corpus",
+            str(corpus_file),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 2
     assert "offline? use bundled:smollm2-135m" in res.output
     res = runner.invoke(app, ["harvest", "--mask-prob", "1.2", "--out", str(tmp_path / "o")])
@@ -314,8 +354,7 @@ def test_flag_norm_outliers_finds_planted_ones():
             validate_outlier_factor(bad)
 
 
-def test_harvest_flags_norm_outliers(tmp_path, tiny_lm, tiny_model_dir, corpus_file,
-                                     monkeypatch):
+def test_harvest_flags_norm_outliers(tmp_path, tiny_lm, tiny_model_dir, corpus_file, monkeypatch):
     import masksae.harvest.runner as runner
     from masksae.storage import ActivationStore
     from masksae.storage.commands import _format_info, store_summary
@@ -331,8 +370,11 @@ def test_harvest_flags_norm_outliers(tmp_path, tiny_lm, tiny_model_dir, corpus_f
     ratios = {}
     for factor in (10.0, 0.0):
         out = tmp_path / f"f{factor}"
-        result = run_harvest(_cfg(out, tiny_model_dir, corpus_file, outlier_norm_factor=factor),
-                             lm=tiny_lm, progress=False)
+        result = run_harvest(
+            _cfg(out, tiny_model_dir, corpus_file, outlier_norm_factor=factor),
+            lm=tiny_lm,
+            progress=False,
+        )
         store = ActivationStore.open(out)
         data = store.read(0, store.n_tokens)
         base = (data.position == 0) | np.isin(data.token_ids, [0, 1, 2, 3])
@@ -343,16 +385,19 @@ def test_harvest_flags_norm_outliers(tmp_path, tiny_lm, tiny_model_dir, corpus_f
         ratios[factor] = np.sqrt(stats.mean_sq_norm) / stats.mean_norm
         if factor:
             assert np.array_equal(data.excluded, base | sink)
-            assert result.norm_outliers == int(sink.sum()) == 32 - int(base[data.position == 1]
-                                                                        .sum())
+            assert (
+                result.norm_outliers == int(sink.sum()) == 32 - int(base[data.position == 1].sum())
+            )
             assert sum(r["n_norm_outliers"] for r in store.records.values()) == sink.sum()
             assert "norm outliers" in prov["excluded_token_policy"]
             assert "10 x the median norm" in prov["excluded_token_policy"]
             summary = store_summary(out)
             assert summary["tokens_norm_outliers"] == int(sink.sum())
             text = _format_info(summary)
-            assert (f"excluded     {int(base.sum())} special/position-0, {int(sink.sum())} "
-                    "norm outliers") in text
+            assert (
+                f"excluded     {int(base.sum())} special/position-0, {int(sink.sum())} "
+                "norm outliers"
+            ) in text
             # statistics ignore the outliers: they equal numpy over the kept rows
             acts = np.asarray(data.activations, dtype=np.float64)[~data.excluded]
             assert stats.n_tokens == acts.shape[0]
@@ -363,8 +408,11 @@ def test_harvest_flags_norm_outliers(tmp_path, tiny_lm, tiny_model_dir, corpus_f
     assert ratios[10.0] < 1.1 < 5 < ratios[0.0]  # the sinks wreck rms/mean unless flagged
     # the factor is part of the store's identity: resuming with another factor is refused
     with pytest.raises(ProvenanceMismatchError, match="outlier_norm_factor"):
-        run_harvest(_cfg(tmp_path / "f10.0", tiny_model_dir, corpus_file,
-                         outlier_norm_factor=5.0), lm=tiny_lm, progress=False)
+        run_harvest(
+            _cfg(tmp_path / "f10.0", tiny_model_dir, corpus_file, outlier_norm_factor=5.0),
+            lm=tiny_lm,
+            progress=False,
+        )
 
 
 def test_tokenizer_provenance_is_portable(tiny_lm, tiny_model_dir):

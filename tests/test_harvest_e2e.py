@@ -12,8 +12,17 @@ from masksae.storage import ActivationStore
 @pytest.mark.slow
 def test_bundled_smollm2_harvest(tmp_path):
     out = tmp_path / "store"
-    cfg = HarvestConfig(out=str(out), model="bundled:smollm2-135m", layer=15, corpus="bundled",
-                        tokens=4096, mask_prob=0.3, batch_size=8, device="cpu", seed=0)
+    cfg = HarvestConfig(
+        out=str(out),
+        model="bundled:smollm2-135m",
+        layer=15,
+        corpus="bundled",
+        tokens=4096,
+        mask_prob=0.3,
+        batch_size=8,
+        device="cpu",
+        seed=0,
+    )
     result = run_harvest(cfg, progress=False)
     assert result.total_tokens == 4096  # 32 sequences of the bundled default context 128
     store = ActivationStore.open(out)

@@ -40,8 +40,11 @@ class FakeDatasets(types.ModuleType):
             self.pulled += 1
             name = "Pile-CC" if i % 2 == 0 else "Github"
             text = f"{PILE_CC} {i}" if i % 2 == 0 else f"{GITHUB} {i}"
-            yield {"content": text, "pile_set_name": name,
-                   "meta": json.dumps({"pile_set_name": name})}  # meta as a JSON string
+            yield {
+                "content": text,
+                "pile_set_name": name,
+                "meta": json.dumps({"pile_set_name": name}),
+            }  # meta as a JSON string
 
 
 @pytest.fixture()
@@ -57,34 +60,51 @@ def fake_datasets(monkeypatch):
 @pytest.mark.parametrize("key", ["pile_set_name", "meta.pile_set_name"])
 def test_hub_corpus_streams_with_field_and_filter(fake_datasets, key):
     fake = fake_datasets()
-    corpus = Corpus(CorpusSpec("org/fake-pile", field="content", filters=(f"{key}=Pile-CC",),
-                               split="validation"))
+    corpus = Corpus(
+        CorpusSpec(
+            "org/fake-pile", field="content", filters=(f"{key}=Pile-CC",), split="validation"
+        )
+    )
     assert corpus.kind == "hub"
     docs = list(itertools.islice(corpus, 5))
     assert docs == [f"{PILE_CC} {i}" for i in (0, 2, 4, 6, 8)]
     assert fake.calls == [(("org/fake-pile",), {"split": "validation", "streaming": True})]
     assert fake.pulled == 9  # streamed lazily: only what the 5 documents needed
-    assert corpus.describe() == {"source": "org/fake-pile", "kind": "hub", "field": "content",
-                                 "filters": [f"{key}=Pile-CC"], "split": "validation"}
+    assert corpus.describe() == {
+        "source": "org/fake-pile",
+        "kind": "hub",
+        "field": "content",
+        "filters": [f"{key}=Pile-CC"],
+        "split": "validation",
+    }
 
 
 def test_hub_corpus_wrong_field_names_fields(fake_datasets):
     fake_datasets()
-    with pytest.raises(CorpusError, match=r"no field 'text' \(fields: \['content', 'meta', "
-                                          r"'pile_set_name'\]\).*--corpus-field"):
+    with pytest.raises(
+        CorpusError,
+        match=r"no field 'text' \(fields: \['content', 'meta', "
+        r"'pile_set_name'\]\).*--corpus-field",
+    ):
         next(iter(Corpus(CorpusSpec("org/fake-pile"))))
 
 
 def test_hub_connection_failure_gives_offline_hint(fake_datasets):
     fake_datasets(fail=ConnectionError("Couldn't reach 'org/fake-pile' on the Hub"))
-    with pytest.raises(CorpusError, match=r"cannot open Hugging Face dataset 'org/fake-pile' "
-                                          r"\(split 'train'\): ConnectionError.*offline\? use "
-                                          r"--corpus bundled or a local path"):
+    with pytest.raises(
+        CorpusError,
+        match=r"cannot open Hugging Face dataset 'org/fake-pile' "
+        r"\(split 'train'\): ConnectionError.*offline\? use "
+        r"--corpus bundled or a local path",
+    ):
         next(iter(Corpus(CorpusSpec("org/fake-pile", field="content"))))
     fake_datasets(fail=ConnectionError("connection reset"), fail_after=3)
     corpus = Corpus(CorpusSpec("org/fake-pile", field="content"))
-    with pytest.raises(CorpusError, match=r"reading Hugging Face dataset 'org/fake-pile' failed: "
-                                          r"ConnectionError: connection reset.*offline\?"):
+    with pytest.raises(
+        CorpusError,
+        match=r"reading Hugging Face dataset 'org/fake-pile' failed: "
+        r"ConnectionError: connection reset.*offline\?",
+    ):
         list(corpus)
 
 
@@ -96,22 +116,57 @@ def test_harvest_cli_from_hub_corpus(fake_datasets, tmp_path, tiny_model_dir):
 
     fake = fake_datasets()
     out = tmp_path / "store"
-    res = CliRunner().invoke(app, [
-        "harvest", "--model", str(tiny_model_dir), "--layer", "1", "--corpus", "org/fake-pile",
-        "--corpus-field", "content", "--corpus-filter", "pile_set_name=Pile-CC",
-        "--tokens", "256", "--context-length", "32", "--mask-prob", "0", "--device", "cpu",
-        "--out", str(out), "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "harvest",
+            "--model",
+            str(tiny_model_dir),
+            "--layer",
+            "1",
+            "--corpus",
+            "org/fake-pile",
+            "--corpus-field",
+            "content",
+            "--corpus-filter",
+            "pile_set_name=Pile-CC",
+            "--tokens",
+            "256",
+            "--context-length",
+            "32",
+            "--mask-prob",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert all(kw == {"split": "train", "streaming": True} for _a, kw in fake.calls)
     store = ActivationStore.open(out)
     assert store.provenance["corpus"]["filters"] == ["pile_set_name=Pile-CC"]
     text = AutoTokenizer.from_pretrained(str(tiny_model_dir)).decode(
-        np.asarray(store.read(0, store.n_tokens).token_ids).tolist())
+        np.asarray(store.read(0, store.n_tokens).token_ids).tolist()
+    )
     assert "green hills" in text and "seven" not in text  # only Pile-CC records
 
     fake_datasets(fail=ConnectionError("Couldn't reach the Hub"))
-    res = CliRunner().invoke(app, [
-        "harvest", "--model", str(tiny_model_dir), "--corpus", "org/fake-pile",
-        "--out", str(tmp_path / "o2"), "--device", "cpu", "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "harvest",
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            "org/fake-pile",
+            "--out",
+            str(tmp_path / "o2"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 2
     assert "'org/fake-pile'" in res.output and "offline? use --corpus bundled" in res.output

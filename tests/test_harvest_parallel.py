@@ -15,9 +15,20 @@ from masksae.storage.schema import ARRAY_NAMES
 
 
 def _cfg(out, model_dir, corpus, **kw) -> HarvestConfig:
-    base = dict(out=str(out), model=str(model_dir), layer=1, corpus=str(corpus), tokens=1536,
-                mask_prob=0.3, context_length=32, batch_size=4, chunk_sequences=8,
-                device="cpu", seed=7, outlier_norm_factor=1.2)  # low factor: some outliers
+    base = dict(
+        out=str(out),
+        model=str(model_dir),
+        layer=1,
+        corpus=str(corpus),
+        tokens=1536,
+        mask_prob=0.3,
+        context_length=32,
+        batch_size=4,
+        chunk_sequences=8,
+        device="cpu",
+        seed=7,
+        outlier_norm_factor=1.2,
+    )  # low factor: some outliers
     base.update(kw)
     return HarvestConfig(**base)
 
@@ -35,30 +46,33 @@ def _assert_same_store(a: ActivationStore, b: ActivationStore) -> None:
 
 
 def test_two_cpu_workers_equal_single_process(tmp_path, tiny_model_dir, tiny_corpus_jsonl):
-    single = run_harvest(_cfg(tmp_path / "single", tiny_model_dir, tiny_corpus_jsonl),
-                         progress=False)
-    multi_cfg = _cfg(tmp_path / "multi", tiny_model_dir, tiny_corpus_jsonl,
-                     devices=("cpu", "cpu"))
+    single = run_harvest(
+        _cfg(tmp_path / "single", tiny_model_dir, tiny_corpus_jsonl), progress=False
+    )
+    multi_cfg = _cfg(tmp_path / "multi", tiny_model_dir, tiny_corpus_jsonl, devices=("cpu", "cpu"))
     multi = run_harvest(multi_cfg, progress=False)
     assert multi.n_chunks == single.n_chunks == 6 and multi.new_tokens == 1536
     assert multi.norm_outliers == single.norm_outliers > 0
     assert multi.masked_fraction == pytest.approx(single.masked_fraction)
-    _assert_same_store(ActivationStore.open(tmp_path / "multi"),
-                       ActivationStore.open(tmp_path / "single"))
+    _assert_same_store(
+        ActivationStore.open(tmp_path / "multi"), ActivationStore.open(tmp_path / "single")
+    )
     # resume: drop two chunks (one per worker) and rerun: only those are recomputed
     for index in (1, 4):
         (tmp_path / "multi" / "_chunks" / f"{index:06d}.json").unlink()
     again = run_harvest(multi_cfg, progress=False)
     assert again.skipped_chunks == 4 and again.new_tokens == 2 * 8 * 32
-    _assert_same_store(ActivationStore.open(tmp_path / "multi"),
-                       ActivationStore.open(tmp_path / "single"))
+    _assert_same_store(
+        ActivationStore.open(tmp_path / "multi"), ActivationStore.open(tmp_path / "single")
+    )
 
 
 def test_worker_attach_requires_parent_lock_and_same_spec(tmp_path):
     from masksae.storage import StoreSpec
 
-    spec = StoreSpec(d_model=4, dtype="float32", chunk_tokens=8, total_tokens=32,
-                     provenance={"p": 0.3})
+    spec = StoreSpec(
+        d_model=4, dtype="float32", chunk_tokens=8, total_tokens=32, provenance={"p": 0.3}
+    )
     path = tmp_path / "s"
     with StoreWriter.open(path, spec) as parent:
         import os
@@ -68,8 +82,9 @@ def test_worker_attach_requires_parent_lock_and_same_spec(tmp_path):
         assert json.loads((path / "zarr.json").read_text())["attributes"]["complete"] is False
         with pytest.raises(StoreError, match=r"held by pid \d+, not by the parent pid 1\b"):
             StoreWriter.attach(path, spec, owner_pid=1)
-        other = StoreSpec(d_model=4, dtype="float32", chunk_tokens=8, total_tokens=32,
-                          provenance={"p": 0.2})
+        other = StoreSpec(
+            d_model=4, dtype="float32", chunk_tokens=8, total_tokens=32, provenance={"p": 0.2}
+        )
         with pytest.raises(ProvenanceMismatchError, match="provenance.p"):
             StoreWriter.attach(path, other, owner_pid=os.getpid())
         assert parent.n_chunks == 4
@@ -97,6 +112,7 @@ def test_devices_cli_help_and_bad_value(tmp_path):
     res = runner.invoke(app, ["harvest", "--help"], terminal_width=200)
     assert res.exit_code == 0
     assert "--devices" in res.output and "--outlier-norm-factor" in res.output
-    res = runner.invoke(app, ["harvest", "--devices", "cpu,nonsense-device", "--out",
-                              str(tmp_path / "o")])
+    res = runner.invoke(
+        app, ["harvest", "--devices", "cpu,nonsense-device", "--out", str(tmp_path / "o")]
+    )
     assert res.exit_code == 2 and "unknown device 'nonsense-device'" in res.output

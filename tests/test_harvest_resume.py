@@ -31,10 +31,34 @@ TOKENS, CONTEXT, CHUNK_SEQS = 2048, 32, 4  # 16 chunks
 
 
 def _args(model: Path, corpus: Path, out: Path) -> list[str]:
-    return ["harvest", "--model", str(model), "--layer", "1", "--corpus", str(corpus),
-            "--tokens", str(TOKENS), "--mask-prob", "0.3", "--context-length", str(CONTEXT),
-            "--batch-size", "4", "--chunk-sequences", str(CHUNK_SEQS), "--dtype", "float32",
-            "--device", "cpu", "--seed", "3", "--out", str(out), "--no-progress"]
+    return [
+        "harvest",
+        "--model",
+        str(model),
+        "--layer",
+        "1",
+        "--corpus",
+        str(corpus),
+        "--tokens",
+        str(TOKENS),
+        "--mask-prob",
+        "0.3",
+        "--context-length",
+        str(CONTEXT),
+        "--batch-size",
+        "4",
+        "--chunk-sequences",
+        str(CHUNK_SEQS),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -47,8 +71,12 @@ def _env() -> dict[str, str]:
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_corpus_jsonl):
     out = tmp_path / "killed"
     args = _args(tiny_model_dir, tiny_corpus_jsonl, out)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     manifests = out / "_chunks"
     deadline = time.monotonic() + 120
     try:
@@ -66,15 +94,32 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny
 
     rerun = subprocess.run(
         [sys.executable, "-c", "from masksae.cli import app; app(prog_name='masksae')", *args],
-        env=_env(), capture_output=True, text=True, timeout=300)
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resumed" in rerun.stderr
 
     ref_out = tmp_path / "uninterrupted"
-    run_harvest(HarvestConfig(out=str(ref_out), model=str(tiny_model_dir), layer=1,
-                              corpus=str(tiny_corpus_jsonl), tokens=TOKENS, mask_prob=0.3,
-                              context_length=CONTEXT, batch_size=4, chunk_sequences=CHUNK_SEQS,
-                              dtype="float32", device="cpu", seed=3), progress=False)
+    run_harvest(
+        HarvestConfig(
+            out=str(ref_out),
+            model=str(tiny_model_dir),
+            layer=1,
+            corpus=str(tiny_corpus_jsonl),
+            tokens=TOKENS,
+            mask_prob=0.3,
+            context_length=CONTEXT,
+            batch_size=4,
+            chunk_sequences=CHUNK_SEQS,
+            dtype="float32",
+            device="cpu",
+            seed=3,
+        ),
+        progress=False,
+    )
     resumed, ref = ActivationStore.open(out), ActivationStore.open(ref_out)
     assert resumed.is_complete and resumed.verify() == []
     assert resumed.provenance == ref.provenance

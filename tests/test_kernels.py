@@ -92,7 +92,9 @@ def test_primitives_vs_naive():
     w = torch.randn(12, generator=g)
     out = ops_torch.segment_gather_sum(offsets, cols, w, table)
     for s in range(4):
-        ref = sum((w[e] * table[cols[e]] for e in range(offsets[s], offsets[s + 1])), torch.zeros(7))
+        ref = sum(
+            (w[e] * table[cols[e]] for e in range(offsets[s], offsets[s + 1])), torch.zeros(7)
+        )
         assert torch.allclose(out[s], ref, atol=1e-6)
     A = torch.randn(4, 7, generator=g)
     rows = torch.tensor([0, 0, 1, 3, 3, 3])
@@ -145,4 +147,6 @@ def test_batch_topk_select_exact_large():
     key = sel.rows_N * 2048 + sel.lat_N
     assert torch.all(key[1:] > key[:-1])  # (row, latent) order
     small = batch_topk_select(post[:4, :16], 5)
-    assert torch.equal(small.vals_N.sort().values, post[:4, :16].flatten().topk(5).values.sort().values)
+    assert torch.equal(
+        small.vals_N.sort().values, post[:4, :16].flatten().topk(5).values.sort().values
+    )

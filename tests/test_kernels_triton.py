@@ -12,7 +12,9 @@ import textwrap
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton not installed"
+)
 
 CHECK = textwrap.dedent(
     """
@@ -58,8 +60,12 @@ CHECK = textwrap.dedent(
 
 
 def test_triton_kernels_interpreted_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", MASKSAE_KERNEL_BACKEND="triton", CHECK_DEVICE="cpu")
-    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", MASKSAE_KERNEL_BACKEND="triton", CHECK_DEVICE="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "TRITON_OK" in proc.stdout
 
@@ -68,5 +74,7 @@ def test_triton_kernels_interpreted_on_cpu():
 def test_triton_kernels_on_cuda():
     env = dict(os.environ, CHECK_DEVICE="cuda")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]

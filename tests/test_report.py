@@ -13,22 +13,37 @@ from masksae.evaluate.schema import SCHEMA_NAME, SCHEMA_VERSION, ResultFormatErr
 
 def _doc(k, p, seed, ev, absorption, ce=0.9, step=100, letters=None, n_letters=None):
     metrics = {
-        "core": {"explained_variance": ev, "explained_variance_legacy": ev - 0.01,
-                 "l0": float(k), "frac_dead": 0.0,
-                 "downstream": {"ce_loss_recovered": ce, "kl_div_sae": 0.1}},
+        "core": {
+            "explained_variance": ev,
+            "explained_variance_legacy": ev - 0.01,
+            "l0": float(k),
+            "frac_dead": 0.0,
+            "downstream": {"ce_loss_recovered": ce, "kl_div_sae": 0.1},
+        },
         "absorption": {"mean_full_absorption_score": absorption},
     }
     if n_letters is not None:
         metrics["absorption"]["n_eligible_letters"] = n_letters
     if letters:
         metrics["absorption"]["per_letter"] = {
-            ltr: {"full_absorption_rate": r} for ltr, r in letters.items()}
+            ltr: {"full_absorption_rate": r} for ltr, r in letters.items()
+        }
     return {
-        "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
         "checkpoint": f"/runs/k{k}-p{p}-s{seed}",
-        "provenance": {"model": "m", "layer": 3, "architecture": "matryoshka_batch_topk",
-                       "d_sae": 64, "k": k, "mask_prob": p, "seed": seed, "step": step},
-        "metrics": metrics, "timings_s": {"total": 1.0},
+        "provenance": {
+            "model": "m",
+            "layer": 3,
+            "architecture": "matryoshka_batch_topk",
+            "d_sae": 64,
+            "k": k,
+            "mask_prob": p,
+            "seed": seed,
+            "step": step,
+        },
+        "metrics": metrics,
+        "timings_s": {"total": 1.0},
     }
 
 
@@ -87,14 +102,17 @@ def test_paper_table_means_std_and_latest_step(results, tmp_path):
 
 
 def test_ablation_table_numbers():
-    docs = [_doc(20, 0.0, 0, 0.72171, 0.13881), _doc(20, 0.2, 0, 0.71860, 0.12621),
-            _doc(20, 0.3, 0, 0.71270, 0.11525), _doc(20, 0.5, 0, 0.69540, 0.10398)]
+    docs = [
+        _doc(20, 0.0, 0, 0.72171, 0.13881),
+        _doc(20, 0.2, 0, 0.71860, 0.12621),
+        _doc(20, 0.3, 0, 0.71270, 0.11525),
+        _doc(20, 0.5, 0, 0.69540, 0.10398),
+    ]
     cells = next(iter(group_results(docs).values()))
     table = ablation_table(cells, 20)
     assert "| Metric | p=0 | p=0.2 | p=0.3 | p=0.5 |" in table
     assert _row(table, "| Mean Full Absorption")[1:] == ["86.119", "87.379", "88.475", "89.602"]
-    assert _row(table, "| Explained Variance % (↑)")[1:] == ["72.171", "71.860", "71.270",
-                                                             "69.540"]
+    assert _row(table, "| Explained Variance % (↑)")[1:] == ["72.171", "71.860", "71.270", "69.540"]
     assert ablation_table(cells, 40) is None
 
 
@@ -121,14 +139,19 @@ def test_runs_per_cell_letters_and_warning(results, tmp_path):
     runs = _row(md, "| Runs (seeds) behind the cell | w/o masking")
     assert runs[2:] == ["2 (seeds 0, 1)", "1 (seed 0)"]
     assert _row(md, "| Runs (seeds) behind the cell | w/ masking (p=0.5)")[2:] == [
-        "1 (seed 0)", "–"]
+        "1 (seed 0)",
+        "–",
+    ]
     # the ablation tables carry the counts too
     assert "| Runs (seeds) behind the cell | 2 (seeds 0, 1) | 1 (seed 0) | 1 (seed 0) |" in md
     assert "Eligible absorption letters" not in md  # no letter counts in these results
     assert "**Warning:**" not in md
 
-    docs = [_doc(20, 0.0, 0, 0.7, 0.1, n_letters=17), _doc(20, 0.0, 1, 0.7, 0.1, n_letters=21),
-            _doc(20, 0.3, 0, 0.7, 0.1, n_letters=24)]
+    docs = [
+        _doc(20, 0.0, 0, 0.7, 0.1, n_letters=17),
+        _doc(20, 0.0, 1, 0.7, 0.1, n_letters=21),
+        _doc(20, 0.3, 0, 0.7, 0.1, n_letters=24),
+    ]
     d = tmp_path / "few"
     d.mkdir()
     for i, doc in enumerate(docs):
@@ -136,7 +159,8 @@ def test_runs_per_cell_letters_and_warning(results, tmp_path):
     md = write_report([d], tmp_path / "r2").read_text()
     assert _row(md, "| Eligible absorption letters")[2:] == ["19.0 ± 2.8 (n=2)"]
     assert _row(md, "| Eligible absorption letters (of 26; SAEBench needs 20) | w/ masking")[
-        2:] == ["24.0"]
+        2:
+    ] == ["24.0"]
     warnings = [ln for ln in md.splitlines() if "**Warning:**" in ln]
     assert len(warnings) == 1
     assert "1 cell(s) - k=20 w/o masking: 17." in warnings[0]  # the smallest count of the cell
@@ -163,8 +187,10 @@ def test_error_bars_only_where_several_seeds(results, tmp_path, monkeypatch):
     frontier, letters = calls
     assert frontier[0] == [20.0] and frontier[2] == [pytest.approx(statistics.stdev([70, 72]))]
     assert len(letters[0]) == 2  # letters a and b of the p=0 series
-    assert letters[2] == [pytest.approx(statistics.stdev([0.1, 0.2])),
-                          pytest.approx(statistics.stdev([0.3, 0.1]))]
+    assert letters[2] == [
+        pytest.approx(statistics.stdev([0.1, 0.2])),
+        pytest.approx(statistics.stdev([0.3, 0.1])),
+    ]
 
     calls.clear()
     single = tmp_path / "single"

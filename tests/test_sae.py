@@ -72,15 +72,46 @@ def test_group_sizes_4096():
         ({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 17}, "k=17"),
         ({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 0}, "k=0"),
         ({"architecture": "topk", "d_in": 0, "d_sae": 16, "k": 2}, "d_in=0"),
-        ({"architecture": "batch_topk", "d_in": 8, "d_sae": 16, "k": 2, "threshold_beta": 1.5}, "threshold_beta"),
-        ({"architecture": "matryoshka_batch_topk", "d_in": 8, "d_sae": 64, "k": 2,
-          "group_fractions": [0.5, 0.4]}, "sum to 0.9"),
-        ({"architecture": "matryoshka_batch_topk", "d_in": 8, "d_sae": 16, "k": 2,
-          "group_fractions": [0.01, 0.99]}, "at least one latent"),
-        ({"architecture": "matryoshka_batch_topk", "d_in": 8, "d_sae": 64, "k": 2,
-          "group_fractions": [0.5, 0.5], "group_weights": [1.0]}, "one weight per group"),
+        (
+            {"architecture": "batch_topk", "d_in": 8, "d_sae": 16, "k": 2, "threshold_beta": 1.5},
+            "threshold_beta",
+        ),
+        (
+            {
+                "architecture": "matryoshka_batch_topk",
+                "d_in": 8,
+                "d_sae": 64,
+                "k": 2,
+                "group_fractions": [0.5, 0.4],
+            },
+            "sum to 0.9",
+        ),
+        (
+            {
+                "architecture": "matryoshka_batch_topk",
+                "d_in": 8,
+                "d_sae": 16,
+                "k": 2,
+                "group_fractions": [0.01, 0.99],
+            },
+            "at least one latent",
+        ),
+        (
+            {
+                "architecture": "matryoshka_batch_topk",
+                "d_in": 8,
+                "d_sae": 64,
+                "k": 2,
+                "group_fractions": [0.5, 0.5],
+                "group_weights": [1.0],
+            },
+            "one weight per group",
+        ),
         ({"architecture": "jumprelu", "d_in": 8, "d_sae": 16, "bandwidth": 0.0}, "bandwidth"),
-        ({"architecture": "relu", "d_in": 8, "d_sae": 16, "l1_coefficient": -1.0}, "l1_coefficient"),
+        (
+            {"architecture": "relu", "d_in": 8, "d_sae": 16, "l1_coefficient": -1.0},
+            "l1_coefficient",
+        ),
         ({"architecture": "gated", "d_in": 8, "d_sae": 16}, "unknown SAE architecture"),
         ({"architecture": "relu", "d_in": 8, "d_sae": 16, "k": 3}, "unknown key"),
         ({"d_in": 8, "d_sae": 16}, "architecture"),
@@ -137,7 +168,9 @@ def test_matryoshka_loss_by_hand(fused):
     out = sae.training_loss(x, StepContext(0, 10, dead, fused))
     post = naive_pre(sae, x).clamp_min(0)
     # global top-(k*B) over the flattened batch
-    vals = sorted(((post[b, f].item(), b, f) for b in range(8) for f in range(F)), reverse=True)[: 4 * 8]
+    vals = sorted(((post[b, f].item(), b, f) for b in range(8) for f in range(F)), reverse=True)[
+        : 4 * 8
+    ]
     f_sel = torch.zeros(8, F)
     for v, b, f in vals:
         f_sel[b, f] = v
@@ -206,8 +239,14 @@ def test_relu_loss_by_hand_with_warmup():
 
 
 def test_jumprelu_loss_and_threshold_grad_by_hand():
-    sae = make("jumprelu", bandwidth=0.5, target_l0=5.0, sparsity_coefficient=2.0,
-               init_threshold=0.2, sparsity_warmup_steps=10)
+    sae = make(
+        "jumprelu",
+        bandwidth=0.5,
+        target_l0=5.0,
+        sparsity_coefficient=2.0,
+        init_threshold=0.2,
+        sparsity_warmup_steps=10,
+    )
     x = data()[:6]
     z = naive_pre(sae, x, subtract=False)
     theta = 0.2

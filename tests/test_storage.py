@@ -45,8 +45,14 @@ def make_data(n_tokens: int = N_TOKENS, d_model: int = D_MODEL, seed: int = 0) -
 
 
 def make_spec(dtype: str = "float32", compression: str = "none", **provenance) -> StoreSpec:
-    return StoreSpec(d_model=D_MODEL, dtype=dtype, chunk_tokens=CHUNK, total_tokens=N_TOKENS,
-                     provenance={**PROVENANCE, **provenance}, compression=compression)
+    return StoreSpec(
+        d_model=D_MODEL,
+        dtype=dtype,
+        chunk_tokens=CHUNK,
+        total_tokens=N_TOKENS,
+        provenance={**PROVENANCE, **provenance},
+        compression=compression,
+    )
 
 
 def slice_data(data: ChunkData, start: int, stop: int, torch_acts: bool = False) -> ChunkData:
@@ -56,8 +62,9 @@ def slice_data(data: ChunkData, start: int, stop: int, torch_acts: bool = False)
     return ChunkData(**fields)
 
 
-def write_store(path: Path, spec: StoreSpec, data: ChunkData, chunks=None,
-                close: bool = True) -> StoreWriter:
+def write_store(
+    path: Path, spec: StoreSpec, data: ChunkData, chunks=None, close: bool = True
+) -> StoreWriter:
     writer = StoreWriter.open(path, spec)
     for index in range(writer.n_chunks) if chunks is None else chunks:
         start, stop = writer.chunk_bounds(index)
@@ -240,13 +247,20 @@ def test_verify_cli_good_store(f32_store):
 
     result = CliRunner().invoke(app, ["store", "verify", str(f32_store.path), "--no-progress"])
     assert result.exit_code == 0 and "OK: all 4 chunks" in result.output
-    result = CliRunner().invoke(app, ["store", "verify", str(f32_store.path), "--json",
-                                      "--no-progress"])
+    result = CliRunner().invoke(
+        app, ["store", "verify", str(f32_store.path), "--json", "--no-progress"]
+    )
     assert result.exit_code == 0
     report = json.loads(result.stdout)
-    assert report == {"path": str(f32_store.path), "ok": True, "n_chunks": 4, "n_bad_chunks": 0,
-                      "n_tokens": N_TOKENS, "fingerprint": f32_store.fingerprint,
-                      "bad_chunks": []}
+    assert report == {
+        "path": str(f32_store.path),
+        "ok": True,
+        "n_chunks": 4,
+        "n_bad_chunks": 0,
+        "n_tokens": N_TOKENS,
+        "fingerprint": f32_store.fingerprint,
+        "bad_chunks": [],
+    }
 
 
 def test_verify_cli_json_names_bad_chunks(tmp_path, data):
@@ -258,8 +272,9 @@ def test_verify_cli_json_names_bad_chunks(tmp_path, data):
     raw[100] ^= 0xFF
     shard.write_bytes(bytes(raw))
     store_layout.manifest_path(tmp_path / "s", 3).unlink()
-    result = CliRunner().invoke(app, ["store", "verify", str(tmp_path / "s"), "--json",
-                                      "--no-progress"])
+    result = CliRunner().invoke(
+        app, ["store", "verify", str(tmp_path / "s"), "--json", "--no-progress"]
+    )
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["ok"] is False and report["n_bad_chunks"] == 2 and report["n_chunks"] == 4
@@ -276,24 +291,31 @@ def test_record_extra_fields_and_outlier_count_in_info(tmp_path, data):
         writer.write_chunk(0, slice_data(data, 0, CHUNK), record_extra={"checksum": "x"})
     for index in range(writer.n_chunks):
         start, stop = writer.chunk_bounds(index)
-        writer.write_chunk(index, slice_data(data, start, stop),
-                           record_extra={"n_norm_outliers": index})
+        writer.write_chunk(
+            index, slice_data(data, start, stop), record_extra={"n_norm_outliers": index}
+        )
     writer.close()
     store = ActivationStore.open(tmp_path / "s")
     assert [store.records[i]["n_norm_outliers"] for i in range(4)] == [0, 1, 2, 3]
     summary = store_summary(tmp_path / "s")
     n_excluded = int(np.asarray(data.excluded).sum())
     assert summary["tokens_excluded"] == n_excluded and summary["tokens_norm_outliers"] == 6
-    assert f"excluded     {n_excluded - 6} special/position-0, 6 norm outliers" in \
-        _format_info(summary)
+    assert f"excluded     {n_excluded - 6} special/position-0, 6 norm outliers" in _format_info(
+        summary
+    )
 
 
 # ---------------------------------------------------------------- opening errors
 def test_provenance_mismatch_names_every_key(tmp_path, data):
     write_store(tmp_path / "s", make_spec(), data)
-    other = StoreSpec(d_model=D_MODEL, dtype="float32", chunk_tokens=CHUNK, total_tokens=N_TOKENS,
-                      provenance={**PROVENANCE, "layer": 4, "mask": {"p": 0.5, "string": "..."}},
-                      compression="zstd:1")
+    other = StoreSpec(
+        d_model=D_MODEL,
+        dtype="float32",
+        chunk_tokens=CHUNK,
+        total_tokens=N_TOKENS,
+        provenance={**PROVENANCE, "layer": 4, "mask": {"p": 0.5, "string": "..."}},
+        compression="zstd:1",
+    )
     with pytest.raises(ProvenanceMismatchError) as info:
         StoreWriter.open(tmp_path / "s", other)
     message = str(info.value)
@@ -345,7 +367,8 @@ def test_count_tokens(f32_store, data):
     assert f32_store.count_tokens(include_masked=False) == int((~excl & ~masked).sum())
     assert f32_store.count_tokens(include_excluded=True) == N_TOKENS
     assert f32_store.count_tokens(include_excluded=True, include_masked=False) == int(
-        (~masked).sum())
+        (~masked).sum()
+    )
     assert f32_store.count_tokens(chunk_range=(3, 4)) == int((~excl[768:]).sum())
 
 
@@ -370,8 +393,7 @@ def test_stream_determinism_and_shape(f32_store):
 def test_stream_covers_every_token_once(f32_store, data):
     usable = np.flatnonzero(~data.excluded)
     for buffer_tokens in (64, 128, 10_000):
-        ids = np.concatenate(stream_ids(f32_store, 32, seed=1,
-                                        shuffle_buffer_tokens=buffer_tokens))
+        ids = np.concatenate(stream_ids(f32_store, 32, seed=1, shuffle_buffer_tokens=buffer_tokens))
         assert len(ids) == len(usable) // 32 * 32  # only the last partial batch is dropped
         assert len(np.unique(ids)) == len(ids) and set(ids) <= set(usable)
         assert not np.all(np.diff(ids) > 0)  # shuffled
@@ -417,8 +439,9 @@ def test_stream_early_stop_releases_thread(f32_store):
     stream = f32_store.stream(16, seed=0, prefetch=1)
     next(stream)
     stream.close()
-    assert not any(t.name == "masksae-store-prefetch" and t.is_alive()
-                   for t in threading.enumerate())
+    assert not any(
+        t.name == "masksae-store-prefetch" and t.is_alive() for t in threading.enumerate()
+    )
 
 
 # ---------------------------------------------------------------- info CLI
@@ -450,7 +473,10 @@ def test_stream_zero_copy_path_equals_zarr_path(tmp_path, data, monkeypatch):
     monkeypatch.setattr(store_layout, "_INNER_CHUNK_BYTES", 64 * D_MODEL * 2)
     write_store(tmp_path / "plain", make_spec("bfloat16", "none"), data)
     write_store(tmp_path / "zstd", make_spec("bfloat16", "zstd:1"), data)
-    plain, packed = ActivationStore.open(tmp_path / "plain"), ActivationStore.open(tmp_path / "zstd")
+    plain, packed = (
+        ActivationStore.open(tmp_path / "plain"),
+        ActivationStore.open(tmp_path / "zstd"),
+    )
     views = plain.activation_views(3)
     assert [v.shape[0] for v in views] == [64, 64, 64, 40]  # 232 rows in the last chunk
     assert packed.activation_views(0) is None
@@ -459,8 +485,9 @@ def test_stream_zero_copy_path_equals_zarr_path(tmp_path, data, monkeypatch):
         b = list(packed.stream(32, seed=2, shuffle_buffer_tokens=96, epochs=2, **kwargs))
         assert len(a) == len(b) > 0
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    ids = np.concatenate([x[:, 0].to(torch.int64).numpy()
-                          for x in plain.stream(8, seed=0, include_excluded=True)])
+    ids = np.concatenate(
+        [x[:, 0].to(torch.int64).numpy() for x in plain.stream(8, seed=0, include_excluded=True)]
+    )
     # column 0 holds the token index; bf16 rounds large indices, so compare rounded values
     expect = torch.from_numpy(data.activations[:, 0]).to(torch.bfloat16).to(torch.int64).numpy()
     assert sorted(ids) == sorted(expect)
@@ -524,10 +551,11 @@ def test_second_process_cannot_write_the_same_store(tmp_path):
     import sys
 
     writer = StoreWriter.open(tmp_path / "s", make_spec())
-    script = ("import sys; sys.path.insert(0, {t!r}); import test_storage as t\n"
-              "from masksae.storage import StoreWriter\n"
-              "StoreWriter.open({p!r}, t.make_spec())\n").format(
-        t=str(Path(__file__).parent), p=str(tmp_path / "s"))
+    script = (
+        "import sys; sys.path.insert(0, {t!r}); import test_storage as t\n"
+        "from masksae.storage import StoreWriter\n"
+        "StoreWriter.open({p!r}, t.make_spec())\n"
+    ).format(t=str(Path(__file__).parent), p=str(tmp_path / "s"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode != 0 and b"is being written by pid" in proc.stderr
     writer.close()

@@ -46,8 +46,9 @@ def cfg(**kw) -> TrainConfig:
 
 def assert_same_runs(a: Path, b: Path, names) -> None:
     for name in names:
-        wa, wb = load_file(str(a / name / "sae.safetensors")), load_file(
-            str(b / name / "sae.safetensors")
+        wa, wb = (
+            load_file(str(a / name / "sae.safetensors")),
+            load_file(str(b / name / "sae.safetensors")),
         )
         for key in wa:
             assert torch.equal(wa[key], wb[key]), f"{name}.{key}"
@@ -55,8 +56,9 @@ def assert_same_runs(a: Path, b: Path, names) -> None:
 
 
 def _no_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "data_wait_frac")}
-            for r in records]
+    return [
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "data_wait_frac")} for r in records
+    ]
 
 
 def test_two_devices_give_the_single_device_sweep(store, tmp_path, monkeypatch):
@@ -106,7 +108,9 @@ def test_devices_may_change_on_resume(store, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        Trainer(store, RUNS[:2], cfg(device="cpu"), tmp_path / "o", progress=False, on_step=stop).train()
+        Trainer(
+            store, RUNS[:2], cfg(device="cpu"), tmp_path / "o", progress=False, on_step=stop
+        ).train()
     Trainer(
         store, RUNS[:2], cfg(devices=["cpu", "cpu"]), tmp_path / "o", resume=True, progress=False
     ).train()

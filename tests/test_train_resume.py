@@ -222,7 +222,9 @@ def test_keyboard_interrupt_checkpoints_the_current_step(store_path, full, tmp_p
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(store, runs(), cfg(), tmp_path / "o", progress=False, on_step=interrupt_at_13).train()
+        Trainer(
+            store, runs(), cfg(), tmp_path / "o", progress=False, on_step=interrupt_at_13
+        ).train()
     for name in ("a", "b"):  # step 13 is not a periodic checkpoint step (every 8)
         assert 13 in ckpt.list_checkpoints(tmp_path / "o" / name)
     summary = Trainer(store, runs(), cfg(), tmp_path / "o", resume=True, progress=False).train()

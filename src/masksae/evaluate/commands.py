@@ -21,43 +21,61 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def evaluate_cmd(
     checkpoints: list[Path] = typer.Option(
-        ..., "--checkpoints",
-        help="Run, checkpoint or sweep directories: --checkpoints A B C (or repeat the flag)."),
+        ...,
+        "--checkpoints",
+        help="Run, checkpoint or sweep directories: --checkpoints A B C (or repeat the flag).",
+    ),
     more_checkpoints: list[Path] | None = typer.Argument(
-        None, metavar="[DIR]...", help="More checkpoint directories (what follows --checkpoints A)."),
+        None, metavar="[DIR]...", help="More checkpoint directories (what follows --checkpoints A)."
+    ),
     out: Path = typer.Option(..., "--out", help="Directory for one result JSON per checkpoint."),
     metrics: str = typer.Option(
-        "core,absorption", "--metrics", help="Comma list of core, reconstruction, absorption."),
+        "core,absorption", "--metrics", help="Comma list of core, reconstruction, absorption."
+    ),
     cache: Path | None = typer.Option(
-        None, "--cache", help="Cache of LLM activations reused across checkpoints and runs."),
+        None, "--cache", help="Cache of LLM activations reused across checkpoints and runs."
+    ),
     eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Held-out activations scored."),
     eval_corpus: str = typer.Option(
-        "bundled", "--eval-corpus",
+        "bundled",
+        "--eval-corpus",
         help="'bundled', a local .txt/.jsonl/.parquet file or folder, or a Hugging Face "
-             "dataset id (read like harvest's --corpus; held out from a harvest's start)."),
+        "dataset id (read like harvest's --corpus; held out from a harvest's start).",
+    ),
     eval_corpus_field: str = typer.Option(
-        "text", "--eval-corpus-field", help="Record field holding the text (jsonl/parquet/Hub)."),
+        "text", "--eval-corpus-field", help="Record field holding the text (jsonl/parquet/Hub)."
+    ),
     eval_corpus_filter: list[str] | None = typer.Option(
-        None, "--eval-corpus-filter", help="key=value a record must match (repeatable)."),
+        None, "--eval-corpus-filter", help="key=value a record must match (repeatable)."
+    ),
     eval_corpus_split: str = typer.Option(
-        "train", "--eval-corpus-split", help="Dataset split (Hugging Face datasets)."),
+        "train", "--eval-corpus-split", help="Dataset split (Hugging Face datasets)."
+    ),
     eval_skip_tokens: int | None = typer.Option(
-        None, "--eval-skip-tokens",
+        None,
+        "--eval-skip-tokens",
         help="Read forward, skipping documents within the first N tokens (default: files "
-             "are read from the end, Hub streams skip 1M tokens)."),
+        "are read from the end, Hub streams skip 1M tokens).",
+    ),
     context_length: int = typer.Option(128, "--context-length", help="Evaluation sequence length."),
     ce_sequences: int = typer.Option(
-        32, "--ce-sequences", help="Sequences scored for CE loss recovered / KL."),
+        32, "--ce-sequences", help="Sequences scored for CE loss recovered / KL."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     eval_masked: bool = typer.Option(
-        False, "--eval-masked", help="Also report core metrics on masked activations."),
+        False, "--eval-masked", help="Also report core metrics on masked activations."
+    ),
     eval_store: Path | None = typer.Option(
-        None, "--eval-store", help="Take reconstruction activations from this store's end."),
+        None, "--eval-store", help="Take reconstruction activations from this store's end."
+    ),
     model: str | None = typer.Option(
-        None, "--model", help="Override the LLM spec recorded in the checkpoints."),
+        None, "--model", help="Override the LLM spec recorded in the checkpoints."
+    ),
     absorption_max_words: int = typer.Option(
-        100, "--absorption-max-words",
-        help="Absorption vocabulary cap per letter (0 = all, as SAEBench; slow on CPU)."),
+        100,
+        "--absorption-max-words",
+        help="Absorption vocabulary cap per letter (0 = all, as SAEBench; slow on CPU).",
+    ),
 ) -> None:
     """Score checkpoints (core metrics, absorption) into one JSON per checkpoint."""
     from masksae.evaluate.absorption import AbsorptionConfig
@@ -69,10 +87,15 @@ def evaluate_cmd(
     names = tuple(m.strip() for m in metrics.split(",") if m.strip())
     cfg = EvaluateConfig(
         metrics=names,
-        data=EvalDataConfig(corpus=eval_corpus, corpus_field=eval_corpus_field,
-                            corpus_filter=tuple(eval_corpus_filter or ()),
-                            corpus_split=eval_corpus_split, skip_tokens=eval_skip_tokens,
-                            n_tokens=eval_tokens, context_length=context_length),
+        data=EvalDataConfig(
+            corpus=eval_corpus,
+            corpus_field=eval_corpus_field,
+            corpus_filter=tuple(eval_corpus_filter or ()),
+            corpus_split=eval_corpus_split,
+            skip_tokens=eval_skip_tokens,
+            n_tokens=eval_tokens,
+            context_length=context_length,
+        ),
         downstream=DownstreamConfig(n_sequences=ce_sequences),
         absorption=AbsorptionConfig(max_words_per_letter=absorption_max_words or None),
         cache_dir=cache,

@@ -201,8 +201,13 @@ def reconstruction_metrics(
     return acc.result()
 
 
-def iter_batches(acts_ND: Tensor, batch_size: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> Iterable[Tensor]:
+def iter_batches(
+    acts_ND: Tensor,
+    batch_size: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Iterable[Tensor]:
     """Yield consecutive [<= batch_size, D] slices of a [N, D] tensor on dtype/device.
 
     A remainder shorter than half a batch is folded into the previous batch, so no batch

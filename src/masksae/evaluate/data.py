@@ -106,16 +106,28 @@ def cache_key(fields: dict[str, Any]) -> str:
 def key_fields(model: str, revision: str | None, layer: int, cfg: EvalDataConfig) -> dict[str, Any]:
     """Everything that determines the evaluation data."""
     out: dict[str, Any] = {
-        "format": CACHE_FORMAT, "model": model, "revision": revision, "layer": layer,
-        "corpus": cfg.corpus, "corpus_field": cfg.corpus_field,
-        "corpus_filter": list(cfg.corpus_filter), "corpus_split": cfg.corpus_split,
-        "skip_tokens": cfg.skip_tokens, "n_tokens": cfg.n_tokens, "context_length": cfg.context_length,
-        "cache_dtype": cfg.cache_dtype, "masked": cfg.masked,
+        "format": CACHE_FORMAT,
+        "model": model,
+        "revision": revision,
+        "layer": layer,
+        "corpus": cfg.corpus,
+        "corpus_field": cfg.corpus_field,
+        "corpus_filter": list(cfg.corpus_filter),
+        "corpus_split": cfg.corpus_split,
+        "skip_tokens": cfg.skip_tokens,
+        "n_tokens": cfg.n_tokens,
+        "context_length": cfg.context_length,
+        "cache_dtype": cfg.cache_dtype,
+        "masked": cfg.masked,
         "outlier_norm_factor": cfg.outlier_norm_factor,
     }
     if cfg.masked:
-        out.update(seed=cfg.seed, mask_prob=cfg.mask_prob, mask_token_id=cfg.mask_token_id,
-                   mask_string=cfg.mask_string)
+        out.update(
+            seed=cfg.seed,
+            mask_prob=cfg.mask_prob,
+            mask_token_id=cfg.mask_token_id,
+            mask_string=cfg.mask_string,
+        )
     return out
 
 
@@ -149,12 +161,19 @@ def pack_sequences(lm: Any, texts: Iterable[str], n_kept: int, cfg: EvalDataConf
             break
     n_avail = len(stream) // body
     if n_avail == 0:
-        raise ConfigError(f"evaluation corpus {cfg.corpus!r} has fewer than one sequence of "
-                          f"{body} tokens")
+        raise ConfigError(
+            f"evaluation corpus {cfg.corpus!r} has fewer than one sequence of {body} tokens"
+        )
     if n_avail < n_seq:
-        log.warning("evaluation corpus %r yields %d sequences of %d tokens, fewer than the %d "
-                    "wanted for %d evaluation tokens; using them all", cfg.corpus, n_avail,
-                    cfg.context_length, n_seq, n_kept)
+        log.warning(
+            "evaluation corpus %r yields %d sequences of %d tokens, fewer than the %d "
+            "wanted for %d evaluation tokens; using them all",
+            cfg.corpus,
+            n_avail,
+            cfg.context_length,
+            n_seq,
+            n_kept,
+        )
         n_seq = n_avail
     ids = torch.tensor(stream[: n_seq * body], dtype=torch.int64).view(n_seq, body)
     if bos is not None:
@@ -169,8 +188,9 @@ def apply_mask(ids_ST: Tensor, keep_ST: Tensor, prob: float, token_id: int, seed
     return torch.where(draw & keep_ST, torch.full_like(ids_ST, token_id), ids_ST)
 
 
-def build_eval_data(lm: Any, layer: int, texts: Iterable[str] | None,
-                    cfg: EvalDataConfig) -> EvalData:
+def build_eval_data(
+    lm: Any, layer: int, texts: Iterable[str] | None, cfg: EvalDataConfig
+) -> EvalData:
     """Tokenise, pack, optionally mask, and capture activations of block ``layer``.
 
     ``texts`` None reads the held-out documents of ``cfg`` (:func:`eval_documents`)."""
@@ -189,8 +209,10 @@ def build_eval_data(lm: Any, layer: int, texts: Iterable[str] | None,
         if mask_id is None:
             enc = lm.tokenizer(cfg.mask_string, add_special_tokens=False)["input_ids"]
             if len(enc) != 1:
-                raise ConfigError(f"mask string {cfg.mask_string!r} is {len(enc)} tokens for this "
-                                  "tokenizer; give the mask token id of the harvest")
+                raise ConfigError(
+                    f"mask string {cfg.mask_string!r} is {len(enc)} tokens for this "
+                    "tokenizer; give the mask token id of the harvest"
+                )
             mask_id = enc[0]
         ids = apply_mask(ids, keep, cfg.mask_prob, mask_id, cfg.seed)
     store_dtype = resolve_dtype(cfg.cache_dtype)
@@ -220,10 +242,15 @@ def _drop_norm_outliers(acts_ND: Tensor, keep_ST: Tensor, factor: float) -> tupl
 
     norms = torch.linalg.vector_norm(acts_ND, dim=-1)
     outlier = torch.from_numpy(
-        flag_norm_outliers(norms, torch.zeros(len(norms), dtype=torch.bool).numpy(), factor))
+        flag_norm_outliers(norms, torch.zeros(len(norms), dtype=torch.bool).numpy(), factor)
+    )
     if outlier.any():
-        log.info("evaluation: %d of %d positions are norm outliers (> %g x median norm); "
-                 "not evaluated", int(outlier.sum()), len(norms), factor)
+        log.info(
+            "evaluation: %d of %d positions are norm outliers (> %g x median norm); not evaluated",
+            int(outlier.sum()),
+            len(norms),
+            factor,
+        )
         keep_ST = keep_ST.clone()
         keep_ST[keep_ST.clone()] = ~outlier
     return acts_ND[~outlier], keep_ST
@@ -231,8 +258,10 @@ def _drop_norm_outliers(acts_ND: Tensor, keep_ST: Tensor, factor: float) -> tupl
 
 def has_entry(cache_dir: Path | None, fields: dict[str, Any]) -> bool:
     """True when a complete cache entry for ``fields`` exists."""
-    return cache_dir is not None and (
-        Path(cache_dir) / f"evaldata-{cache_key(fields)}" / "meta.json").is_file()
+    return (
+        cache_dir is not None
+        and (Path(cache_dir) / f"evaldata-{cache_key(fields)}" / "meta.json").is_file()
+    )
 
 
 def load_or_build(
@@ -248,9 +277,13 @@ def load_or_build(
         log.info("evaluation activations from cache %s", entry)
         return data, True
     data = build()
-    data.meta = {**fields, "cache_key": key, "n_sequences": int(data.input_ids_ST.shape[0]),
-                 "n_tokens_evaluated": int(data.acts_ND.shape[0]),
-                 "d_model": int(data.acts_ND.shape[1])}
+    data.meta = {
+        **fields,
+        "cache_key": key,
+        "n_sequences": int(data.input_ids_ST.shape[0]),
+        "n_tokens_evaluated": int(data.acts_ND.shape[0]),
+        "d_model": int(data.acts_ND.shape[1]),
+    }
     if entry is not None:
         _write_entry(entry, data)
     return data, False
@@ -260,8 +293,12 @@ def _write_entry(entry: Path, data: EvalData) -> None:
     from safetensors.torch import save_file
 
     entry.mkdir(parents=True, exist_ok=True)
-    tensors = {"input_ids": data.input_ids_ST, "attention_mask": data.attention_mask_ST,
-               "keep": data.keep_ST.to(torch.uint8), "acts": data.acts_ND}
+    tensors = {
+        "input_ids": data.input_ids_ST,
+        "attention_mask": data.attention_mask_ST,
+        "keep": data.keep_ST.to(torch.uint8),
+        "acts": data.acts_ND,
+    }
     atomic_write(entry / "data.safetensors", lambda p: save_file(tensors, str(p)))
     atomic_write_json(entry / "meta.json", data.meta)  # written last: marks the entry complete
 
@@ -274,12 +311,14 @@ def _read_entry(entry: Path) -> EvalData:
         t = load_file(str(entry / "data.safetensors"))
         return EvalData(t["input_ids"], t["attention_mask"], t["keep"].bool(), t["acts"], meta)
     except (OSError, ValueError, KeyError) as exc:
-        raise StoreError(f"evaluation cache entry {str(entry)!r} is unreadable ({exc}): delete "
-                         "it and re-run") from exc
+        raise StoreError(
+            f"evaluation cache entry {str(entry)!r} is unreadable ({exc}): delete it and re-run"
+        ) from exc
 
 
-def store_activations(path: str | Path, n_tokens: int, *,
-                      include_masked: bool) -> tuple[Tensor, dict[str, Any]]:
+def store_activations(
+    path: str | Path, n_tokens: int, *, include_masked: bool
+) -> tuple[Tensor, dict[str, Any]]:
     """The last ``n_tokens`` usable activations of an activation store (the part a training
     run reading from the start is least likely to have used), in store order, as [N, D]
     float32, with a JSON-able description.
@@ -310,13 +349,25 @@ def store_activations(path: str | Path, n_tokens: int, *,
         got += acts.shape[0]
         stop = start
     if got == 0:
-        raise StoreError(f"activation store {str(path)!r} has no usable tokens "
-                         f"(include_masked={include_masked})")
+        raise StoreError(
+            f"activation store {str(path)!r} has no usable tokens (include_masked={include_masked})"
+        )
     if got < n_tokens:
-        log.warning("activation store %s holds %d usable tokens (include_masked=%s), fewer "
-                    "than the %d asked for; using them all", path, got, include_masked, n_tokens)
+        log.warning(
+            "activation store %s holds %d usable tokens (include_masked=%s), fewer "
+            "than the %d asked for; using them all",
+            path,
+            got,
+            include_masked,
+            n_tokens,
+        )
     acts = torch.cat(rows)[-n_tokens:]
-    info = {"path": str(path), "n_tokens": int(acts.shape[0]), "d_model": int(acts.shape[1]),
-            "include_masked": include_masked, "fingerprint": store.fingerprint,
-            "provenance": {k: store.provenance.get(k) for k in ("model", "layer", "revision")}}
+    info = {
+        "path": str(path),
+        "n_tokens": int(acts.shape[0]),
+        "d_model": int(acts.shape[1]),
+        "include_masked": include_masked,
+        "fingerprint": store.fingerprint,
+        "provenance": {k: store.provenance.get(k) for k in ("model", "layer", "revision")},
+    }
     return acts, info

@@ -22,12 +22,15 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         root = Path(raw)
         if not root.is_dir():
-            raise CheckpointError(f"checkpoint path {str(root)!r} is not a directory: pass a run "
-                                  "directory (holding config.json) or a sweep directory of runs")
+            raise CheckpointError(
+                f"checkpoint path {str(root)!r} is not a directory: pass a run "
+                "directory (holding config.json) or a sweep directory of runs"
+            )
         hits = _search(root, 0)
         if not hits:
-            raise CheckpointError(f"no run or checkpoint (a directory with {CHECKPOINT_MARKER}) "
-                                  f"under {str(root)!r}")
+            raise CheckpointError(
+                f"no run or checkpoint (a directory with {CHECKPOINT_MARKER}) under {str(root)!r}"
+            )
         found.extend(hits)
     return sorted(set(found))
 
@@ -54,8 +57,10 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_dir():
             files.extend(sorted(p.rglob("*.json")))
         else:
-            raise MasksaeError(f"result path {str(p)!r} does not exist: pass the JSON files or "
-                               "the --out directory of `masksae evaluate`")
+            raise MasksaeError(
+                f"result path {str(p)!r} does not exist: pass the JSON files or "
+                "the --out directory of `masksae evaluate`"
+            )
     if not files:
         raise MasksaeError(f"no result JSON files under {[str(p) for p in paths]}")
     return sorted(set(files))

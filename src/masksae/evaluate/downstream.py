@@ -43,8 +43,10 @@ class DownstreamConfig:
 
     def __post_init__(self) -> None:
         if self.n_sequences < 1 or self.batch_size < 1:
-            raise ConfigError(f"downstream n_sequences={self.n_sequences}, batch_size="
-                              f"{self.batch_size}: expected >= 1")
+            raise ConfigError(
+                f"downstream n_sequences={self.n_sequences}, batch_size="
+                f"{self.batch_size}: expected >= 1"
+            )
         if self.clean_cache_mb < 0:
             raise ConfigError(f"downstream clean_cache_mb={self.clean_cache_mb}: expected >= 0")
 
@@ -73,8 +75,12 @@ class CleanCache:
             return
         if self.used_bytes + size > self.budget_bytes:
             if not self._full_logged:
-                log.info("clean log-prob cache full (%.0f of %.0f MiB): later batches re-run "
-                         "the clean forward", self.used_bytes / 2**20, self.budget_bytes / 2**20)
+                log.info(
+                    "clean log-prob cache full (%.0f of %.0f MiB): later batches re-run "
+                    "the clean forward",
+                    self.used_bytes / 2**20,
+                    self.budget_bytes / 2**20,
+                )
                 self._full_logged = True
             return
         self._batches[start] = lp_BTV.detach().to("cpu", torch.float32).clone()
@@ -87,8 +93,9 @@ def keep_positions(
     """Bool [B, T]: real, non-special tokens after position 0 (the positions an SAE sees)."""
     keep = attention_mask_BT.bool().clone()
     keep[:, 0] = False
-    specials = torch.tensor(sorted(set(special_ids)), dtype=input_ids_BT.dtype,
-                            device=input_ids_BT.device)
+    specials = torch.tensor(
+        sorted(set(special_ids)), dtype=input_ids_BT.dtype, device=input_ids_BT.device
+    )
     if specials.numel():
         keep &= ~torch.isin(input_ids_BT, specials)
     return keep

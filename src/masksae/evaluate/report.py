@@ -77,21 +77,41 @@ class MetricRow:
 
 METRIC_ROWS: tuple[MetricRow, ...] = (
     MetricRow("absorption", "Mean Full Absorption, 100*(1-score) (↑)", _absorption),
-    MetricRow("explained_variance", "Explained Variance % (↑)",
-              lambda d: _pct(_get(d, "metrics", "core", "explained_variance"))),
-    MetricRow("explained_variance_legacy", "Explained Variance, legacy SAEBench % (↑)",
-              lambda d: _pct(_get(d, "metrics", "core", "explained_variance_legacy"))),
-    MetricRow("ce_loss_recovered", "CE Loss Recovered % (↑)",
-              lambda d: _pct(_get(d, "metrics", "core", "downstream", "ce_loss_recovered"))),
-    MetricRow("kl_div_sae", "KL(clean ‖ SAE) nats (↓)",
-              lambda d: _get(d, "metrics", "core", "downstream", "kl_div_sae")),
+    MetricRow(
+        "explained_variance",
+        "Explained Variance % (↑)",
+        lambda d: _pct(_get(d, "metrics", "core", "explained_variance")),
+    ),
+    MetricRow(
+        "explained_variance_legacy",
+        "Explained Variance, legacy SAEBench % (↑)",
+        lambda d: _pct(_get(d, "metrics", "core", "explained_variance_legacy")),
+    ),
+    MetricRow(
+        "ce_loss_recovered",
+        "CE Loss Recovered % (↑)",
+        lambda d: _pct(_get(d, "metrics", "core", "downstream", "ce_loss_recovered")),
+    ),
+    MetricRow(
+        "kl_div_sae",
+        "KL(clean ‖ SAE) nats (↓)",
+        lambda d: _get(d, "metrics", "core", "downstream", "kl_div_sae"),
+    ),
     MetricRow("l0", "L0 (measured)", lambda d: _get(d, "metrics", "core", "l0")),
-    MetricRow("frac_dead", "Dead latents % (↓)",
-              lambda d: _pct(_get(d, "metrics", "core", "frac_dead"))),
-    MetricRow("explained_variance_masked", "Explained Variance on masked acts % (↑)",
-              lambda d: _pct(_get(d, "metrics", "core_masked", "explained_variance"))),
-    MetricRow("absorption_letters", "Eligible absorption letters (of 26; SAEBench needs 20)",
-              _n_letters, digits=1),
+    MetricRow(
+        "frac_dead", "Dead latents % (↓)", lambda d: _pct(_get(d, "metrics", "core", "frac_dead"))
+    ),
+    MetricRow(
+        "explained_variance_masked",
+        "Explained Variance on masked acts % (↑)",
+        lambda d: _pct(_get(d, "metrics", "core_masked", "explained_variance")),
+    ),
+    MetricRow(
+        "absorption_letters",
+        "Eligible absorption letters (of 26; SAEBench needs 20)",
+        _n_letters,
+        digits=1,
+    ),
 )
 
 MIN_ABSORPTION_LETTERS = 20
@@ -132,8 +152,12 @@ def group_results(docs: Sequence[dict[str, Any]]) -> dict[Setting, dict[Cell, li
     """setting -> (k, p) -> one result per seed (the latest step when a seed repeats)."""
     latest: dict[tuple, dict[str, Any]] = {}
     for doc in docs:
-        setting = (_prov(doc, "model"), _prov(doc, "layer"), _prov(doc, "architecture"),
-                   _prov(doc, "d_sae"))
+        setting = (
+            _prov(doc, "model"),
+            _prov(doc, "layer"),
+            _prov(doc, "architecture"),
+            _prov(doc, "d_sae"),
+        )
         cell = (_prov(doc, "k"), float(_prov(doc, "mask_prob") or 0.0))
         ident = (setting, cell, _prov(doc, "seed"))
         old = latest.get(ident)
@@ -158,15 +182,18 @@ def _k_label(k: Any) -> str:
 
 
 def _rows_present(cells: dict[Cell, list[dict]]) -> list[MetricRow]:
-    return [r for r in METRIC_ROWS
-            if any(r.read(d) is not None for docs in cells.values() for d in docs)]
+    return [
+        r
+        for r in METRIC_ROWS
+        if any(r.read(d) is not None for docs in cells.values() for d in docs)
+    ]
 
 
 RUNS_LABEL = "Runs (seeds) behind the cell"
 
 
 def runs_label(docs: Sequence[dict[str, Any]]) -> str:
-    """"2 (seeds 0, 1)": how many runs back a cell, and which seeds."""
+    """ "2 (seeds 0, 1)": how many runs back a cell, and which seeds."""
     if not docs:
         return "–"
     seeds = sorted((_prov(d, "seed") for d in docs), key=_sort_key)
@@ -185,11 +212,16 @@ def paper_table(cells: dict[Cell, list[dict]]) -> str:
     rows say how many runs (seeds) back each cell."""
     ks = sorted({k for k, _ in cells}, key=_sort_key)
     ps = sorted({p for _, p in cells})
-    lines = ["| Metric | Method | " + " | ".join(_k_label(k) for k in ks) + " |",
-             "|---|---|" + "---|" * len(ks)]
+    lines = [
+        "| Metric | Method | " + " | ".join(_k_label(k) for k in ks) + " |",
+        "|---|---|" + "---|" * len(ks),
+    ]
     for p in ps:
-        lines.append(f"| {RUNS_LABEL} | {_method(p)} | "
-                     + " | ".join(runs_label(cells.get((k, p), [])) for k in ks) + " |")
+        lines.append(
+            f"| {RUNS_LABEL} | {_method(p)} | "
+            + " | ".join(runs_label(cells.get((k, p), [])) for k in ks)
+            + " |"
+        )
     for row in _rows_present(cells):
         for p in ps:
             vals = [_cell_text(row, cells.get((k, p), [])) for k in ks]
@@ -203,10 +235,11 @@ def ablation_table(cells: dict[Cell, list[dict]], k: Any) -> str | None:
     if len(ps) < 2:
         return None
     sub = {c: d for c, d in cells.items() if c[0] == k}
-    lines = ["| Metric | " + " | ".join(f"p={p:g}" for p in ps) + " |",
-             "|---|" + "---|" * len(ps),
-             f"| {RUNS_LABEL} | " + " | ".join(runs_label(sub.get((k, p), [])) for p in ps)
-             + " |"]
+    lines = [
+        "| Metric | " + " | ".join(f"p={p:g}" for p in ps) + " |",
+        "|---|" + "---|" * len(ps),
+        f"| {RUNS_LABEL} | " + " | ".join(runs_label(sub.get((k, p), [])) for p in ps) + " |",
+    ]
     for row in _rows_present(sub):
         vals = [_cell_text(row, sub.get((k, p), [])) for p in ps]
         lines.append(f"| {row.label} | " + " | ".join(vals) + " |")
@@ -223,9 +256,12 @@ def absorption_warning(cells: dict[Cell, list[dict]]) -> str | None:
             few.append(f"{_k_label(k)} {_method(p)}: {int(min(counts))}")
     if not few:
         return None
-    return (f"> **Warning:** absorption averages over fewer than {MIN_ABSORPTION_LETTERS} "
-            f"eligible letters (SAEBench's minimum) in {len(few)} cell(s) - "
-            + "; ".join(few) + ". Compare those absorption numbers with care.")
+    return (
+        f"> **Warning:** absorption averages over fewer than {MIN_ABSORPTION_LETTERS} "
+        f"eligible letters (SAEBench's minimum) in {len(few)} cell(s) - "
+        + "; ".join(few)
+        + ". Compare those absorption numbers with care."
+    )
 
 
 def _slug(*parts: Any) -> str:
@@ -253,13 +289,20 @@ def plot_frontier(cells: dict[Cell, list[dict]], path: Path, title: str) -> bool
                 pts.append((x, y))
         if pts:
             drawn = True
-            (line,) = ax.plot([a.mean for a, _ in pts], [b.mean for _, b in pts], marker="o",
-                              label=_method(p))
+            (line,) = ax.plot(
+                [a.mean for a, _ in pts], [b.mean for _, b in pts], marker="o", label=_method(p)
+            )
             spread = [(a, b) for a, b in pts if a.n > 1 or b.n > 1]
             if spread:  # error bars only where several seeds give a spread
-                ax.errorbar([a.mean for a, _ in spread], [b.mean for _, b in spread],
-                            xerr=[a.std for a, _ in spread], yerr=[b.std for _, b in spread],
-                            fmt="none", ecolor=line.get_color(), capsize=3)
+                ax.errorbar(
+                    [a.mean for a, _ in spread],
+                    [b.mean for _, b in spread],
+                    xerr=[a.std for a, _ in spread],
+                    yerr=[b.std for _, b in spread],
+                    fmt="none",
+                    ecolor=line.get_color(),
+                    capsize=3,
+                )
     if not drawn:
         plt.close(fig)
         return False
@@ -292,8 +335,7 @@ def _letter_rates(doc: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def plot_absorption_letters(cells: dict[Cell, list[dict]], k: Any, path: Path,
-                            title: str) -> bool:
+def plot_absorption_letters(cells: dict[Cell, list[dict]], k: Any, path: Path, title: str) -> bool:
     """Full-absorption rate per letter at one k, bars per mask probability."""
     import matplotlib
 
@@ -317,14 +359,26 @@ def plot_absorption_letters(cells: dict[Cell, list[dict]], k: Any, path: Path,
     width = 0.8 / len(series)
     for i, (p, stats) in enumerate(series.items()):
         xs = [j + i * width for j in range(len(letters))]
-        bars = ax.bar(xs, [stats[ltr].mean if ltr in stats else 0.0 for ltr in letters], width,
-                      label=_method(p))
-        err = [(x, stats[ltr]) for x, ltr in zip(xs, letters, strict=True)
-               if ltr in stats and stats[ltr].n > 1]
+        bars = ax.bar(
+            xs,
+            [stats[ltr].mean if ltr in stats else 0.0 for ltr in letters],
+            width,
+            label=_method(p),
+        )
+        err = [
+            (x, stats[ltr])
+            for x, ltr in zip(xs, letters, strict=True)
+            if ltr in stats and stats[ltr].n > 1
+        ]
         if err:  # error bars only where several seeds give a spread
-            ax.errorbar([x for x, _ in err], [st.mean for _, st in err],
-                        yerr=[st.std for _, st in err], fmt="none", capsize=2,
-                        ecolor=bars.patches[0].get_facecolor() if bars.patches else "k")
+            ax.errorbar(
+                [x for x, _ in err],
+                [st.mean for _, st in err],
+                yerr=[st.std for _, st in err],
+                fmt="none",
+                capsize=2,
+                ecolor=bars.patches[0].get_facecolor() if bars.patches else "k",
+            )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(letters))], letters)
     ax.set_ylabel("full absorption rate (↓)")
     ax.set_title(title, fontsize=9)
@@ -345,19 +399,29 @@ def _save(fig: Any, path: Path) -> None:
 def build_report(docs: Sequence[dict[str, Any]], out_dir: Path) -> str:
     """Write the figures under ``out_dir`` and return the Markdown text."""
     out_dir = Path(out_dir)
-    md = ["# masksae evaluation report", "",
-          f"{len(docs)} result file(s). Cells are the mean over seeds, with ± sample std and "
-          "the seed count n where there are several; the first rows of each table give the "
-          "runs (seeds) behind every cell, and plots draw error bars only where n > 1. "
-          "Absorption is SAEBench's mean full "
-          "absorption score in the paper's form 100·(1 − score) (higher is better); "
-          "explained variance is the corrected definition unless labelled legacy.", ""]
+    md = [
+        "# masksae evaluation report",
+        "",
+        f"{len(docs)} result file(s). Cells are the mean over seeds, with ± sample std and "
+        "the seed count n where there are several; the first rows of each table give the "
+        "runs (seeds) behind every cell, and plots draw error bars only where n > 1. "
+        "Absorption is SAEBench's mean full "
+        "absorption score in the paper's form 100·(1 − score) (higher is better); "
+        "explained variance is the corrected definition unless labelled legacy.",
+        "",
+    ]
     for setting, cells in group_results(docs).items():
         model, layer, arch, d_sae = setting
         title = f"{model} layer {layer} · {arch} · d_sae={d_sae}"
         slug = _slug(model, f"L{layer}", arch, d_sae)
-        md += [f"## {title}", "", "### Metrics by sparsity, with vs without masking", "",
-               paper_table(cells), ""]
+        md += [
+            f"## {title}",
+            "",
+            "### Metrics by sparsity, with vs without masking",
+            "",
+            paper_table(cells),
+            "",
+        ]
         warning = absorption_warning(cells)
         if warning:
             md += [warning, ""]
@@ -371,8 +435,12 @@ def build_report(docs: Sequence[dict[str, Any]], out_dir: Path) -> str:
         for k in sorted({k for k, _ in cells}, key=_sort_key):
             png = out_dir / f"absorption_letters_{slug}_k{k}.png"
             if plot_absorption_letters(cells, k, png, f"{title} · {_k_label(k)}"):
-                md += [f"### Absorption per letter at {_k_label(k)}", "",
-                       f"![absorption per letter]({png.name})", ""]
+                md += [
+                    f"### Absorption per letter at {_k_label(k)}",
+                    "",
+                    f"![absorption per letter]({png.name})",
+                    "",
+                ]
     return "\n".join(md)
 
 

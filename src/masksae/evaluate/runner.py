@@ -72,8 +72,10 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
-            raise ConfigError(f"unknown metric(s) {unknown or list(self.metrics)}: "
-                              f"choose from {', '.join(METRICS)}")
+            raise ConfigError(
+                f"unknown metric(s) {unknown or list(self.metrics)}: "
+                f"choose from {', '.join(METRICS)}"
+            )
 
 
 class Evaluator:
@@ -111,8 +113,10 @@ class Evaluator:
         model_spec = cfg.model_override or prov["model"]
         layer = prov["layer"]
         if model_spec is None or layer is None:
-            raise CheckpointError(f"checkpoint {str(checkpoint)!r} names no model/layer in its "
-                                  "store provenance: cannot make evaluation activations")
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint)!r} names no model/layer in its "
+                "store provenance: cannot make evaluation activations"
+            )
         d_sae = int(prov["d_sae"] or sae.cfg.d_sae)
         metrics: dict[str, Any] = {}
         eval_info: dict[str, Any] = {"config": to_dict(cfg.data)}
@@ -122,31 +126,38 @@ class Evaluator:
             if masked:
                 p = prov["mask_prob"] or 0.0
                 store = meta.get("store") or {}
-                dcfg = replace(dcfg, mask_prob=p if p > 0 else cfg.data.mask_prob,
-                               mask_token_id=store.get("mask_token_id"),
-                               mask_string=store.get("mask_string") or cfg.data.mask_string)
+                dcfg = replace(
+                    dcfg,
+                    mask_prob=p if p > 0 else cfg.data.mask_prob,
+                    mask_token_id=store.get("mask_token_id"),
+                    mask_string=store.get("mask_string") or cfg.data.mask_string,
+                )
             fields = key_fields(model_spec, prov["revision"], layer, dcfg)
             if not has_entry(cfg.cache_dir, fields):
                 self._lm(model_spec, timer)  # timed as load_llm, not eval_data
             with timer.phase("eval_data"):
                 data, hit = load_or_build(
-                    cfg.cache_dir, fields,
-                    lambda: build_eval_data(self._lm(model_spec, timer), layer, None, dcfg))
+                    cfg.cache_dir,
+                    fields,
+                    lambda: build_eval_data(self._lm(model_spec, timer), layer, None, dcfg),
+                )
             eval_info["masked" if masked else "clean"] = {**data.meta, "cache_hit": hit}
             return data
 
         def core_on(acts) -> dict[str, Any]:
             with timer.phase("core"):
                 return reconstruction_metrics(
-                    sae, iter_batches(acts, cfg.core.batch_size, device=device), d_sae, cfg.core)
+                    sae, iter_batches(acts, cfg.core.batch_size, device=device), d_sae, cfg.core
+                )
 
         want_core = "core" in cfg.metrics or "reconstruction" in cfg.metrics
         d_in = int(prov["d_in"] or sae.cfg.d_in)
 
         def from_store(include_masked: bool):
             with timer.phase("eval_data"):
-                acts, info = store_activations(cfg.eval_store, cfg.data.n_tokens,
-                                               include_masked=include_masked)
+                acts, info = store_activations(
+                    cfg.eval_store, cfg.data.n_tokens, include_masked=include_masked
+                )
             _check_store(cfg.eval_store, info, prov, d_in)
             eval_info["store_masked" if include_masked else "store"] = info
             return acts
@@ -154,8 +165,9 @@ class Evaluator:
         with torch.no_grad():
             if want_core:
                 # corpus activations are needed for CE/KL and when no store is given
-                clean = get_data(False) if (cfg.eval_store is None
-                                            or "core" in cfg.metrics) else None
+                clean = (
+                    get_data(False) if (cfg.eval_store is None or "core" in cfg.metrics) else None
+                )
                 if cfg.eval_store is not None:
                     metrics["core"] = core_on(from_store(False))
                 else:
@@ -167,9 +179,16 @@ class Evaluator:
                     base_key = json.dumps([clean.meta.get("cache_key"), cfg.downstream.n_sequences])
                     with timer.phase("downstream"):
                         ds = downstream_metrics(
-                            lm, sae, layer, clean.input_ids_ST, clean.attention_mask_ST,
-                            clean.keep_ST, cfg.downstream, baseline=self._baseline(base_key),
-                            clean_cache=self._clean_cache(base_key))
+                            lm,
+                            sae,
+                            layer,
+                            clean.input_ids_ST,
+                            clean.attention_mask_ST,
+                            clean.keep_ST,
+                            cfg.downstream,
+                            baseline=self._baseline(base_key),
+                            clean_cache=self._clean_cache(base_key),
+                        )
                     self._store_baseline(base_key, ds["baseline"])
                     metrics["core"]["downstream"] = ds
                 if cfg.eval_masked:
@@ -233,13 +252,16 @@ def _check_store(path: Path, info: dict[str, Any], prov: dict[str, Any], d_in: i
     """ConfigError when the store's width is not the SAE's; a warning when its model or
     layer differ from the checkpoint's."""
     if info["d_model"] != d_in:
-        raise ConfigError(f"--eval-store {str(path)!r} holds {info['d_model']}-dim activations "
-                          f"but the SAE reads {d_in}: pass the store of the SAE's model/layer")
+        raise ConfigError(
+            f"--eval-store {str(path)!r} holds {info['d_model']}-dim activations "
+            f"but the SAE reads {d_in}: pass the store of the SAE's model/layer"
+        )
     sprov = info.get("provenance") or {}
     for key in ("model", "layer"):
         if sprov.get(key) is not None and prov.get(key) is not None and sprov[key] != prov[key]:
-            log.warning("--eval-store %s has %s %r, the checkpoint %r", path, key, sprov[key],
-                        prov[key])
+            log.warning(
+                "--eval-store %s has %s %r, the checkpoint %r", path, key, sprov[key], prov[key]
+            )
 
 
 def result_filename(checkpoint: Path, roots: Sequence[Path]) -> str:
@@ -256,7 +278,9 @@ def result_filename(checkpoint: Path, roots: Sequence[Path]) -> str:
 
 
 def evaluate_checkpoints(
-    checkpoints: Sequence[Path], out_dir: Path, cfg: EvaluateConfig,
+    checkpoints: Sequence[Path],
+    out_dir: Path,
+    cfg: EvaluateConfig,
     roots: Sequence[Path] = (),
 ) -> list[Path]:
     """Evaluate every checkpoint, writing ``out_dir/<name>.json``; return the files."""

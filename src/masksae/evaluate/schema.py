@@ -29,8 +29,19 @@ SCHEMA_NAME = "masksae.eval"
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema", "schema_version", "checkpoint", "provenance", "metrics", "timings_s")
 PROVENANCE_KEYS = (
-    "model", "revision", "layer", "mask_prob", "architecture", "k", "d_in", "d_sae", "seed",
-    "store_seed", "step", "tokens", "store_fingerprint",
+    "model",
+    "revision",
+    "layer",
+    "mask_prob",
+    "architecture",
+    "k",
+    "d_in",
+    "d_sae",
+    "seed",
+    "store_seed",
+    "step",
+    "tokens",
+    "store_fingerprint",
 )
 
 
@@ -94,9 +105,11 @@ def make_result(
 def validate_result(doc: Any, where: str = "result") -> dict[str, Any]:
     """Check the top-level shape of a result document; return it."""
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
-        raise ResultFormatError(f"{where} is not a masksae evaluation result (schema "
-                                f"{SCHEMA_NAME!r} expected): pass the JSON files `masksae "
-                                "evaluate` wrote")
+        raise ResultFormatError(
+            f"{where} is not a masksae evaluation result (schema "
+            f"{SCHEMA_NAME!r} expected): pass the JSON files `masksae "
+            "evaluate` wrote"
+        )
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise ResultFormatError(
             f"{where} has schema_version {doc.get('schema_version')!r}; this masksae reads "

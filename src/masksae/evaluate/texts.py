@@ -45,8 +45,9 @@ MIN_TAIL_CHARS = 4 << 20
 _TOKENIZE_BATCH = 64
 
 
-def make_corpus(source: str, field: str = "text", filters: Iterable[str] = (),
-                split: str = "train") -> Corpus:
+def make_corpus(
+    source: str, field: str = "text", filters: Iterable[str] = (), split: str = "train"
+) -> Corpus:
     """The harvest stage's corpus reader for an evaluation source."""
     return Corpus(CorpusSpec(source=source, field=field, filters=tuple(filters), split=split))
 
@@ -87,27 +88,36 @@ def skip_documents(documents: Iterable[str], tokenizer: Any, skip_tokens: int) -
     while seen < skip_tokens:
         batch = list(itertools.islice(it, _TOKENIZE_BATCH))
         if not batch:
-            raise CorpusError(f"evaluation corpus ended within the {skip_tokens} held-out "
-                              f"tokens skipped at its start ({seen} tokens in {n_skipped} "
-                              "documents): pass a smaller skip or a larger corpus")
-        lengths = [len(ids) for ids in
-                   tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]]
+            raise CorpusError(
+                f"evaluation corpus ended within the {skip_tokens} held-out "
+                f"tokens skipped at its start ({seen} tokens in {n_skipped} "
+                "documents): pass a smaller skip or a larger corpus"
+            )
+        lengths = [
+            len(ids)
+            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        ]
         for i, n in enumerate(lengths):
             if seen >= skip_tokens:  # this document starts after the skipped span
-                log.info("evaluation text starts after %d documents (%d tokens) of the corpus",
-                         n_skipped, seen)
+                log.info(
+                    "evaluation text starts after %d documents (%d tokens) of the corpus",
+                    n_skipped,
+                    seen,
+                )
                 yield from batch[i:]
                 yield from it
                 return
             seen += n
             n_skipped += 1
-    log.info("evaluation text starts after %d documents (%d tokens) of the corpus",
-             n_skipped, seen)
+    log.info("evaluation text starts after %d documents (%d tokens) of the corpus", n_skipped, seen)
     yield from it
 
 
 def held_out_documents(
-    corpus: Corpus, tokenizer: Any, n_tokens: int, skip_tokens: int | None = None,
+    corpus: Corpus,
+    tokenizer: Any,
+    n_tokens: int,
+    skip_tokens: int | None = None,
 ) -> Iterator[str]:
     """Evaluation documents of ``corpus``, held out from a harvest reading it from the start
     (see the module docstring); enough for ``n_tokens`` tokens when the corpus has them."""

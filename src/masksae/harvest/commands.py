@@ -16,56 +16,80 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def harvest(
-    out: Path = typer.Option(..., "--out", help="Store directory (created, or resumed when it "
-                             "holds a store made with identical settings)."),
-    model: str = typer.Option("bundled:smollm2-135m", "--model",
-                              help="Hugging Face id, local directory, or bundled:smollm2-135m / "
-                              "bundled:gemma3-270m."),
-    layer: int | None = typer.Option(None, "--layer",
-                                     help="Block whose output is captured (0-based); default "
-                                     "the middle block."),
-    corpus: str = typer.Option("bundled", "--corpus",
-                               help="bundled, a local .txt/.jsonl/.parquet file or folder, or a "
-                               "Hugging Face dataset id."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Store directory (created, or resumed when it "
+        "holds a store made with identical settings).",
+    ),
+    model: str = typer.Option(
+        "bundled:smollm2-135m",
+        "--model",
+        help="Hugging Face id, local directory, or bundled:smollm2-135m / bundled:gemma3-270m.",
+    ),
+    layer: int | None = typer.Option(
+        None, "--layer", help="Block whose output is captured (0-based); default the middle block."
+    ),
+    corpus: str = typer.Option(
+        "bundled",
+        "--corpus",
+        help="bundled, a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id.",
+    ),
     corpus_field: str = typer.Option("text", "--corpus-field", help="Text field of records."),
-    corpus_filter: list[str] = typer.Option([], "--corpus-filter",
-                                            help="key=value record filter (repeatable), e.g. "
-                                            "meta.pile_set_name=Pile-CC."),
+    corpus_filter: list[str] = typer.Option(
+        [],
+        "--corpus-filter",
+        help="key=value record filter (repeatable), e.g. meta.pile_set_name=Pile-CC.",
+    ),
     corpus_split: str = typer.Option("train", "--corpus-split", help="Dataset split."),
-    tokens: int = typer.Option(100_000, "--tokens", help="Tokens to harvest (rounded up to "
-                               "whole sequences)."),
+    tokens: int = typer.Option(
+        100_000, "--tokens", help="Tokens to harvest (rounded up to whole sequences)."
+    ),
     mask_prob: float = typer.Option(0.3, "--mask-prob", help="Masking probability p, 0 <= p < 1."),
-    mask_string: str = typer.Option("...", "--mask-string",
-                                    help="Mask string (must be one token)."),
-    mask_token_id: int | None = typer.Option(None, "--mask-token-id",
-                                             help="Mask token id (overrides --mask-string)."),
-    context_length: int | None = typer.Option(None, "--context-length",
-                                              help="Tokens per sequence; default 128 for bundled "
-                                              "models, else min(1024, model maximum)."),
+    mask_string: str = typer.Option(
+        "...", "--mask-string", help="Mask string (must be one token)."
+    ),
+    mask_token_id: int | None = typer.Option(
+        None, "--mask-token-id", help="Mask token id (overrides --mask-string)."
+    ),
+    context_length: int | None = typer.Option(
+        None,
+        "--context-length",
+        help="Tokens per sequence; default 128 for bundled models, else min(1024, model maximum).",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32/bfloat16/float16."),
-    store_dtype: str | None = typer.Option(None, "--store-dtype",
-                                           help="Activation dtype at rest; default the model "
-                                           "dtype."),
+    store_dtype: str | None = typer.Option(
+        None, "--store-dtype", help="Activation dtype at rest; default the model dtype."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     devices: str | None = typer.Option(
-        None, "--devices",
+        None,
+        "--devices",
         help="Comma-separated devices for a multi-device harvest, e.g. cuda:0,cuda:1 (or "
         "cpu,cpu): one worker process per device computes the chunks with index % n == its "
         "rank into the same store; the main process holds the store lock, shows aggregate "
-        "progress and finalises. The store equals a single-device run. Overrides --device."),
+        "progress and finalises. The store equals a single-device run. Overrides --device.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the mask draws."),
-    chunk_sequences: int | None = typer.Option(None, "--chunk-sequences",
-                                               help="Sequences per store chunk (unit of resume); "
-                                               "default about 32K tokens."),
-    compression: str | None = typer.Option(None, "--compression",
-                                           help="Activation compression, e.g. none, zstd:1, "
-                                           "blosc-lz4-shuffle; default the storage default."),
+    chunk_sequences: int | None = typer.Option(
+        None,
+        "--chunk-sequences",
+        help="Sequences per store chunk (unit of resume); default about 32K tokens.",
+    ),
+    compression: str | None = typer.Option(
+        None,
+        "--compression",
+        help="Activation compression, e.g. none, zstd:1, "
+        "blosc-lz4-shuffle; default the storage default.",
+    ),
     outlier_norm_factor: float = typer.Option(
-        10.0, "--outlier-norm-factor",
+        10.0,
+        "--outlier-norm-factor",
         help="Also flag as excluded (stored, skipped by the reader and the statistics) tokens "
         "whose activation norm exceeds this factor x the median norm of their chunk's "
-        "non-special, non-position-0 tokens (attention-sink-like outliers); 0 disables."),
+        "non-special, non-position-0 tokens (attention-sink-like outliers); 0 disables.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run the LLM on a masked corpus and cache the residual stream after block --layer.
@@ -81,19 +105,27 @@ def harvest(
     from masksae.harvest.runner import run_harvest
 
     cfg = HarvestConfig(
-        out=str(out), model=model, layer=layer, corpus=corpus, corpus_field=corpus_field,
-        corpus_filter=tuple(corpus_filter), corpus_split=corpus_split, tokens=tokens,
-        mask_prob=mask_prob, mask_string=mask_string, mask_token_id=mask_token_id,
-        context_length=context_length, batch_size=batch_size, dtype=dtype,
-        store_dtype=store_dtype, device=device, seed=seed, chunk_sequences=chunk_sequences,
-        compression=compression, outlier_norm_factor=outlier_norm_factor,
+        out=str(out),
+        model=model,
+        layer=layer,
+        corpus=corpus,
+        corpus_field=corpus_field,
+        corpus_filter=tuple(corpus_filter),
+        corpus_split=corpus_split,
+        tokens=tokens,
+        mask_prob=mask_prob,
+        mask_string=mask_string,
+        mask_token_id=mask_token_id,
+        context_length=context_length,
+        batch_size=batch_size,
+        dtype=dtype,
+        store_dtype=store_dtype,
+        device=device,
+        seed=seed,
+        chunk_sequences=chunk_sequences,
+        compression=compression,
+        outlier_norm_factor=outlier_norm_factor,
         devices=parse_devices(devices) if devices is not None else (),
     )
     result = run_harvest(cfg, progress=progress)
-    typer.echo(
-        f"harvested {result.total_tokens} tokens into {result.out} "
-        f"({result.n_chunks} chunks, {result.skipped_chunks} resumed; "
-        f"{result.tokens_per_s:.0f} tok/s; masked fraction {result.masked_fraction:.4f}; "
-        f"{result.norm_outliers} norm outliers flagged)",
-        err=True,
-    )
+    typer.echo(f"harvested: {result.summary()}", err=True)

@@ -182,9 +182,7 @@ class Corpus:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise CorpusError(
-                    f"reading {path} needs pyarrow: pip install pyarrow"
-                ) from None
+                raise CorpusError(f"reading {path} needs pyarrow: pip install pyarrow") from None
             table = pq.read_table(path)
             for record in table.to_pylist():
                 if _matches(record, self._filters):

@@ -21,12 +21,13 @@ DEFAULT_OUTLIER_NORM_FACTOR = 10.0
 
 def outlier_policy(factor: float) -> str:
     """The excluded-token policy of a harvest with this factor (recorded in provenance)."""
-    base = ("stored and flagged: special tokens and position 0 are written with "
-            "excluded=True")
+    base = "stored and flagged: special tokens and position 0 are written with excluded=True"
     if factor > 0:
-        base += (f"; so are norm outliers, tokens whose activation L2 norm exceeds "
-                 f"{factor:g} x the median norm of their chunk's tokens that are neither "
-                 "special nor at position 0")
+        base += (
+            f"; so are norm outliers, tokens whose activation L2 norm exceeds "
+            f"{factor:g} x the median norm of their chunk's tokens that are neither "
+            "special nor at position 0"
+        )
     return base + "; the reader skips excluded tokens by default and statistics ignore them"
 
 
@@ -34,8 +35,10 @@ def validate_outlier_factor(factor: float) -> float:
     """``factor`` as a float; ConfigError unless it is 0 (off) or a finite number > 1."""
     from masksae.errors import ConfigError
 
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
-        factor == 0 or 1.0 < float(factor) < float("inf")
+    if (
+        isinstance(factor, bool)
+        or not isinstance(factor, (int, float))
+        or not (factor == 0 or 1.0 < float(factor) < float("inf"))
     ):
         raise ConfigError(
             f"--outlier-norm-factor {factor!r} is invalid: expected 0 (off) or a finite "
@@ -49,8 +52,9 @@ def row_norms(acts_ND: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(acts_ND.float(), dim=-1)
 
 
-def flag_norm_outliers(norms_N: np.ndarray | torch.Tensor, excluded_N: np.ndarray,
-                       factor: float) -> np.ndarray:
+def flag_norm_outliers(
+    norms_N: np.ndarray | torch.Tensor, excluded_N: np.ndarray, factor: float
+) -> np.ndarray:
     """Bool [N]: eligible tokens (not ``excluded_N``) whose norm > factor x their median.
 
     ``norms_N`` are the tokens' activation norms (see :func:`row_norms`); ``factor`` 0 flags

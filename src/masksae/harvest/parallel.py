@@ -65,12 +65,14 @@ def parse_devices(devices: tuple[str, ...] | list[str] | str) -> tuple[str, ...]
     items = devices.split(",") if isinstance(devices, str) else list(devices)
     names = tuple(item.strip() for item in items if item.strip())
     if not names:
-        raise ConfigError(f"--devices {devices!r} names no device: use e.g. cuda:0,cuda:1 or "
-                          "cpu,cpu")
+        raise ConfigError(
+            f"--devices {devices!r} names no device: use e.g. cuda:0,cuda:1 or cpu,cpu"
+        )
     for name in names:
         if name == "auto":
-            raise ConfigError("--devices takes explicit devices (cuda:0,cuda:1, cpu,cpu), not "
-                              "'auto'")
+            raise ConfigError(
+                "--devices takes explicit devices (cuda:0,cuda:1, cpu,cpu), not 'auto'"
+            )
         device = resolve_device(name)
         if device.type == "cuda":
             import torch
@@ -106,22 +108,41 @@ def run_parallel_harvest(cfg: HarvestConfig, *, progress: bool = True) -> Harves
     ranks = sorted({i % world for i in range(n_chunks) if i not in completed})
     n_cpu = sum(1 for d in devices if d.startswith("cpu"))
     threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu))
-    log.info("multi-device harvest on %s: %d worker(s) with pending chunks", ",".join(devices),
-             len(ranks))
+    log.info(
+        "multi-device harvest on %s: %d worker(s) with pending chunks",
+        ",".join(devices),
+        len(ranks),
+    )
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     workers = {
         rank: ctx.Process(
             target=worker_main,
-            args=(WorkerTask(cfg=dataclasses.replace(cfg, device=devices[rank], devices=()),
-                             rank=rank, world=world, owner_pid=os.getpid(),
-                             torch_threads=threads), messages),
-            name=f"masksae-harvest-{rank}-{devices[rank]}", daemon=True)
+            args=(
+                WorkerTask(
+                    cfg=dataclasses.replace(cfg, device=devices[rank], devices=()),
+                    rank=rank,
+                    world=world,
+                    owner_pid=os.getpid(),
+                    torch_threads=threads,
+                ),
+                messages,
+            ),
+            name=f"masksae-harvest-{rank}-{devices[rank]}",
+            daemon=True,
+        )
         for rank in ranks
     }
-    bar = tqdm(total=plan.total_tokens, initial=done_tokens, unit="tok", unit_scale=True,
-               desc=f"harvest x{world}", disable=not progress, dynamic_ncols=True,
-               smoothing=0.1)
+    bar = tqdm(
+        total=plan.total_tokens,
+        initial=done_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest x{world}",
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     start = time.perf_counter()
     counts = ChunkCounts()
     failure: str | None = None
@@ -154,8 +175,10 @@ def run_parallel_harvest(cfg: HarvestConfig, *, progress: bool = True) -> Harves
                 # its last message may still be in flight: wait for a second quiet poll
                 seen_dead[rank] = seen_dead.get(rank, 0) + 1
                 if seen_dead[rank] >= 2:
-                    failure = (f"worker {rank} on {devices[rank]} exited with code "
-                               f"{workers[rank].exitcode} before finishing its chunks")
+                    failure = (
+                        f"worker {rank} on {devices[rank]} exited with code "
+                        f"{workers[rank].exitcode} before finishing its chunks"
+                    )
                     break
         finished = failure is None
     finally:
@@ -194,8 +217,9 @@ def worker_main(task: WorkerTask, messages: Any) -> None:
 
     rank = task.rank
     try:
-        logging.basicConfig(level=logging.WARNING,
-                            format=f"%(levelname)s worker {rank}: %(message)s")
+        logging.basicConfig(
+            level=logging.WARNING, format=f"%(levelname)s worker {rank}: %(message)s"
+        )
         if task.cfg.device.startswith("cpu"):
             torch.set_num_threads(task.torch_threads)
         plan = plan_harvest(task.cfg, check_corpus=False)
@@ -203,14 +227,18 @@ def worker_main(task: WorkerTask, messages: Any) -> None:
 
         def parent_alive(index: int) -> None:
             if os.getppid() != task.owner_pid:
-                raise StoreError(f"parent process {task.owner_pid} is gone; stopping before "
-                                 f"chunk {index}")
+                raise StoreError(
+                    f"parent process {task.owner_pid} is gone; stopping before chunk {index}"
+                )
 
         with writer:
             counts = harvest_chunks(
-                plan, writer, owned=lambda i: i % task.world == rank,
+                plan,
+                writer,
+                owned=lambda i: i % task.world == rank,
                 on_tokens=lambda n: messages.put(("tokens", rank, int(n))),
-                before_chunk=parent_alive)
+                before_chunk=parent_alive,
+            )
         messages.put(("done", rank, dataclasses.asdict(counts)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         kind = type(exc).__name__ if isinstance(exc, MasksaeError) else "MasksaeError"

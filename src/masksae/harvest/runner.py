@@ -82,6 +82,18 @@ class HarvestResult:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    def summary(self) -> str:
+        """One line for the log and the CLI."""
+        head = f"{self.out} holds {self.total_tokens} tokens in {self.n_chunks} chunks"
+        if self.new_tokens == 0:
+            return f"{head}; all were complete already, nothing to compute"
+        return (
+            f"{head} ({self.n_chunks - self.skipped_chunks} computed now, "
+            f"{self.skipped_chunks} resumed) in {self.seconds:.1f} s, "
+            f"{self.tokens_per_s:.0f} tok/s; of the tokens computed now, masked fraction "
+            f"{self.masked_fraction:.4f} and {self.norm_outliers} norm outliers flagged"
+        )
+
 
 @dataclass
 class HarvestPlan:
@@ -106,8 +118,9 @@ class HarvestPlan:
 
     def sequences(self) -> Iterator[np.ndarray]:
         """The packed (unmasked) sequences, in order, exactly ``n_sequences`` of them."""
-        packed = pack_sequences(self.corpus, self.lm.tokenizer, self.context_length,
-                                prepend_bos=self.lm.prepend_bos)
+        packed = pack_sequences(
+            self.corpus, self.lm.tokenizer, self.context_length, prepend_bos=self.lm.prepend_bos
+        )
         return itertools.islice(packed, self.n_sequences)
 
     def provenance(self) -> dict[str, Any]:
@@ -166,8 +179,9 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-def plan_harvest(cfg: HarvestConfig, *, lm: LoadedModel | None = None,
-                 check_corpus: bool = True) -> HarvestPlan:
+def plan_harvest(
+    cfg: HarvestConfig, *, lm: LoadedModel | None = None, check_corpus: bool = True
+) -> HarvestPlan:
     """Validate ``cfg`` (loading the model unless ``lm`` is given) and resolve every default.
 
     ``check_corpus`` tokenises the corpus up front to refuse one that is too small (workers
@@ -180,27 +194,43 @@ def plan_harvest(cfg: HarvestConfig, *, lm: LoadedModel | None = None,
     validate_mask_prob(cfg.mask_prob)
     outlier_factor = validate_outlier_factor(cfg.outlier_norm_factor)
     store_dtype = dtype_name(resolve_dtype(cfg.store_dtype or cfg.dtype))
-    corpus = Corpus(CorpusSpec(source=cfg.corpus, field=cfg.corpus_field,
-                               filters=tuple(cfg.corpus_filter), split=cfg.corpus_split))
+    corpus = Corpus(
+        CorpusSpec(
+            source=cfg.corpus,
+            field=cfg.corpus_field,
+            filters=tuple(cfg.corpus_filter),
+            split=cfg.corpus_split,
+        )
+    )
     if lm is None:
         lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     layer = lm.n_layers // 2 if cfg.layer is None else cfg.layer
     _validate_layer(lm, layer)
-    context = resolve_context_length(cfg.context_length, lm.max_context,
-                                     bundled=lm.model_id.startswith(BUNDLED_PREFIX))
+    context = resolve_context_length(
+        cfg.context_length, lm.max_context, bundled=lm.model_id.startswith(BUNDLED_PREFIX)
+    )
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
-    mask_id, mask_string = resolve_mask_token(lm.tokenizer, cfg.mask_string, cfg.mask_token_id,
-                                              vocab)
+    mask_id, mask_string = resolve_mask_token(
+        lm.tokenizer, cfg.mask_string, cfg.mask_token_id, vocab
+    )
     if cfg.chunk_sequences is None:
         per_chunk = max(batch_size, DEFAULT_CHUNK_TOKENS // context // batch_size * batch_size)
     else:
         per_chunk = _positive_int(cfg.chunk_sequences, "--chunk-sequences")
     n_sequences = math.ceil(tokens / context)
     plan = HarvestPlan(
-        cfg=cfg, lm=lm, corpus=corpus, layer=layer, context_length=context, mask_id=mask_id,
-        mask_string=mask_string, special_ids=special_token_ids(lm.tokenizer),
-        n_sequences=n_sequences, chunk_sequences=min(per_chunk, n_sequences),
-        store_dtype=store_dtype, outlier_norm_factor=outlier_factor,
+        cfg=cfg,
+        lm=lm,
+        corpus=corpus,
+        layer=layer,
+        context_length=context,
+        mask_id=mask_id,
+        mask_string=mask_string,
+        special_ids=special_token_ids(lm.tokenizer),
+        n_sequences=n_sequences,
+        chunk_sequences=min(per_chunk, n_sequences),
+        store_dtype=store_dtype,
+        outlier_norm_factor=outlier_factor,
     )
     if check_corpus:
         _check_corpus_size(plan)
@@ -239,8 +269,10 @@ def run_harvest(
         from masksae.harvest.parallel import run_parallel_harvest
 
         if lm is not None:
-            raise ConfigError("a multi-device harvest loads the model in each worker: "
-                              "do not pass a loaded model (lm) with several devices")
+            raise ConfigError(
+                "a multi-device harvest loads the model in each worker: "
+                "do not pass a loaded model (lm) with several devices"
+            )
         return run_parallel_harvest(cfg, progress=progress)
     if len(cfg.devices) == 1:
         cfg = dataclasses.replace(cfg, device=cfg.devices[0], devices=())
@@ -259,8 +291,16 @@ def _run_single(cfg: HarvestConfig, *, lm: LoadedModel | None, progress: bool) -
     n_chunks = writer.n_chunks
     done_tokens = sum(_chunk_len(spec, i) for i in completed)
     log_start(plan, n_chunks, len(completed))
-    bar = tqdm(total=plan.total_tokens, initial=done_tokens, unit="tok", unit_scale=True,
-               desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=plan.total_tokens,
+        initial=done_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     start = time.perf_counter()
     with writer:
         counts = harvest_chunks(plan, writer, owned=lambda _i: True, on_tokens=bar.update)
@@ -288,9 +328,14 @@ class ChunkCounts:
         self.outliers += other.outliers
 
 
-def harvest_chunks(plan: HarvestPlan, writer: Any, *, owned: Callable[[int], bool],
-                   on_tokens: Callable[[int], Any],
-                   before_chunk: Callable[[int], None] | None = None) -> ChunkCounts:
+def harvest_chunks(
+    plan: HarvestPlan,
+    writer: Any,
+    *,
+    owned: Callable[[int], bool],
+    on_tokens: Callable[[int], Any],
+    before_chunk: Callable[[int], None] | None = None,
+) -> ChunkCounts:
     """Compute and write every chunk that is ``owned`` and not complete in ``writer``.
 
     The corpus is always tokenised from the start (deterministic), skipping the sequences of
@@ -312,8 +357,9 @@ def harvest_chunks(plan: HarvestPlan, writer: Any, *, owned: Callable[[int], boo
             continue
         if before_chunk is not None:
             before_chunk(index)
-        data, n_outliers = _harvest_chunk(plan, np.stack(block), index * plan.chunk_sequences,
-                                          on_tokens)
+        data, n_outliers = _harvest_chunk(
+            plan, np.stack(block), index * plan.chunk_sequences, on_tokens
+        )
         writer.write_chunk(index, data, record_extra={"n_norm_outliers": n_outliers})
         counts.add(ChunkCounts(len(data), int(data.masked.sum()), n_outliers))
     return counts
@@ -325,18 +371,34 @@ def log_start(plan: HarvestPlan, n_chunks: int, n_completed: int) -> None:
     log.info(
         "harvest %s layer %d (%s) -> %s: %d tokens = %d sequences x %d, %d chunks "
         "(%d complete), p=%.3g, mask %r (id %d), seed %d, outlier norm factor %g",
-        plan.lm.model_id, plan.layer, HOOK, cfg.out, plan.total_tokens, plan.n_sequences,
-        plan.context_length, n_chunks, n_completed, cfg.mask_prob, plan.mask_string,
-        plan.mask_id, cfg.seed, plan.outlier_norm_factor,
+        plan.lm.model_id,
+        plan.layer,
+        HOOK,
+        cfg.out,
+        plan.total_tokens,
+        plan.n_sequences,
+        plan.context_length,
+        n_chunks,
+        n_completed,
+        cfg.mask_prob,
+        plan.mask_string,
+        plan.mask_id,
+        cfg.seed,
+        plan.outlier_norm_factor,
     )
 
 
-def make_result(plan: HarvestPlan, counts: ChunkCounts, n_chunks: int, skipped: int,
-                seconds: float) -> HarvestResult:
+def make_result(
+    plan: HarvestPlan, counts: ChunkCounts, n_chunks: int, skipped: int, seconds: float
+) -> HarvestResult:
     """The HarvestResult of a finished harvest."""
     return HarvestResult(
-        out=Path(plan.cfg.out), total_tokens=plan.total_tokens, new_tokens=counts.tokens,
-        n_chunks=n_chunks, skipped_chunks=skipped, seconds=seconds,
+        out=Path(plan.cfg.out),
+        total_tokens=plan.total_tokens,
+        new_tokens=counts.tokens,
+        n_chunks=n_chunks,
+        skipped_chunks=skipped,
+        seconds=seconds,
         masked_fraction=counts.masked / counts.tokens if counts.tokens else 0.0,
         norm_outliers=counts.outliers,
     )
@@ -344,13 +406,7 @@ def make_result(plan: HarvestPlan, counts: ChunkCounts, n_chunks: int, skipped: 
 
 def log_done(result: HarvestResult) -> None:
     """Log the summary of a finished harvest."""
-    log.info(
-        "harvest done: %s holds %d tokens in %d chunks (%d computed now, %d resumed) in "
-        "%.1f s, %.0f tok/s, masked fraction %.4f, %d norm outliers flagged",
-        result.out, result.total_tokens, result.n_chunks,
-        result.n_chunks - result.skipped_chunks, result.skipped_chunks, result.seconds,
-        result.tokens_per_s, result.masked_fraction, result.norm_outliers,
-    )
+    log.info("harvest done: %s", result.summary())
 
 
 def _prefetch(items: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:
@@ -381,8 +437,9 @@ def _chunk_len(spec: Any, index: int) -> int:
     return hi - lo
 
 
-def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int,
-                   on_tokens: Callable[[int], Any]) -> tuple[Any, int]:
+def _harvest_chunk(
+    plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int, on_tokens: Callable[[int], Any]
+) -> tuple[Any, int]:
     """Mask, run the truncated forward in batches, flag norm outliers, and assemble one
     chunk's ChunkData; returns it with the number of norm outliers flagged."""
     from masksae.storage import ChunkData
@@ -390,7 +447,11 @@ def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int,
     n_seq, length = ids_ST.shape
     seq_idx_S = np.arange(first_seq, first_seq + n_seq, dtype=np.int64)
     masked_ids, masked, excluded = mask_sequences(
-        ids_ST, seq_idx_S, seed=plan.cfg.seed, p=plan.cfg.mask_prob, mask_id=plan.mask_id,
+        ids_ST,
+        seq_idx_S,
+        seed=plan.cfg.seed,
+        p=plan.cfg.mask_prob,
+        mask_id=plan.mask_id,
         special_ids=plan.special_ids,
     )
     acts = torch.empty((n_seq * length, plan.lm.d_model), dtype=plan.lm.dtype)
@@ -401,8 +462,8 @@ def _harvest_chunk(plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int,
     for lo in range(0, n_seq, batch):
         hi = min(lo + batch, n_seq)
         h_BTD = capture_resid_post(plan.lm, input_ids[lo:hi], attention[lo:hi], plan.layer)
-        acts[lo * length:hi * length] = h_BTD.reshape(-1, plan.lm.d_model).to("cpu")
-        norms[lo * length:hi * length] = row_norms(h_BTD).reshape(-1).to("cpu")
+        acts[lo * length : hi * length] = h_BTD.reshape(-1, plan.lm.d_model).to("cpu")
+        norms[lo * length : hi * length] = row_norms(h_BTD).reshape(-1).to("cpu")
         on_tokens((hi - lo) * length)
     excluded_N = excluded.reshape(-1)
     outliers_N = flag_norm_outliers(norms, excluded_N, plan.outlier_norm_factor)

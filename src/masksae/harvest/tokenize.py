@@ -83,7 +83,7 @@ def pack_sequences(
             batch = []
             start = 0
             while len(buffer) - start >= body:
-                seq = buffer[start:start + body]
+                seq = buffer[start : start + body]
                 start += body
                 if prepend_bos:
                     seq = [int(bos), *seq]

@@ -108,7 +108,7 @@ def locate_gguf(bundle: BundledModel) -> Path:
 
 def resolve_bundled(spec: str) -> tuple[Path, str]:
     """Directory of the dequantised cache of ``spec`` (built when missing) and its revision."""
-    name = spec[len(BUNDLED_PREFIX):]
+    name = spec[len(BUNDLED_PREFIX) :]
     bundle = BUNDLED.get(name)
     if bundle is None:
         raise ModelError(

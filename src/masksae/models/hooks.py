@@ -69,10 +69,14 @@ def _hidden_of(output: Any) -> torch.Tensor:
 def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
     if isinstance(output, torch.Tensor):
         return hidden
-    return type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [
-        hidden,
-        *output[1:],
-    ]
+    return (
+        type(output)((hidden, *output[1:]))
+        if isinstance(output, tuple)
+        else [
+            hidden,
+            *output[1:],
+        ]
+    )
 
 
 class _StopForward(Exception):
@@ -101,9 +105,9 @@ def capture_resid_post(
         with torch.inference_mode():
             body(
                 input_ids=input_ids_BT.to(lm.device),
-                attention_mask=None if attention_mask_BT is None else attention_mask_BT.to(
-                    lm.device
-                ),
+                attention_mask=None
+                if attention_mask_BT is None
+                else attention_mask_BT.to(lm.device),
                 use_cache=False,
             )
     except _StopForward:

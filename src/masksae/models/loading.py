@@ -81,8 +81,9 @@ def _needs_bos(architecture: str) -> bool:
     return architecture.startswith("gemma")
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "auto",
-               weights: bool = True) -> LoadedModel:
+def load_model(
+    spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "auto", weights: bool = True
+) -> LoadedModel:
     """Load ``spec`` (Hub id, local directory, or ``bundled:<name>``) in eval mode on ``device``.
 
     ``weights=False`` builds the model on the meta device (config, tokenizer, revision and
@@ -135,13 +136,20 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     )
     log.info(
         "loaded %s (%s, %d blocks, d_model %d, %s on %s, revision %s)",
-        spec, architecture, lm.n_layers, d_model, torch_dtype, torch_device, revision[:24],
+        spec,
+        architecture,
+        lm.n_layers,
+        d_model,
+        torch_dtype,
+        torch_device,
+        revision[:24],
     )
     return lm
 
 
-def _from_pretrained(spec: str, source: str, dtype: torch.dtype,
-                     weights: bool = True) -> tuple[torch.nn.Module, Any]:
+def _from_pretrained(
+    spec: str, source: str, dtype: torch.dtype, weights: bool = True
+) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -154,13 +162,13 @@ def _from_pretrained(spec: str, source: str, dtype: torch.dtype,
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"cannot load model {spec!r}: {first[:300]} ({OFFLINE_HINT})"
-        ) from exc
+        raise ModelError(f"cannot load model {spec!r}: {first[:300]} ({OFFLINE_HINT})") from exc
     except Exception as exc:  # network errors from huggingface_hub, requests, httpx ...
         name = type(exc).__name__
         if "Connect" in name or "Timeout" in name or "HTTP" in name or "Hub" in name:
-            raise ModelError(f"cannot reach the Hub for model {spec!r}: {name} ({OFFLINE_HINT})") from exc
+            raise ModelError(
+                f"cannot reach the Hub for model {spec!r}: {name} ({OFFLINE_HINT})"
+            ) from exc
         raise
     return model, tokenizer
 

@@ -65,26 +65,45 @@ def tiny_config(
     """A transformers config for a tiny model of ``architecture`` (see ARCHITECTURES)."""
     import transformers as tf
 
-    common: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1,
-                                  bos_token_id=2)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2
+    )
     if architecture == "llama":
-        return tf.LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model,
-                              num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                              num_key_value_heads=max(1, n_heads // 2),
-                              max_position_embeddings=max_context, **common)
+        return tf.LlamaConfig(
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2),
+            max_position_embeddings=max_context,
+            **common,
+        )
     if architecture == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=d_model, intermediate_size=2 * d_model,
-                                num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                                max_position_embeddings=max_context, **common)
+        return tf.GPTNeoXConfig(
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=max_context,
+            **common,
+        )
     if architecture in ("gemma2", "gemma3_text"):
         cls = tf.Gemma2Config if architecture == "gemma2" else tf.Gemma3TextConfig
-        return cls(hidden_size=d_model, intermediate_size=2 * d_model,
-                   num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                   num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads,
-                   max_position_embeddings=max_context, sliding_window=max_context, **common)
+        return cls(
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2),
+            head_dim=d_model // n_heads,
+            max_position_embeddings=max_context,
+            sliding_window=max_context,
+            **common,
+        )
     if architecture == "gpt2":
-        return tf.GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads,
-                             n_positions=max_context, **common)
+        return tf.GPT2Config(
+            n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=max_context, **common
+        )
     raise ValueError(f"unknown tiny architecture {architecture!r}: expected one of {ARCHITECTURES}")
 
 
@@ -103,8 +122,13 @@ def build_tiny_model(
 
     out = Path(out_dir)
     tokenizer = build_tiny_tokenizer(out)
-    config = tiny_config(architecture, vocab_size=len(tokenizer), n_layers=n_layers,
-                         d_model=d_model, max_context=max_context)
+    config = tiny_config(
+        architecture,
+        vocab_size=len(tokenizer),
+        n_layers=n_layers,
+        d_model=d_model,
+        max_context=max_context,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model.save_pretrained(out)

@@ -58,8 +58,9 @@ def store_summary(path: Path) -> dict[str, Any]:
         "complete": store.is_complete,
         "tokens_usable": store.count_tokens(),
         "tokens_excluded": store.count_tokens(include_excluded=True) - store.count_tokens(),
-        "tokens_norm_outliers": sum(int(r.get("n_norm_outliers", 0))
-                                    for r in store.records.values()),
+        "tokens_norm_outliers": sum(
+            int(r.get("n_norm_outliers", 0)) for r in store.records.values()
+        ),
         "tokens_masked": store.count_tokens() - store.count_tokens(include_masked=False),
         "excluded_token_policy": store.provenance.get("excluded_token_policy")
         or store.attrs.get("excluded_token_policy"),
@@ -72,25 +73,36 @@ def store_summary(path: Path) -> dict[str, Any]:
 def _format_info(s: dict[str, Any]) -> str:
     lines = [f"store        {s['path']}"]
     status = "complete" if s["complete"] else "INCOMPLETE (rerun the harvest to resume)"
-    lines.append(f"chunks       {s['chunks_complete']}/{s['chunks_total']} complete "
-                 f"({s['chunk_tokens']} tokens each): {status}")
-    lines.append(f"tokens       {s['n_tokens']} total, {s['tokens_usable']} usable, "
-                 f"{s['tokens_masked']} masked (usable)")
+    lines.append(
+        f"chunks       {s['chunks_complete']}/{s['chunks_total']} complete "
+        f"({s['chunk_tokens']} tokens each): {status}"
+    )
+    lines.append(
+        f"tokens       {s['n_tokens']} total, {s['tokens_usable']} usable, "
+        f"{s['tokens_masked']} masked (usable)"
+    )
     outliers = s["tokens_norm_outliers"]
-    lines.append(f"excluded     {s['tokens_excluded'] - outliers} special/position-0, "
-                 f"{outliers} norm outliers")
+    lines.append(
+        f"excluded     {s['tokens_excluded'] - outliers} special/position-0, "
+        f"{outliers} norm outliers"
+    )
     lines.append(f"activations  d_model={s['d_model']} dtype={s['dtype']}")
     ratio = s["compression_ratio"]
-    lines.append(f"compression  {s['compression']}"
-                 + (f", ratio {ratio:.3f}x" if ratio is not None else ""))
-    lines.append(f"size         {_human_bytes(s['size_on_disk_bytes'])} on disk "
-                 f"(activations {_human_bytes(s['activations_bytes_on_disk'])})")
+    lines.append(
+        f"compression  {s['compression']}" + (f", ratio {ratio:.3f}x" if ratio is not None else "")
+    )
+    lines.append(
+        f"size         {_human_bytes(s['size_on_disk_bytes'])} on disk "
+        f"(activations {_human_bytes(s['activations_bytes_on_disk'])})"
+    )
     stats = s["statistics"]
     if stats:
-        lines.append(f"statistics   mean norm {stats['mean_norm']:.6g}, rms norm "
-                     f"{stats['rms_norm']:.6g}, norm scale {stats['norm_scale']:.6g}, "
-                     f"mean |mean_d| {stats['mean_abs_mean_D']:.4g}, mean var_d "
-                     f"{stats['mean_var_D']:.4g} (over {stats['n_tokens']} tokens)")
+        lines.append(
+            f"statistics   mean norm {stats['mean_norm']:.6g}, rms norm "
+            f"{stats['rms_norm']:.6g}, norm scale {stats['norm_scale']:.6g}, "
+            f"mean |mean_d| {stats['mean_abs_mean_D']:.4g}, mean var_d "
+            f"{stats['mean_var_D']:.4g} (over {stats['n_tokens']} tokens)"
+        )
     lines.append(f"fingerprint  {s['fingerprint']}")
     lines.append(f"version      masksae {s['package_version']}")
     lines.append("provenance")
@@ -114,9 +126,13 @@ def info(
 @user_errors
 def verify(
     path: Path = typer.Argument(..., help="Store directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON report "
-                                 "on stdout (path, ok, chunk counts, fingerprint, and each "
-                                 "bad chunk's index, token range and problem)."),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print a machine-readable JSON report "
+        "on stdout (path, ok, chunk counts, fingerprint, and each "
+        "bad chunk's index, token range and problem).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
 ) -> None:
     """Check every chunk is present and checksum-correct (exit 1 naming bad chunks)."""
@@ -126,8 +142,9 @@ def verify(
     from masksae.storage.verify import chunk_problems
 
     store = ActivationStore.open(path, require_complete=False)
-    with tqdm(total=store.n_chunks, desc="verify", unit="chunk", disable=not progress,
-              file=None) as bar:
+    with tqdm(
+        total=store.n_chunks, desc="verify", unit="chunk", disable=not progress, file=None
+    ) as bar:
         problems = chunk_problems(store, on_chunk=lambda _i: bar.update(1))
     if as_json:
         report = {
@@ -138,8 +155,12 @@ def verify(
             "n_tokens": store.n_tokens,
             "fingerprint": store.fingerprint,
             "bad_chunks": [
-                {"index": index, "start": store.chunk_bounds(index)[0],
-                 "stop": store.chunk_bounds(index)[1], "problem": problem}
+                {
+                    "index": index,
+                    "start": store.chunk_bounds(index)[0],
+                    "stop": store.chunk_bounds(index)[1],
+                    "problem": problem,
+                }
                 for index, problem in problems.items()
             ],
         }
@@ -149,8 +170,10 @@ def verify(
             typer.echo(f"BAD {problem}")
         typer.echo(f"{len(problems)} of {store.n_chunks} chunks bad or missing in {store.path}")
     else:
-        typer.echo(f"OK: all {store.n_chunks} chunks of {store.path} present and "
-                   f"checksum-correct ({store.n_tokens} tokens, fingerprint "
-                   f"{store.fingerprint})")
+        typer.echo(
+            f"OK: all {store.n_chunks} chunks of {store.path} present and "
+            f"checksum-correct ({store.n_tokens} tokens, fingerprint "
+            f"{store.fingerprint})"
+        )
     if problems:
         raise typer.Exit(code=1)

@@ -41,8 +41,9 @@ def plain_shard_rows(array_dir: Path) -> int | None:
         return None
 
 
-def shard_views(file: Path, n_rows: int, d_model: int, dtype: np.dtype, inner_rows: int,
-                inner_per_shard: int) -> list[np.ndarray] | None:
+def shard_views(
+    file: Path, n_rows: int, d_model: int, dtype: np.dtype, inner_rows: int, inner_per_shard: int
+) -> list[np.ndarray] | None:
     """Read-only [rows, D] views of the inner chunks covering ``n_rows`` rows of a shard.
 
     Returns None when the file is missing or its index does not describe complete, in-bounds
@@ -70,8 +71,11 @@ def shard_views(file: Path, n_rows: int, d_model: int, dtype: np.dtype, inner_ro
         if rows <= 0:
             break
         offset, nbytes = index[j]
-        if offset == _EMPTY or nbytes != inner_rows * row_bytes or \
-                offset + nbytes > raw.shape[0] - index_bytes:
+        if (
+            offset == _EMPTY
+            or nbytes != inner_rows * row_bytes
+            or offset + nbytes > raw.shape[0] - index_bytes
+        ):
             return None
         start = int(offset)
         views.append(raw[start : start + rows * row_bytes].view(dtype).reshape(rows, d_model))

@@ -137,8 +137,14 @@ def create_store(path: Path, spec: StoreSpec) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("created activation store %s (%d chunks of %d tokens, %s, %s)", path,
-             spec.n_chunks, spec.chunk_tokens, spec.dtype, spec.compression)
+    log.info(
+        "created activation store %s (%d chunks of %d tokens, %s, %s)",
+        path,
+        spec.n_chunks,
+        spec.chunk_tokens,
+        spec.dtype,
+        spec.compression,
+    )
 
 
 LOCK_FILE = ".writer.lock"
@@ -156,8 +162,7 @@ def lock_store(path: Path) -> Any:
 
     key = os.path.realpath(path)
     if key in _HELD_LOCKS:
-        log.warning("store %s is already open for writing in this process; reusing its lock",
-                    path)
+        log.warning("store %s is already open for writing in this process; reusing its lock", path)
         return _HELD_LOCKS[key]
     handle = open(Path(path) / LOCK_FILE, "a+")  # noqa: SIM115 - held for the writer's life
     try:
@@ -191,8 +196,7 @@ def lock_holder(path: Path) -> int | None:
         except OSError:  # held exclusively: read the holder's pid
             handle.seek(0)
             text = handle.read().split()
-            return int(text[1]) if len(text) >= 2 and text[0] == "pid" and \
-                text[1].isdigit() else -1
+            return int(text[1]) if len(text) >= 2 and text[0] == "pid" and text[1].isdigit() else -1
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         return None
 

@@ -44,12 +44,16 @@ class ActivationStore:
         """
         path = Path(path)
         if not path.exists():
-            raise StoreError(f"activation store {path} does not exist: check the path, or "
-                             "run `masksae harvest --out PATH` to create it")
+            raise StoreError(
+                f"activation store {path} does not exist: check the path, or "
+                "run `masksae harvest --out PATH` to create it"
+            )
         attrs = layout.read_attrs(path)
         if attrs is None:
-            raise StoreError(f"{path} is not a masksae activation store (no store attributes "
-                             "in zarr.json): check the path")
+            raise StoreError(
+                f"{path} is not a masksae activation store (no store attributes "
+                "in zarr.json): check the path"
+            )
         spec = layout.spec_from_attrs(attrs)
         records = layout.read_manifests(path, spec)
         store = cls(path, attrs, records)
@@ -114,15 +118,20 @@ class ActivationStore:
     @cached_property
     def fingerprint(self) -> str:
         """Hash of the spec (with provenance) and every chunk checksum."""
-        checksums = [self._records[i]["checksum"] if i in self._records else "missing"
-                     for i in range(self.n_chunks)]
+        checksums = [
+            self._records[i]["checksum"] if i in self._records else "missing"
+            for i in range(self.n_chunks)
+        ]
         return layout.store_fingerprint(self.spec, checksums)
 
     @cached_property
     def stats(self) -> ActivationStats:
         """Statistics over non-excluded tokens (of the complete chunks, in chunk order)."""
-        parts = [ChunkStats.from_dict(self._records[i]["stats"])
-                 for i in range(self.n_chunks) if i in self._records]
+        parts = [
+            ChunkStats.from_dict(self._records[i]["stats"])
+            for i in range(self.n_chunks)
+            if i in self._records
+        ]
         return aggregate(parts, self.d_model)
 
     def norm_scale(self) -> float:
@@ -133,8 +142,13 @@ class ActivationStore:
         """Token range [start, stop) of chunk ``index``."""
         return self.spec.chunk_bounds(index)
 
-    def count_tokens(self, *, include_masked: bool = True, include_excluded: bool = False,
-                     chunk_range: tuple[int, int] | None = None) -> int:
+    def count_tokens(
+        self,
+        *,
+        include_masked: bool = True,
+        include_excluded: bool = False,
+        chunk_range: tuple[int, int] | None = None,
+    ) -> int:
         """Tokens a stream with these options would draw from (per epoch, before dropping
         the last partial batch), over the complete chunks in ``chunk_range``."""
         first, last = self._check_chunk_range(chunk_range)
@@ -172,14 +186,17 @@ class ActivationStore:
         ``ChunkData.activations_torch("bfloat16")`` for a torch bf16 tensor.
         """
         if not 0 <= start <= stop <= self.n_tokens:
-            raise StoreError(f"token range [{start}, {stop}) is outside this store's "
-                             f"[0, {self.n_tokens})")
+            raise StoreError(
+                f"token range [{start}, {stop}) is outside this store's [0, {self.n_tokens})"
+            )
         if stop > start:
             first, last = start // self.spec.chunk_tokens, (stop - 1) // self.spec.chunk_tokens
             missing = [i for i in range(first, last + 1) if i not in self._records]
             if missing:
-                raise StoreError(f"token range [{start}, {stop}) touches incomplete chunks "
-                                 f"{missing} of store {self.path}: rerun the harvest to finish it")
+                raise StoreError(
+                    f"token range [{start}, {stop}) touches incomplete chunks "
+                    f"{missing} of store {self.path}: rerun the harvest to finish it"
+                )
         return self._read_range(start, stop, ARRAY_NAMES)
 
     def read_chunk(self, index: int, names: tuple[str, ...] = ARRAY_NAMES) -> dict[str, np.ndarray]:
@@ -203,8 +220,12 @@ class ActivationStore:
         start, stop = self.chunk_bounds(index)
         inner = int(self._plain_rows)
         return fastread.shard_views(
-            layout.chunk_files(self.path, index)[0], stop - start, self.d_model,
-            np.dtype(STORE_DTYPES[self.spec.dtype]), inner, -(-self.spec.chunk_tokens // inner),
+            layout.chunk_files(self.path, index)[0],
+            stop - start,
+            self.d_model,
+            np.dtype(STORE_DTYPES[self.spec.dtype]),
+            inner,
+            -(-self.spec.chunk_tokens // inner),
         )
 
     def _read_range(self, start: int, stop: int, names: tuple[str, ...]) -> ChunkData:
@@ -240,19 +261,37 @@ class ActivationStore:
         from masksae.storage.stream import stream_batches
 
         return stream_batches(
-            self, batch_size, seed=seed, include_masked=include_masked,
-            include_excluded=include_excluded, shuffle_buffer_tokens=shuffle_buffer_tokens,
-            prefetch=prefetch, dtype=dtype, device=device, skip_batches=skip_batches,
-            chunk_range=chunk_range, epochs=epochs,
+            self,
+            batch_size,
+            seed=seed,
+            include_masked=include_masked,
+            include_excluded=include_excluded,
+            shuffle_buffer_tokens=shuffle_buffer_tokens,
+            prefetch=prefetch,
+            dtype=dtype,
+            device=device,
+            skip_batches=skip_batches,
+            chunk_range=chunk_range,
+            epochs=epochs,
         )
 
-    def batches_per_epoch(self, batch_size: int, *, include_masked: bool = True,
-                          include_excluded: bool = False,
-                          chunk_range: tuple[int, int] | None = None) -> int:
+    def batches_per_epoch(
+        self,
+        batch_size: int,
+        *,
+        include_masked: bool = True,
+        include_excluded: bool = False,
+        chunk_range: tuple[int, int] | None = None,
+    ) -> int:
         """Batches one epoch of :meth:`stream` yields with these options."""
-        return self.count_tokens(include_masked=include_masked,
-                                 include_excluded=include_excluded,
-                                 chunk_range=chunk_range) // batch_size
+        return (
+            self.count_tokens(
+                include_masked=include_masked,
+                include_excluded=include_excluded,
+                chunk_range=chunk_range,
+            )
+            // batch_size
+        )
 
     def verify(self) -> list[str]:
         """Problems found (missing chunks, unreadable data, checksum mismatches); [] if good."""
@@ -265,11 +304,15 @@ class ActivationStore:
             return 0, self.n_chunks
         first, last = int(chunk_range[0]), int(chunk_range[1])
         if not 0 <= first < last <= self.n_chunks:
-            raise StoreError(f"chunk_range {chunk_range!r} is invalid: expected (first, last) "
-                             f"with 0 <= first < last <= {self.n_chunks}")
+            raise StoreError(
+                f"chunk_range {chunk_range!r} is invalid: expected (first, last) "
+                f"with 0 <= first < last <= {self.n_chunks}"
+            )
         return first, last
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, n_tokens={self.n_tokens}, "
-                f"d_model={self.d_model}, dtype={self.spec.dtype}, "
-                f"chunks={len(self._records)}/{self.n_chunks})")
+        return (
+            f"ActivationStore({str(self.path)!r}, n_tokens={self.n_tokens}, "
+            f"d_model={self.d_model}, dtype={self.spec.dtype}, "
+            f"chunks={len(self._records)}/{self.n_chunks})"
+        )

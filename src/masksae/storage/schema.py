@@ -171,7 +171,9 @@ def spec_differences(old: StoreSpec, new: StoreSpec) -> list[tuple[str, Any, Any
     for key in sorted(set(old_flat) | set(new_flat)):
         a, b = old_flat.get(key, missing), new_flat.get(key, missing)
         if a != b:
-            diffs.append((key, "<absent>" if a is missing else a, "<absent>" if b is missing else b))
+            diffs.append(
+                (key, "<absent>" if a is missing else a, "<absent>" if b is missing else b)
+            )
     return diffs
 
 

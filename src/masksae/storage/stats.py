@@ -117,8 +117,11 @@ def chunk_stats(acts_ND: np.ndarray, excluded_N: np.ndarray, storage_dtype: str)
             rows = rows[keep_block]
         if rows.shape[0] == 0:
             continue
-        x_BD = to_float64(rows, storage_dtype) if storage_dtype == "float32" else \
-            to_float32(rows, storage_dtype)
+        x_BD = (
+            to_float64(rows, storage_dtype)
+            if storage_dtype == "float32"
+            else to_float32(rows, storage_dtype)
+        )
         sq_BD = x_BD * x_BD  # exact for bf16/fp16 inputs
         sum_D += x_BD.sum(axis=0, dtype=np.float64)
         sumsq_D += sq_BD.sum(axis=0, dtype=np.float64)

@@ -77,16 +77,24 @@ Segment = tuple[np.ndarray, "slice | np.ndarray"]
 class _Prefetcher:
     """Reads chunks (filtered, as at-rest torch tensors) ahead on a daemon thread."""
 
-    def __init__(self, store: ActivationStore, plan: list[list[int]], *, include_masked: bool,
-                 include_excluded: bool, prefetch: int) -> None:
+    def __init__(
+        self,
+        store: ActivationStore,
+        plan: list[list[int]],
+        *,
+        include_masked: bool,
+        include_excluded: bool,
+        prefetch: int,
+    ) -> None:
         self._store = store
         self._plan = plan
         self._include_masked = include_masked
         self._include_excluded = include_excluded
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="masksae-store-prefetch",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="masksae-store-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item: Any) -> bool:
@@ -120,8 +128,10 @@ class _Prefetcher:
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - zarr/codec errors: corrupted data
-            raise StoreError(f"cannot read chunk {index} of store {self._store.path}: {exc}; "
-                             "run `masksae store verify` on it") from exc
+            raise StoreError(
+                f"cannot read chunk {index} of store {self._store.path}: {exc}; "
+                "run `masksae store verify` on it"
+            ) from exc
         if views is None:
             views = [arrays["activations"]]
         keep = np.ones(arrays["excluded"].shape[0], dtype=bool)
@@ -253,36 +263,65 @@ def stream_batches(
     chunks = list(range(first, last))
     missing = [i for i in chunks if i not in store.completed_chunks]
     if missing:
-        raise StoreError(f"cannot stream store {store.path}: chunks {missing[:10]} are "
-                         "incomplete; rerun the harvest command to finish it")
+        raise StoreError(
+            f"cannot stream store {store.path}: chunks {missing[:10]} are "
+            "incomplete; rerun the harvest command to finish it"
+        )
     out_dtype = resolve_dtype(dtype)
     out_device = torch.device(device)
-    per_epoch = store.batches_per_epoch(batch_size, include_masked=include_masked,
-                                        include_excluded=include_excluded,
-                                        chunk_range=(first, last))
+    per_epoch = store.batches_per_epoch(
+        batch_size,
+        include_masked=include_masked,
+        include_excluded=include_excluded,
+        chunk_range=(first, last),
+    )
     if per_epoch == 0:
-        raise StoreError(f"store {store.path} has fewer than batch_size={batch_size} usable "
-                         f"tokens in chunks {first}..{last - 1}: use a smaller batch size")
+        raise StoreError(
+            f"store {store.path} has fewer than batch_size={batch_size} usable "
+            f"tokens in chunks {first}..{last - 1}: use a smaller batch size"
+        )
     first_epoch = min(int(skip_batches) // per_epoch, int(epochs))
     return _generate(
-        store, chunks, int(batch_size), seed=int(seed), include_masked=include_masked,
+        store,
+        chunks,
+        int(batch_size),
+        seed=int(seed),
+        include_masked=include_masked,
         include_excluded=include_excluded,
-        capacity=max(int(shuffle_buffer_tokens), 2 * int(batch_size)), prefetch=int(prefetch),
-        out_dtype=out_dtype, out_device=out_device,
+        capacity=max(int(shuffle_buffer_tokens), 2 * int(batch_size)),
+        prefetch=int(prefetch),
+        out_dtype=out_dtype,
+        out_device=out_device,
         skip_in_epoch=int(skip_batches) - first_epoch * per_epoch,
         epoch_range=range(first_epoch, int(epochs)),
     )
 
 
-def _generate(store: ActivationStore, chunks: list[int], batch_size: int, *, seed: int,
-              include_masked: bool, include_excluded: bool, capacity: int, prefetch: int,
-              out_dtype: torch.dtype, out_device: torch.device, skip_in_epoch: int,
-              epoch_range: range) -> Iterator[torch.Tensor]:
+def _generate(
+    store: ActivationStore,
+    chunks: list[int],
+    batch_size: int,
+    *,
+    seed: int,
+    include_masked: bool,
+    include_excluded: bool,
+    capacity: int,
+    prefetch: int,
+    out_dtype: torch.dtype,
+    out_device: torch.device,
+    skip_in_epoch: int,
+    epoch_range: range,
+) -> Iterator[torch.Tensor]:
     if not epoch_range:
         return
     plan = [chunk_order(chunks, seed, epoch) for epoch in epoch_range]
-    prefetcher = _Prefetcher(store, plan, include_masked=include_masked,
-                             include_excluded=include_excluded, prefetch=prefetch)
+    prefetcher = _Prefetcher(
+        store,
+        plan,
+        include_masked=include_masked,
+        include_excluded=include_excluded,
+        prefetch=prefetch,
+    )
     pin = out_device.type == "cuda"
     at_rest = np.dtype(STORE_DTYPES[store.spec.dtype])
     is_bf16 = store.spec.dtype == "bfloat16"
@@ -293,8 +332,11 @@ def _generate(store: ActivationStore, chunks: list[int], batch_size: int, *, see
         rows = words_BW.view(at_rest)
         if fast_f32:
             return torch.from_numpy(bf16_bits_to_float32(rows))
-        batch = (torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) if is_bf16
-                 else torch.from_numpy(rows))
+        batch = (
+            torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+            if is_bf16
+            else torch.from_numpy(rows)
+        )
         if pin:
             batch = batch.pin_memory().to(out_device, non_blocking=True)
         elif out_device.type != "cpu":
@@ -316,8 +358,9 @@ def _generate(store: ActivationStore, chunks: list[int], batch_size: int, *, see
         prefetcher.close()
 
 
-def _epoch_batches(incoming: _Incoming, rng: np.random.Generator, batch_size: int,
-                   capacity: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _epoch_batches(
+    incoming: _Incoming, rng: np.random.Generator, batch_size: int, capacity: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Mix one epoch's rows through the slot buffer.
 
     Yields (buffer, row indices) per full batch; the consumer must gather the rows before

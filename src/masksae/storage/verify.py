@@ -20,18 +20,24 @@ def verify_chunk(store: ActivationStore, index: int) -> str | None:
     where = f"chunk {index} (tokens {start}..{stop})"
     record = store.records.get(index)
     if record is None:
-        return (f"{where}: missing (no completion record: never written or interrupted); "
-                "rerun the harvest command to rewrite it")
+        return (
+            f"{where}: missing (no completion record: never written or interrupted); "
+            "rerun the harvest command to rewrite it"
+        )
     try:
         data = ChunkData(**store.read_chunk(index, ARRAY_NAMES))
     except Exception as exc:  # noqa: BLE001 - any decode/IO failure is corruption
-        return f"{where}: unreadable data ({type(exc).__name__}: {exc}); delete " \
-               f"{record_hint(store, index)} and rerun the harvest to rewrite it"
+        return (
+            f"{where}: unreadable data ({type(exc).__name__}: {exc}); delete "
+            f"{record_hint(store, index)} and rerun the harvest to rewrite it"
+        )
     actual = chunk_checksum(data)
     if actual != record["checksum"]:
-        return (f"{where}: checksum mismatch (recorded {record['checksum']}, data gives "
-                f"{actual}): the data is corrupted; delete {record_hint(store, index)} and "
-                "rerun the harvest to rewrite it")
+        return (
+            f"{where}: checksum mismatch (recorded {record['checksum']}, data gives "
+            f"{actual}): the data is corrupted; delete {record_hint(store, index)} and "
+            "rerun the harvest to rewrite it"
+        )
     return None
 
 
@@ -42,8 +48,9 @@ def record_hint(store: ActivationStore, index: int) -> str:
     return str(manifest_path(store.path, index))
 
 
-def chunk_problems(store: ActivationStore,
-                   on_chunk: Callable[[int], None] | None = None) -> dict[int, str]:
+def chunk_problems(
+    store: ActivationStore, on_chunk: Callable[[int], None] | None = None
+) -> dict[int, str]:
     """The problem of each bad chunk by index, in order; {} when every chunk is good."""
     problems: dict[int, str] = {}
     for index in range(store.n_chunks):
@@ -56,7 +63,8 @@ def chunk_problems(store: ActivationStore,
     return problems
 
 
-def verify_store(store: ActivationStore,
-                 on_chunk: Callable[[int], None] | None = None) -> list[str]:
+def verify_store(
+    store: ActivationStore, on_chunk: Callable[[int], None] | None = None
+) -> list[str]:
     """Problems found in ``store``, one line per bad chunk; [] when every chunk is good."""
     return list(chunk_problems(store, on_chunk).values())

@@ -33,18 +33,35 @@ from masksae.storage.stats import ChunkStats, aggregate, chunk_stats
 log = logging.getLogger(__name__)
 
 _STOP = object()
-RECORD_FIELDS = frozenset({
-    "index", "start", "stop", "n_tokens", "n_excluded", "n_masked", "n_masked_excluded",
-    "checksum", "checksum_algorithm", "stats",
-})
+RECORD_FIELDS = frozenset(
+    {
+        "index",
+        "start",
+        "stop",
+        "n_tokens",
+        "n_excluded",
+        "n_masked",
+        "n_masked_excluded",
+        "checksum",
+        "checksum_algorithm",
+        "stats",
+    }
+)
 """Fields of a chunk completion record written by the writer itself."""
 
 
 class StoreWriter:
     """Writes the chunks of one store; use :meth:`open`, then as a context manager."""
 
-    def __init__(self, path: Path, spec: StoreSpec, completed: set[int], queue_size: int,
-                 *, worker: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        spec: StoreSpec,
+        completed: set[int],
+        queue_size: int,
+        *,
+        worker: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.spec = spec
         self._completed = set(completed)
@@ -72,14 +89,17 @@ class StoreWriter:
         """
         path = Path(path)
         if path.exists() and not path.is_dir():
-            raise StoreError(f"output path {path} is a file, not a store directory: "
-                             "choose another --out")
+            raise StoreError(
+                f"output path {path} is a file, not a store directory: choose another --out"
+            )
         if not path.exists() or not any(path.iterdir()):
             try:
                 layout.create_store(path, spec)
             except OSError as exc:
-                raise StoreError(f"cannot create the activation store {path}: {exc}; check "
-                                 "the path, permissions and free disk space") from exc
+                raise StoreError(
+                    f"cannot create the activation store {path}: {exc}; check "
+                    "the path, permissions and free disk space"
+                ) from exc
             return cls(path, spec, set(), queue_size)
         attrs = layout.read_attrs(path)
         if attrs is None:
@@ -95,20 +115,26 @@ class StoreWriter:
         existing = layout.spec_from_attrs(attrs)
         diffs = spec_differences(existing, spec)
         if diffs:
-            lines = "\n".join(f"  {key}: store has {old!r}, requested {new!r}"
-                              for key, old, new in diffs)
+            lines = "\n".join(
+                f"  {key}: store has {old!r}, requested {new!r}" for key, old, new in diffs
+            )
             raise ProvenanceMismatchError(
                 f"output path {path} holds a store made with different settings:\n{lines}\n"
                 "choose another --out, or delete the old store to rebuild it"
             )
         completed = set(layout.read_manifests(path, spec))
-        log.info("resuming store %s: %d of %d chunks already complete", path, len(completed),
-                 spec.n_chunks)
+        log.info(
+            "resuming store %s: %d of %d chunks already complete",
+            path,
+            len(completed),
+            spec.n_chunks,
+        )
         return cls(path, spec, completed, queue_size)
 
     @classmethod
-    def attach(cls, path: str | Path, spec: StoreSpec, *, owner_pid: int,
-               queue_size: int = 2) -> StoreWriter:
+    def attach(
+        cls, path: str | Path, spec: StoreSpec, *, owner_pid: int, queue_size: int = 2
+    ) -> StoreWriter:
         """A chunk writer for a worker process of a multi-worker harvest.
 
         The store must already exist with exactly ``spec`` and its writer lock must be held
@@ -120,8 +146,10 @@ class StoreWriter:
         path = Path(path)
         attrs = layout.read_attrs(path)
         if attrs is None:
-            raise StoreError(f"worker cannot attach to {path}: not an activation store "
-                             "(the parent process creates it first)")
+            raise StoreError(
+                f"worker cannot attach to {path}: not an activation store "
+                "(the parent process creates it first)"
+            )
         diffs = spec_differences(layout.spec_from_attrs(attrs), spec)
         if diffs:
             keys = ", ".join(key for key, _old, _new in diffs)
@@ -156,8 +184,9 @@ class StoreWriter:
         return self.spec.chunk_bounds(index)
 
     # ------------------------------------------------------------------ writing
-    def write_chunk(self, index: int, data: ChunkData,
-                    record_extra: dict[str, Any] | None = None) -> None:
+    def write_chunk(
+        self, index: int, data: ChunkData, record_extra: dict[str, Any] | None = None
+    ) -> None:
         """Queue chunk ``index`` for the writer thread (blocks only while the queue is full).
 
         The fields of ``data`` may be numpy arrays or torch tensors (any device); they are
@@ -172,8 +201,10 @@ class StoreWriter:
         extra = dict(record_extra or {})
         clash = sorted(set(extra) & RECORD_FIELDS)
         if clash:
-            raise StoreError(f"record_extra of chunk {index} may not set {clash}: those are "
-                             "the writer's own record fields")
+            raise StoreError(
+                f"record_extra of chunk {index} may not set {clash}: those are "
+                "the writer's own record fields"
+            )
         item = (*self._prepare(index, data), extra)
         while True:
             try:
@@ -203,9 +234,10 @@ class StoreWriter:
             if not self._worker:
                 self._finalise()
         except OSError as exc:
-            raise StoreError(f"cannot write the final attributes of store {self.path}: {exc}; "
-                             "the chunks are complete: fix the cause and rerun to finalise")\
-                from exc
+            raise StoreError(
+                f"cannot write the final attributes of store {self.path}: {exc}; "
+                "the chunks are complete: fix the cause and rerun to finalise"
+            ) from exc
         finally:
             if self._lock_handle is not None:
                 layout.unlock_store(self.path, self._lock_handle)
@@ -239,8 +271,9 @@ class StoreWriter:
         for name, dtype in TOKEN_ARRAYS.items():
             array = layout.as_numpy(getattr(data, name), dtype)
             if array.shape != (n_rows,):
-                raise StoreError(f"chunk {index} {name} has shape {tuple(array.shape)}, "
-                                 f"expected ({n_rows},)")
+                raise StoreError(
+                    f"chunk {index} {name} has shape {tuple(array.shape)}, expected ({n_rows},)"
+                )
             fields[name] = np.ascontiguousarray(array)
         return ChunkData(**fields), index
 
@@ -313,16 +346,26 @@ class StoreWriter:
         updates: dict[str, Any] = {"complete": done == self.n_chunks, "chunks_complete": done}
         if done == self.n_chunks:
             ordered = [records[i] for i in range(self.n_chunks)]
-            stats = aggregate([ChunkStats.from_dict(r["stats"]) for r in ordered],
-                              self.spec.d_model)
+            stats = aggregate(
+                [ChunkStats.from_dict(r["stats"]) for r in ordered], self.spec.d_model
+            )
             updates["statistics"] = stats.to_dict()
             updates["fingerprint"] = layout.store_fingerprint(
-                self.spec, [r["checksum"] for r in ordered])
-            log.info("store %s complete: %d tokens, mean norm %.4g", self.path,
-                     self.spec.total_tokens, stats.mean_norm)
+                self.spec, [r["checksum"] for r in ordered]
+            )
+            log.info(
+                "store %s complete: %d tokens, mean norm %.4g",
+                self.path,
+                self.spec.total_tokens,
+                stats.mean_norm,
+            )
         else:
-            log.warning("store %s closed with %d of %d chunks complete; rerun to resume",
-                        self.path, done, self.n_chunks)
+            log.warning(
+                "store %s closed with %d of %d chunks complete; rerun to resume",
+                self.path,
+                done,
+                self.n_chunks,
+            )
         layout.update_attrs(self.path, updates)
 
 
@@ -345,8 +388,14 @@ def _activations_at_rest(value: Any, dtype: str) -> np.ndarray:
     array = np.asarray(value)
     if dtype == "bfloat16" and array.dtype != np.uint16:
         if array.dtype.kind != "f":
-            raise StoreError(f"bfloat16 activations must be floats or uint16 bits, "
-                             f"got {array.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(array)).to(torch.bfloat16).view(
-            torch.int16).numpy().view(np.uint16)
+            raise StoreError(
+                f"bfloat16 activations must be floats or uint16 bits, got {array.dtype}"
+            )
+        return (
+            torch.from_numpy(np.ascontiguousarray(array))
+            .to(torch.bfloat16)
+            .view(torch.int16)
+            .numpy()
+            .view(np.uint16)
+        )
     return array.astype(target, copy=True)

@@ -23,7 +23,9 @@ def _no_autocast(t: Tensor):
 
 class _SelectedPreacts(Function):
     @staticmethod
-    def forward(ctx, vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D, plan: SparsePlan, subtract_b_dec: bool):
+    def forward(
+        ctx, vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D, plan: SparsePlan, subtract_b_dec: bool
+    ):
         ctx.save_for_backward(vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D)
         ctx.plan = plan
         ctx.subtract_b_dec = subtract_b_dec
@@ -40,12 +42,16 @@ class _SelectedPreacts(Function):
             grad_b_enc.index_add_(0, plan.lat_N, g_N)
             xin_BD = x_BD.float() - b_dec_D.float() if ctx.subtract_b_dec else x_BD.float()
             perm = plan.lat_perm_N
-            grad_W_enc_FD = segment_gather_sum(plan.lat_offsets, plan.rows_N[perm], g_N[perm], xin_BD)
+            grad_W_enc_FD = segment_gather_sum(
+                plan.lat_offsets, plan.rows_N[perm], g_N[perm], xin_BD
+            )
             grad_W_enc = grad_W_enc_FD.t().contiguous().to(W_enc_DF.dtype)
             grad_x = grad_b_dec = None
             if ctx.needs_input_grad[1]:
                 W_enc_FD = W_enc_DF.t().contiguous()
-                grad_x = segment_gather_sum(plan.row_offsets, plan.lat_N, g_N, W_enc_FD).to(x_BD.dtype)
+                grad_x = segment_gather_sum(plan.row_offsets, plan.lat_N, g_N, W_enc_FD).to(
+                    x_BD.dtype
+                )
             if ctx.subtract_b_dec and ctx.needs_input_grad[4]:
                 # d/d b_dec of sum_entries g * ((x - b_dec) @ W_enc)[row, lat] = -W_enc @ grad_b_enc
                 grad_b_dec = -(W_enc_DF.float() @ grad_b_enc).to(b_dec_D.dtype)
@@ -69,7 +75,9 @@ class _SparseDecode(Function):
         with _no_autocast(grad_out_SD):
             grad_out_SD = grad_out_SD.contiguous()
             if ctx.needs_input_grad[0]:
-                grad_vals = pair_dot(grad_out_SD, plan.bag_N, plan.bag_offsets, plan.lat_N, W_dec_FD).to(vals_N.dtype)
+                grad_vals = pair_dot(
+                    grad_out_SD, plan.bag_N, plan.bag_offsets, plan.lat_N, W_dec_FD
+                ).to(vals_N.dtype)
             if ctx.needs_input_grad[1]:
                 perm = plan.lat_perm_N
                 grad_W_dec = segment_gather_sum(
@@ -94,7 +102,9 @@ def selected_preacts(
     lats]) and sends the gradient to W_enc (per-latent gather), b_enc (index_add), b_dec
     (-W_enc @ grad b_enc) and x, touching only the selected pairs.
     """
-    return _SelectedPreacts.apply(vals_N.detach(), x_BD, W_enc_DF, b_enc_F, b_dec_D, plan, subtract_b_dec)
+    return _SelectedPreacts.apply(
+        vals_N.detach(), x_BD, W_enc_DF, b_enc_F, b_dec_D, plan, subtract_b_dec
+    )
 
 
 def sparse_decode(vals_N: Tensor, W_dec_FD: Tensor, plan: SparsePlan) -> Tensor:

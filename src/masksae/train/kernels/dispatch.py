@@ -29,7 +29,9 @@ def backend_for(t: Tensor) -> str:
     return "triton" if t.is_cuda and triton_available() else "torch"
 
 
-def segment_gather_sum(offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor) -> Tensor:
+def segment_gather_sum(
+    offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor
+) -> Tensor:
     """See ``ops_torch.segment_gather_sum``; dispatched by device."""
     if backend_for(table_TD) == "triton":
         from masksae.train.kernels import ops_triton
@@ -38,7 +40,9 @@ def segment_gather_sum(offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, ta
     return ops_torch.segment_gather_sum(offsets_S1, cols_N, weights_N, table_TD)
 
 
-def pair_dot(A_MD: Tensor, rows_N: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor) -> Tensor:
+def pair_dot(
+    A_MD: Tensor, rows_N: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor
+) -> Tensor:
     """See ``ops_torch.pair_dot``; dispatched by device (Triton uses ``rows_N``, PyTorch the
     CSR pointer ``offsets_M1``)."""
     if backend_for(A_MD) == "triton":

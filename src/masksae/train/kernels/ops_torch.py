@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def segment_gather_sum(offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor) -> Tensor:
+def segment_gather_sum(
+    offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor
+) -> Tensor:
     """out[s] = sum_{e in [offsets[s], offsets[s+1])} weights[e] * table[cols[e]]  -> [S, D] fp32.
 
     One primitive serves the sparse decoder (segments = tokens, table = W_dec), the decoder
@@ -33,7 +35,9 @@ def segment_gather_sum(offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, ta
     )
 
 
-def pair_dot(A_MD: Tensor, rows_N: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor) -> Tensor:
+def pair_dot(
+    A_MD: Tensor, rows_N: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor
+) -> Tensor:
     """out[e] = <A[rows[e]], B[cols[e]]>  -> [N] fp32 (sampled dense-dense product, SDDMM).
 
     Entries must be sorted by row with ``offsets_M1`` their CSR row pointer, and columns

@@ -17,8 +17,14 @@ _BLOCK_N = 64
 
 @triton.jit
 def _segment_gather_sum_kernel(
-    offsets_ptr, cols_ptr, weights_ptr, table_ptr, out_ptr,
-    D, stride_table, stride_out,
+    offsets_ptr,
+    cols_ptr,
+    weights_ptr,
+    table_ptr,
+    out_ptr,
+    D,
+    stride_table,
+    stride_out,
     BLOCK_D: tl.constexpr,
 ):
     # One program per (segment, block of D): out[seg, d] = sum_e w[e] * table[cols[e], d].
@@ -38,9 +44,17 @@ def _segment_gather_sum_kernel(
 
 @triton.jit
 def _pair_dot_kernel(
-    a_ptr, ia_ptr, b_ptr, ib_ptr, out_ptr,
-    N, D, stride_a, stride_b,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr,
+    ia_ptr,
+    b_ptr,
+    ib_ptr,
+    out_ptr,
+    N,
+    D,
+    stride_a,
+    stride_b,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # One program per block of entries: out[e] = <A[ia[e]], B[ib[e]]>, fp32 accumulation.
     n_offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,7 +71,9 @@ def _pair_dot_kernel(
     tl.store(out_ptr + n_offs, acc, mask=n_mask)
 
 
-def segment_gather_sum(offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor) -> Tensor:
+def segment_gather_sum(
+    offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor
+) -> Tensor:
     """out[s] = sum_{e in segment s} weights[e] * table[cols[e]] -> [S, D] fp32."""
     table_TD = table_TD.contiguous()
     n_seg = offsets_S1.numel() - 1
@@ -67,8 +83,14 @@ def segment_gather_sum(offsets_S1: Tensor, cols_N: Tensor, weights_N: Tensor, ta
         return out_SD
     grid = (n_seg, triton.cdiv(D, _BLOCK_D))
     _segment_gather_sum_kernel[grid](
-        offsets_S1.contiguous(), cols_N.contiguous(), weights_N.contiguous(), table_TD, out_SD,
-        D, table_TD.stride(0), out_SD.stride(0),
+        offsets_S1.contiguous(),
+        cols_N.contiguous(),
+        weights_N.contiguous(),
+        table_TD,
+        out_SD,
+        D,
+        table_TD.stride(0),
+        out_SD.stride(0),
         BLOCK_D=_BLOCK_D,
     )
     return out_SD
@@ -84,8 +106,16 @@ def pair_dot(A_MD: Tensor, ia_N: Tensor, B_KD: Tensor, ib_N: Tensor) -> Tensor:
     D = A_MD.shape[1]
     grid = (triton.cdiv(n, _BLOCK_N),)
     _pair_dot_kernel[grid](
-        A_MD, ia_N.contiguous(), B_KD, ib_N.contiguous(), out_N,
-        n, D, A_MD.stride(0), B_KD.stride(0),
-        BLOCK_N=_BLOCK_N, BLOCK_D=_BLOCK_D,
+        A_MD,
+        ia_N.contiguous(),
+        B_KD,
+        ib_N.contiguous(),
+        out_N,
+        n,
+        D,
+        A_MD.stride(0),
+        B_KD.stride(0),
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=_BLOCK_D,
     )
     return out_N

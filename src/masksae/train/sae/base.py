@@ -44,9 +44,7 @@ class SAEConfig:
         for name in ("d_in", "d_sae", "dead_tokens_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(
-                    f"SAE config: {name}={value!r} must be a positive integer"
-                )
+                raise ConfigError(f"SAE config: {name}={value!r} must be a positive integer")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict; ``sae_config_from_dict`` inverts it."""

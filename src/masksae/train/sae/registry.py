@@ -47,8 +47,6 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
 def sae_config_from_dict(d: dict[str, Any]) -> SAEConfig:
     """Config from a dict (TOML table / config.json); ``d["architecture"]`` picks the class."""
     if "architecture" not in d:
-        raise ConfigError(
-            f"SAE config needs an 'architecture' key; valid: {sorted(_REGISTRY)}"
-        )
+        raise ConfigError(f"SAE config needs an 'architecture' key; valid: {sorted(_REGISTRY)}")
     cls = config_class(d["architecture"])
     return from_dict(cls, dict(d), where=f"sae[{d['architecture']}]")

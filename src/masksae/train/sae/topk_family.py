@@ -89,10 +89,14 @@ class TopKFamilySAE(SparseAutoencoder):
         """[G, B, D]: x_hat_i = b_dec + decoded groups 0..i, using the inference ``encode``."""
         f_BF = self.encode(x_BD)
         parts_GBD = torch.stack(
-            [f @ W for f, W in zip(
-                f_BF.split(self.group_sizes, dim=1), self.W_dec.split(self.group_sizes, dim=0),
-                strict=True,
-            )]
+            [
+                f @ W
+                for f, W in zip(
+                    f_BF.split(self.group_sizes, dim=1),
+                    self.W_dec.split(self.group_sizes, dim=0),
+                    strict=True,
+                )
+            ]
         )
         return self.b_dec + parts_GBD.cumsum(dim=0)
 
@@ -105,10 +109,20 @@ class TopKFamilySAE(SparseAutoencoder):
                 post_BF = self.post_relu(x_BD)
             sel = self.select(post_BF)
             plan = make_plan(
-                sel.rows_N, sel.lat_N, n_rows=B, n_latents=Fdim, group_of_F=self.group_of_F, n_groups=G
+                sel.rows_N,
+                sel.lat_N,
+                n_rows=B,
+                n_latents=Fdim,
+                group_of_F=self.group_of_F,
+                n_groups=G,
             )
             vals_N = selected_preacts(
-                sel.vals_N, x_BD, self.W_enc, self.b_enc, self.b_dec, plan,
+                sel.vals_N,
+                x_BD,
+                self.W_enc,
+                self.b_enc,
+                self.b_dec,
+                plan,
                 subtract_b_dec=self.subtract_b_dec_from_input,
             )
             parts_BGD = sparse_decode(vals_N, self.W_dec, plan).view(B, G, -1)
@@ -120,11 +134,14 @@ class TopKFamilySAE(SparseAutoencoder):
                 parts_BGD = (f_BF @ self.W_dec)[:, None, :]
             else:
                 parts_BGD = torch.stack(
-                    [f @ W for f, W in zip(
-                        f_BF.split(self.group_sizes, dim=1),
-                        self.W_dec.split(self.group_sizes, dim=0),
-                        strict=True,
-                    )],
+                    [
+                        f @ W
+                        for f, W in zip(
+                            f_BF.split(self.group_sizes, dim=1),
+                            self.W_dec.split(self.group_sizes, dim=0),
+                            strict=True,
+                        )
+                    ],
                     dim=1,
                 )
         self.update_threshold(sel, ctx)
@@ -153,7 +170,9 @@ class TopKFamilySAE(SparseAutoencoder):
                 metrics[f"l2_loss_prefix{i}"] = prefix_err_G[i]
         return StepOutput(loss, x_hat_BD, fired_latents(sel, Fdim), metrics)
 
-    def _auxk_loss(self, x_BD: Tensor, x_hat_BD: Tensor, post_BF: Tensor, ctx: StepContext) -> Tensor:
+    def _auxk_loss(
+        self, x_BD: Tensor, x_hat_BD: Tensor, post_BF: Tensor, ctx: StepContext
+    ) -> Tensor:
         aux = auxk_select(post_BF.detach(), ctx.dead_mask_F, self.cfg.d_in)
         if aux is None:
             return torch.zeros((), dtype=torch.float32, device=x_BD.device)
@@ -162,7 +181,12 @@ class TopKFamilySAE(SparseAutoencoder):
         if ctx.fused:
             plan = make_plan(aux.rows_N, aux.lat_N, n_rows=B, n_latents=Fdim)
             vals_N = selected_preacts(
-                aux.vals_N, x_BD, self.W_enc, self.b_enc, self.b_dec, plan,
+                aux.vals_N,
+                x_BD,
+                self.W_enc,
+                self.b_enc,
+                self.b_dec,
+                plan,
                 subtract_b_dec=self.subtract_b_dec_from_input,
             )
             aux_recon_BD = sparse_decode(vals_N, self.W_dec, plan)
