@@ -299,7 +299,7 @@ class _Run:
             sae.normalize_decoder()
             with torch.no_grad():
                 self.tokens_since_fired_F += x_BD.shape[0]
-                self.tokens_since_fired_F[out.fired_F] = 0
+                self.tokens_since_fired_F.masked_fill_(out.fired_F, 0)  # no host sync
                 torch.ge(self.tokens_since_fired_F, self.dead_threshold, out=self.dead_mask_F)
                 # one host sync per step; lets the SAE skip AuxK entirely when nothing is dead
                 self.any_dead = bool(self.dead_mask_F.any())

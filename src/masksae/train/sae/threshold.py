@@ -10,11 +10,11 @@ from torch import Tensor
 def update_threshold_ema(threshold: Tensor, selected_vals_N: Tensor, beta: float) -> None:
     """In place: m = min positive selected activation (0 if none); theta = m the first time
     (theta < 0 means unset), else theta <- beta * theta + (1 - beta) * m. Always fp32."""
+    # written without host syncs (no .item(), no boolean indexing): it runs every step on GPU
     with torch.autocast(device_type=threshold.device.type, enabled=False):
         vals_N = selected_vals_N.detach().float()
-        positive = vals_N[vals_N > 0]
-        m = positive.min() if positive.numel() else vals_N.new_zeros(())
-        if float(threshold) < 0:
-            threshold.copy_(m)
-        else:
-            threshold.copy_(beta * threshold + (1.0 - beta) * m)
+        positive_N = torch.where(vals_N > 0, vals_N, torch.inf)
+        m = positive_N.amin() if vals_N.numel() else vals_N.new_full((), torch.inf)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # no positive value: m = 0
+        ema = beta * threshold + (1.0 - beta) * m
+        threshold.copy_(torch.where(threshold < 0, m, ema))
