@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from masksae.cli_utils import user_errors
+from masksae.cli_utils import check_output_dir, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ def evaluate_cmd(
     from masksae.evaluate.runner import EvaluateConfig, evaluate_checkpoints
 
     names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    check_output_dir(out, "--out")
+    if cache is not None:
+        check_output_dir(cache, "--cache")
     cfg = EvaluateConfig(
         metrics=names,
         data=EvalDataConfig(
@@ -120,5 +123,6 @@ def report_cmd(
     """Tables (paper form, mask-probability ablation) and plots from evaluation results."""
     from masksae.evaluate.report import write_report
 
+    check_output_dir(out, "--out")
     path = write_report(results, out)
     typer.echo(f"wrote {path}")

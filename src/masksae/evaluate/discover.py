@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,10 +30,21 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
         hits = _search(root, 0)
         if not hits:
             raise CheckpointError(
-                f"no run or checkpoint (a directory with {CHECKPOINT_MARKER}) under {str(root)!r}"
+                f"no run or checkpoint (a directory with {CHECKPOINT_MARKER}) under "
+                f"{str(root)!r}{_not_a_run_hint(root)}: pass the --out folder of `masksae "
+                "train`, one of its run folders, or a checkpoint folder"
             )
         found.extend(hits)
     return sorted(set(found))
+
+
+def _not_a_run_hint(root: Path) -> str:
+    """`` (it is an activation store)`` when ``root`` is a store rather than a run."""
+    try:
+        attrs = json.loads((root / "zarr.json").read_text(encoding="utf-8")).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return " (it is an activation store, the input of `masksae train`)" if attrs else ""
 
 
 def _search(directory: Path, depth: int) -> list[Path]:
@@ -62,5 +74,9 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
                 "the --out directory of `masksae evaluate`"
             )
     if not files:
-        raise MasksaeError(f"no result JSON files under {[str(p) for p in paths]}")
+        where = ", ".join(repr(str(p)) for p in paths)
+        raise MasksaeError(
+            f"no result JSON files under {where}: pass the --out directory of "
+            "`masksae evaluate` (run it first) or its JSON files"
+        )
     return sorted(set(files))

@@ -70,12 +70,13 @@ class EvaluateConfig:
     at another path, e.g. offline)."""
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown or not self.metrics:
+        if not self.metrics:
             raise ConfigError(
-                f"unknown metric(s) {unknown or list(self.metrics)}: "
-                f"choose from {', '.join(METRICS)}"
+                f"--metrics names no metric: give a comma list from {', '.join(METRICS)}"
             )
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ConfigError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
 
 
 class Evaluator:

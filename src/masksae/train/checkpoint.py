@@ -207,7 +207,10 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[A
 
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a directory: pass a run folder written by "
+            "`masksae train` (OUT/<run>)"
+        )
     if not (path / CONFIG_FILE).exists():
         ckpts = list_checkpoints(path)
         hint = (

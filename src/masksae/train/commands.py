@@ -8,9 +8,11 @@ from typing import Any
 
 import typer
 
-from masksae.cli_utils import user_errors
+from masksae.cli_utils import check_output_dir, user_errors
 
 _SAE_FLAGS = ("architecture", "k", "d_sae")
+#: architectures whose sparsity is set by ``k``
+_TOPK_FAMILY = ("topk", "batch_topk", "matryoshka_batch_topk")
 
 
 def register(app: typer.Typer) -> None:
@@ -81,8 +83,9 @@ def train_command(
 ) -> None:
     """Train one SAE or a sweep of SAEs (one pass over the store for all of them).
 
-    Ctrl-C finishes the current step, writes a checkpoint of it and stops (a second Ctrl-C
-    stops at once); rerun the same command with --resume to continue.
+    Ctrl-C finishes the current step, writes a checkpoint of it and stops.
+
+    A second Ctrl-C stops at once. Rerun the same command with --resume to continue.
     """
     from masksae.errors import ConfigError
     from masksae.train.config import SweepConfig, TrainConfig, load_sweep
@@ -101,6 +104,16 @@ def train_command(
         "log_every": log_every,
     }
     train_overrides = {key: v for key, v in train_overrides.items() if v is not None}
+    if steps is not None and tokens is not None:
+        raise ConfigError(
+            f"--steps {steps} and --tokens {tokens} cannot be combined: give one of them"
+        )
+    # a flag replaces the training length of a --config file, whichever way it was given
+    if steps is not None:
+        train_overrides["tokens"] = None
+    elif tokens is not None:
+        train_overrides["steps"] = None
+    check_output_dir(out, "--out")
     if devices is not None:
         if device is not None:
             raise ConfigError("--device and --devices cannot be combined: pass one of them")
@@ -129,10 +142,15 @@ def train_command(
         runs = None
     else:
         arch = architecture or "matryoshka_batch_topk"
+        if k is not None and arch not in _TOPK_FAMILY:
+            raise ConfigError(
+                f"--k {k} does not apply to --architecture {arch} (k is the sparsity of "
+                f"{', '.join(_TOPK_FAMILY)}): drop --k"
+            )
         sae: dict[str, Any] = {"architecture": arch, "d_sae": d_sae or 4096}
         if k is not None:
             sae["k"] = k
-        elif arch in ("topk", "batch_topk", "matryoshka_batch_topk"):
+        elif arch in _TOPK_FAMILY:
             sae["k"] = 40
         train_cfg = TrainConfig(
             **train_overrides,
@@ -191,5 +209,6 @@ def export_command(
     """Export a trained SAE to the SAELens or dictionary_learning format."""
     from masksae.train.export import export
 
+    check_output_dir(out, "--out")
     path = export(run_dir, fmt, out)
     typer.echo(str(path))

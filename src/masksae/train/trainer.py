@@ -378,7 +378,7 @@ class Trainer:
         if cfg.warmup_steps >= self.total_steps:
             log.warning(
                 "warmup_steps = %d >= the %d training steps: the lr never reaches its "
-                "peak; lower warmup_steps",
+                "peak; lower warmup_steps in the [train] table of a --config file",
                 cfg.warmup_steps,
                 self.total_steps,
             )
