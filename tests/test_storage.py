@@ -242,6 +242,16 @@ def test_corrupted_chunk_found_by_verify(tmp_path, data):
     assert [p.split(" (")[0] for p in problems] == ["chunk 2"]
 
 
+def test_verify_names_a_missing_shard_file(tmp_path, data):
+    write_store(tmp_path / "s", make_spec(), data)
+    (tmp_path / "s" / "masked" / "c" / "1").unlink()  # lost in a partial copy, say
+    problems = ActivationStore.open(tmp_path / "s").verify()
+    assert len(problems) == 1
+    assert (
+        problems[0].startswith("chunk 1 ") and "shard file(s) missing (masked/c/1)" in problems[0]
+    )
+
+
 def test_verify_cli_good_store(f32_store):
     from masksae.cli import app
 

@@ -128,3 +128,16 @@ def test_export_refuses_an_unlearned_threshold(tmp_path):
     with pytest.raises(CheckpointError, match="threshold_start_step"):
         export_saelens(tmp_path / "out" / "b", tmp_path / "sl")
     assert not (tmp_path / "sl" / "cfg.json").exists()
+
+
+def test_export_refuses_a_folder_holding_other_files(trained, tmp_path):
+    from masksae.errors import CheckpointError
+    from masksae.train.export import export
+
+    run = trained[0] / "matryoshka_batch_topk"
+    out = tmp_path / "exp"
+    export(run, "saelens", out)
+    export(run, "saelens", out)  # replacing an earlier export of the same format is fine
+    with pytest.raises(CheckpointError, match=r"already holds other files \(cfg.json, sae_weights"):
+        export(run, "dictionary_learning", out)
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]

@@ -127,5 +127,4 @@ def harvest(
         outlier_norm_factor=outlier_norm_factor,
         devices=parse_devices(devices) if devices is not None else (),
     )
-    result = run_harvest(cfg, progress=progress)
-    typer.echo(f"harvested: {result.summary()}", err=True)
+    run_harvest(cfg, progress=progress)  # logs its own one-line summary

@@ -168,8 +168,7 @@ def export_saelens(
             },
         },
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_out(out_dir, (SAELENS_WEIGHTS, SAELENS_CFG), "saelens")
     atomic_write(out / SAELENS_WEIGHTS, lambda p: save_file(tensors, str(p)))
     atomic_write_json(out / SAELENS_CFG, cfg)
     log.info("exported %s as SAELens %s to %s", run_dir, sl_arch, out)
@@ -235,11 +234,27 @@ def export_dictionary_learning(run_dir: str | Path, out_dir: str | Path) -> Path
             "provenance": meta.get("store"),
         },
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_out(out_dir, (DL_WEIGHTS, DL_CFG), "dictionary_learning")
     atomic_write(out / DL_WEIGHTS, lambda p: torch.save(state, p))
     atomic_write_json(out / DL_CFG, {"trainer": trainer, "buffer": buffer})
     log.info("exported %s in the dictionary_learning layout to %s", run_dir, out)
+    return out
+
+
+def _prepare_out(out_dir: str | Path, own_files: tuple[str, ...], fmt: str) -> Path:
+    """Create ``out_dir``; refuse one holding anything but an earlier export of ``fmt``
+    (which is replaced), so exports never mix with other files."""
+    out = Path(out_dir)
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in own_files)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise CheckpointError(
+                f"export folder {str(out)!r} already holds other files ({shown}); a {fmt} "
+                f"export needs an empty folder (or one holding an earlier {fmt} export): "
+                "choose another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
