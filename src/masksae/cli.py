@@ -7,11 +7,16 @@ Each stage owns its commands in ``masksae.<stage>.commands`` and registers them 
 from __future__ import annotations
 
 import importlib
+import os
 
-import typer
+# Plain click help: with this many options, typer's rich tables truncate option names and
+# defaults at 80 columns. Users can still opt in with TYPER_USE_RICH=1.
+os.environ.setdefault("TYPER_USE_RICH", "0")
 
-from masksae import __version__
-from masksae.logging_utils import setup_logging
+import typer  # noqa: E402
+
+from masksae import __version__  # noqa: E402
+from masksae.logging_utils import setup_logging  # noqa: E402
 
 app = typer.Typer(
     name="masksae",
