@@ -87,18 +87,19 @@ class TopKFamilySAE(SparseAutoencoder):
 
     def prefix_reconstructions(self, x_BD: Tensor) -> Tensor:
         """[G, B, D]: x_hat_i = b_dec + decoded groups 0..i, using the inference ``encode``."""
-        f_BF = self.encode(x_BD)
-        parts_GBD = torch.stack(
-            [
-                f @ W
-                for f, W in zip(
-                    f_BF.split(self.group_sizes, dim=1),
-                    self.W_dec.split(self.group_sizes, dim=0),
-                    strict=True,
-                )
-            ]
+        parts_BGD = self._decode_groups_dense(self.encode(x_BD))
+        return self.b_dec + parts_BGD.transpose(0, 1).cumsum(dim=0)
+
+    def _decode_groups_dense(self, f_BF: Tensor) -> Tensor:
+        """[B, G, D]: each group's latents decoded on their own (no b_dec)."""
+        if len(self.group_sizes) == 1:
+            return (f_BF @ self.W_dec)[:, None, :]
+        groups = zip(
+            f_BF.split(self.group_sizes, dim=1),
+            self.W_dec.split(self.group_sizes, dim=0),
+            strict=True,
         )
-        return self.b_dec + parts_GBD.cumsum(dim=0)
+        return torch.stack([f @ W for f, W in groups], dim=1)
 
     # ---- training ------------------------------------------------------------------------
     def training_loss(self, x_BD: Tensor, ctx: StepContext) -> StepOutput:
@@ -130,20 +131,7 @@ class TopKFamilySAE(SparseAutoencoder):
             post_BF = self.post_relu(x_BD)
             sel = self.select(post_BF.detach())
             f_BF = post_BF * selection_mask(sel, (B, Fdim))
-            if G == 1:
-                parts_BGD = (f_BF @ self.W_dec)[:, None, :]
-            else:
-                parts_BGD = torch.stack(
-                    [
-                        f @ W
-                        for f, W in zip(
-                            f_BF.split(self.group_sizes, dim=1),
-                            self.W_dec.split(self.group_sizes, dim=0),
-                            strict=True,
-                        )
-                    ],
-                    dim=1,
-                )
+            parts_BGD = self._decode_groups_dense(f_BF)
         self.update_threshold(sel, ctx)
 
         # Prefix sums as explicit adds: a strided cumsum over the short G axis (and its
