@@ -161,3 +161,34 @@ def test_absorption_is_dispatched_with_its_cache(sweep, tmp_path, monkeypatch):
     }
     assert calls == [(1, tmp_path / "c" / "absorption", 32, 64)]
     assert "absorption" in doc["timings_s"] and "core" not in doc["timings_s"]
+
+
+def test_unlearned_threshold_is_warned_about(tmp_path, tiny_model_dir, caplog):
+    import logging
+
+    from masksae.evaluate.data import EvalDataConfig
+    from masksae.evaluate.runner import EvaluateConfig, evaluate_checkpoints
+    from masksae.train.checkpoint import write_checkpoint
+    from masksae.train.sae import build_sae, sae_config_from_dict
+
+    sae = build_sae(
+        sae_config_from_dict({"architecture": "batch_topk", "d_in": 32, "d_sae": 64, "k": 4})
+    )
+    assert float(sae.threshold) < 0  # never learned: the run stopped before threshold_start_step
+    meta = {
+        "format_version": 1,
+        "run_name": "short",
+        "sae": sae.cfg.to_dict(),
+        "train": {"seed": 0},
+        "store": {"model": str(tiny_model_dir), "revision": "r0", "layer": 1, "mask_prob": 0.0},
+        "store_fingerprint": "fp",
+        "step": 5,
+        "tokens": 500,
+        "complete": True,
+    }
+    write_checkpoint(tmp_path / "short", sae, meta, None, None)
+    data = EvalDataConfig(n_tokens=64, context_length=32)
+    cfg = EvaluateConfig(metrics=("reconstruction",), data=data, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="masksae.evaluate.runner"):
+        evaluate_checkpoints([tmp_path / "short"], tmp_path / "out", cfg)
+    assert "inference threshold was never learned" in caplog.text

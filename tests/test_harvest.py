@@ -264,9 +264,24 @@ def test_tiny_harvest_store_contents(tmp_path, tiny_lm, tiny_model_dir, corpus_f
     )
     assert np.array_equal(data.token_ids, expect.reshape(-1))
     assert np.array_equal(data.masked, masked.reshape(-1))
-    # rerunning the same command is a no-op resume
+    # rerunning the same command is a no-op resume, and says so
     again = run_harvest(cfg, lm=tiny_lm, progress=False)
     assert again.skipped_chunks == 4 and again.new_tokens == 0
+    assert again.summary().endswith("all were complete already, nothing to compute")
+    assert "0 tok/s" not in again.summary()
+
+
+def test_no_progress_also_silences_transformers_bars(
+    tmp_path, tiny_lm, tiny_model_dir, corpus_file
+):
+    import transformers
+
+    cfg = _cfg(tmp_path / "store", tiny_model_dir, corpus_file)
+    try:
+        run_harvest(cfg, lm=tiny_lm, progress=False)
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
 
 
 def test_bad_inputs(tmp_path, tiny_lm, tiny_model_dir, corpus_file):

@@ -110,6 +110,14 @@ class Evaluator:
         with timer.phase("load_sae"):
             sae, meta = load_sae(checkpoint, device=device)
         sae.eval()
+        threshold = getattr(sae, "threshold", None)
+        if threshold is not None and threshold.numel() == 1 and float(threshold) < 0:
+            log.warning(
+                "%s: the inference threshold was never learned (the run stopped before "
+                "threshold_start_step); encode falls back to batch top-k, so its metrics depend "
+                "on the evaluation batch and `masksae export` will refuse it",
+                checkpoint,
+            )
         prov = provenance_from_meta(meta)
         model_spec = cfg.model_override or prov["model"]
         layer = prov["layer"]

@@ -276,6 +276,10 @@ def run_harvest(
         return run_parallel_harvest(cfg, progress=progress)
     if len(cfg.devices) == 1:
         cfg = dataclasses.replace(cfg, device=cfg.devices[0], devices=())
+    if not progress:  # --no-progress also silences transformers' weight-loading bar
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     return _run_single(cfg, lm=lm, progress=progress)
 
 
