@@ -10,6 +10,9 @@ OUT=${DEMO_OUT:-runs/demo}
 TOKENS=${DEMO_TOKENS:-60000}
 LAYER=${DEMO_LAYER:-15}
 ABSORPTION_WORDS=${DEMO_ABSORPTION_WORDS:-40}
+TRAIN_CONFIG=${DEMO_TRAIN_CONFIG:-configs/demo-sweep.toml}
+EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
+CE_SEQUENCES=${DEMO_CE_SEQUENCES:-16}
 
 for p in 0.0 0.3; do
   store="$OUT/stores/p$p"
@@ -19,11 +22,11 @@ for p in 0.0 0.3; do
   $M store info "$store"
   # --resume makes a rerun of the demo continue (or skip) finished training instead of refusing
   resume=""; [ -f "$OUT/sae/p$p/sweep.json" ] && resume="--resume"
-  $M train --store "$store" --config configs/demo-sweep.toml --out "$OUT/sae/p$p" $resume
+  $M train --store "$store" --config "$TRAIN_CONFIG" --out "$OUT/sae/p$p" $resume
 done
 
 $M evaluate --checkpoints "$OUT/sae/p0.0" "$OUT/sae/p0.3" --metrics core,absorption \
-  --absorption-max-words "$ABSORPTION_WORDS" --eval-tokens 8192 --ce-sequences 16 \
+  --absorption-max-words "$ABSORPTION_WORDS" --eval-tokens "$EVAL_TOKENS" --ce-sequences "$CE_SEQUENCES" \
   --cache "$OUT/eval-cache" --out "$OUT/eval"
 $M report "$OUT/eval" --out "$OUT/report"
 echo

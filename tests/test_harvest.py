@@ -271,6 +271,25 @@ def test_tiny_harvest_store_contents(tmp_path, tiny_lm, tiny_model_dir, corpus_f
     assert "0 tok/s" not in again.summary()
 
 
+def test_harvest_at_p0_verifies_and_reads_back_through_plain_zarr(
+    tmp_path, tiny_lm, tiny_model_dir, corpus_file
+):
+    """p = 0 makes every `masked` chunk all-fill: each still has its shard file."""
+    import zarr
+
+    from masksae.storage import ActivationStore
+
+    cfg = _cfg(tmp_path / "store", tiny_model_dir, corpus_file, mask_prob=0.0)
+    run_harvest(cfg, lm=tiny_lm, progress=False)
+    store = ActivationStore.open(tmp_path / "store")
+    assert store.verify() == []
+    data = store.read(0, store.n_tokens)
+    assert not data.masked.any()
+    group = zarr.open_group(str(tmp_path / "store"), mode="r")
+    for name in ("activations", "token_ids", "masked", "excluded", "seq_index", "position"):
+        assert np.array_equal(np.asarray(group[name][:]), getattr(data, name)), name
+
+
 def test_no_progress_also_silences_transformers_bars(
     tmp_path, tiny_lm, tiny_model_dir, corpus_file
 ):

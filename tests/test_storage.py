@@ -245,11 +245,66 @@ def test_corrupted_chunk_found_by_verify(tmp_path, data):
 def test_verify_names_a_missing_shard_file(tmp_path, data):
     write_store(tmp_path / "s", make_spec(), data)
     (tmp_path / "s" / "masked" / "c" / "1").unlink()  # lost in a partial copy, say
-    problems = ActivationStore.open(tmp_path / "s").verify()
+    problems = ActivationStore.open(tmp_path / "s", require_complete=False).verify()
     assert len(problems) == 1
     assert (
         problems[0].startswith("chunk 1 ") and "shard file(s) missing (masked/c/1)" in problems[0]
     )
+
+
+@pytest.mark.parametrize("name", ARRAY_NAMES)
+def test_reader_refuses_a_complete_chunk_with_a_missing_shard(tmp_path, data, name):
+    write_store(tmp_path / "s", make_spec(), data)
+    store_layout.chunk_files(tmp_path / "s", 2)[ARRAY_NAMES.index(name)].unlink()
+    with pytest.raises(StoreError, match=rf"chunk 2: shard file\(s\) missing \({name}/c/2"):
+        ActivationStore.open(tmp_path / "s")
+    store = ActivationStore.open(tmp_path / "s", require_complete=False)
+    assert store.missing_chunks == [2] and not store.is_complete
+    with pytest.raises(StoreError, match="incomplete chunks"):
+        store.read(2 * CHUNK, 2 * CHUNK + 1)
+
+
+def test_all_fill_chunks_are_written_and_verify(tmp_path):
+    """A chunk whose values all equal the fill value (zeros, False) still gets every shard
+    file, verifies, and reads back equal through plain zarr (the p = 0 `masked` case)."""
+    import zarr
+
+    data = make_data()
+    data.activations[: 2 * CHUNK] = 0.0  # chunks 0 and 1: all-zero activations
+    data.masked[:] = False  # p = 0: every `masked` chunk is all fill value
+    data.excluded[CHUNK : 2 * CHUNK] = False
+    data.token_ids[CHUNK : 2 * CHUNK] = 0
+    for compression in ("none", "zstd:1"):
+        path = tmp_path / compression.replace(":", "")
+        write_store(path, make_spec(compression=compression), data)
+        for index in range(4):
+            assert store_layout.missing_chunk_files(path, index) == []
+        store = ActivationStore.open(path)
+        assert store.verify() == []
+        group = zarr.open_group(str(path), mode="r")
+        for name in ARRAY_NAMES:
+            assert np.array_equal(np.asarray(group[name][:]), getattr(data, name)), name
+
+
+def test_rerunning_the_writer_repairs_a_store_missing_all_fill_shards(tmp_path):
+    """Stores written by masksae 0.1.0 lack the shards of all-fill chunks: their records are
+    treated as incomplete, and resuming the writer (rerunning the harvest) rewrites them."""
+    data = make_data()
+    data.masked[:] = False
+    spec = make_spec()
+    write_store(tmp_path / "s", spec, data)
+    for index in (0, 3):  # what zarr without write_empty_chunks left out
+        (tmp_path / "s" / "masked" / "c" / str(index)).unlink()
+    assert len(ActivationStore.open(tmp_path / "s", require_complete=False).verify()) == 2
+    writer = StoreWriter.open(tmp_path / "s", spec)
+    assert writer.completed_chunks == {1, 2}
+    for index in (0, 3):
+        start, stop = writer.chunk_bounds(index)
+        writer.write_chunk(index, slice_data(data, start, stop))
+    writer.close()
+    store = ActivationStore.open(tmp_path / "s")
+    assert store.verify() == [] and store.is_complete
+    assert np.array_equal(store.read(0, N_TOKENS).activations, data.activations)
 
 
 def test_verify_cli_good_store(f32_store):

@@ -98,7 +98,7 @@ def make_result(
         "metrics": metrics,
         "timings_s": timings_s,
         "package_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -217,6 +217,37 @@ def chunk_files(path: Path, index: int) -> list[Path]:
     return files
 
 
+def missing_chunk_files(path: Path, index: int) -> list[Path]:
+    """The data files of chunk ``index`` that are absent.
+
+    The store's rule: every array of a complete chunk has its shard file, even when all its
+    values equal the fill value (the writer writes empty chunks explicitly). zarr would
+    read an absent shard back as fill values, so an absent file is never taken as data.
+    """
+    return [f for f in chunk_files(path, index) if not f.is_file()]
+
+
+def split_intact(
+    path: Path, records: dict[int, dict[str, Any]]
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Split completion records into intact chunks and broken ones (shard files missing).
+
+    Returns ``(intact, broken)``, ``broken`` mapping each chunk index to a one-line reason
+    naming the missing files. A broken chunk counts as incomplete everywhere: the writer
+    rewrites it on resume, the reader refuses it, and verify names its files.
+    """
+    intact: dict[int, dict[str, Any]] = {}
+    broken: dict[int, str] = {}
+    for index, record in records.items():
+        lost = missing_chunk_files(path, index)
+        if lost:
+            names = ", ".join(str(f.relative_to(path)) for f in lost)
+            broken[index] = f"shard file(s) missing ({names})"
+        else:
+            intact[index] = record
+    return intact, broken
+
+
 def manifest_path(path: Path, index: int) -> Path:
     """Completion record of chunk ``index``."""
     return Path(path) / MANIFEST_DIR / f"{index:06d}.json"

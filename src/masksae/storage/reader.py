@@ -26,12 +26,21 @@ DEFAULT_PREFETCH = 2
 class ActivationStore:
     """A read-only view of an activation store directory; use :meth:`open`."""
 
-    def __init__(self, path: Path, attrs: dict[str, Any], records: dict[int, dict]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        attrs: dict[str, Any],
+        records: dict[int, dict],
+        broken: dict[int, str] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.attrs = attrs
         """The raw group attributes."""
         self.spec: StoreSpec = layout.spec_from_attrs(attrs)
         self._records = records
+        self.broken: dict[int, str] = dict(broken or {})
+        """Chunks whose record says complete but whose shard files are missing, with the
+        reason; they count as incomplete."""
         self._arrays: dict[str, Any] | None = None
         self._plain_rows: int | bool | None = None  # inner rows of plain shards, False: none
 
@@ -55,15 +64,18 @@ class ActivationStore:
                 "in zarr.json): check the path"
             )
         spec = layout.spec_from_attrs(attrs)
-        records = layout.read_manifests(path, spec)
-        store = cls(path, attrs, records)
+        records, broken = layout.split_intact(path, layout.read_manifests(path, spec))
+        store = cls(path, attrs, records, broken)
         if require_complete and not store.is_complete:
             missing = store.missing_chunks
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            damaged = "".join(
+                f"; chunk {index}: {reason}" for index, reason in sorted(broken.items())[:3]
+            )
             raise StoreError(
                 f"activation store {path} is incomplete: {len(missing)} of {spec.n_chunks} "
-                f"chunks missing ({shown}); rerun the harvest command that created it to "
-                "resume it"
+                f"chunks missing ({shown}){damaged}; rerun the harvest command that created "
+                "it to resume it (it rewrites exactly those chunks)"
             )
         return store
 

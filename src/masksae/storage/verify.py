@@ -18,22 +18,15 @@ def verify_chunk(store: ActivationStore, index: int) -> str | None:
     """The problem with chunk ``index``, or None when it is complete and intact."""
     start, stop = store.chunk_bounds(index)
     where = f"chunk {index} (tokens {start}..{stop})"
+    # zarr reads a missing shard back as fill values: name the lost file instead of
+    # reporting it as a checksum mismatch
+    if index in store.broken:
+        return f"{where}: {store.broken[index]}; rerun the harvest command to rewrite it"
     record = store.records.get(index)
     if record is None:
         return (
             f"{where}: missing (no completion record: never written or interrupted); "
             "rerun the harvest command to rewrite it"
-        )
-    from masksae.storage.layout import chunk_files
-
-    # zarr reads a missing shard back as fill values: name the lost file instead of
-    # reporting it as a checksum mismatch
-    lost = [f for f in chunk_files(store.path, index) if not f.is_file()]
-    if lost:
-        names = ", ".join(str(f.relative_to(store.path)) for f in lost)
-        return (
-            f"{where}: shard file(s) missing ({names}); delete "
-            f"{record_hint(store, index)} and rerun the harvest to rewrite it"
         )
     try:
         data = ChunkData(**store.read_chunk(index, ARRAY_NAMES))

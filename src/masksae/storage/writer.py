@@ -122,7 +122,7 @@ class StoreWriter:
                 f"output path {path} holds a store made with different settings:\n{lines}\n"
                 "choose another --out, or delete the old store to rebuild it"
             )
-        completed = set(layout.read_manifests(path, spec))
+        completed = set(_intact_records(path, spec))
         log.info(
             "resuming store %s: %d of %d chunks already complete",
             path,
@@ -164,7 +164,7 @@ class StoreWriter:
                 f"{'pid ' + str(holder) if holder else 'nobody'}, not by the parent pid "
                 f"{owner_pid}; start multi-device harvests with `masksae harvest --devices`"
             )
-        completed = set(layout.read_manifests(path, spec))
+        completed = set(_intact_records(path, spec, quiet=True))
         return cls(path, spec, completed, queue_size, worker=True)
 
     # ------------------------------------------------------------------ state
@@ -306,8 +306,12 @@ class StoreWriter:
         if self._arrays is None:
             import zarr
 
-            group = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
-            self._arrays = {name: group[name] for name in ARRAY_NAMES}
+            # write_empty_chunks is an array-object setting, not stored metadata, taken from
+            # zarr's config when an array is opened: without it an all-fill chunk (every
+            # `masked` chunk at p = 0) would never reach disk
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                group = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
+                self._arrays = {name: group[name] for name in ARRAY_NAMES}
         return self._arrays
 
     def _write(self, index: int, data: ChunkData, extra: dict[str, Any]) -> None:
@@ -341,7 +345,7 @@ class StoreWriter:
         log.debug("store %s: chunk %d complete", self.path, index)
 
     def _finalise(self) -> None:
-        records = layout.read_manifests(self.path, self.spec)
+        records = _intact_records(self.path, self.spec, quiet=True)
         done = len(records)
         updates: dict[str, Any] = {"complete": done == self.n_chunks, "chunks_complete": done}
         if done == self.n_chunks:
@@ -367,6 +371,19 @@ class StoreWriter:
                 self.n_chunks,
             )
         layout.update_attrs(self.path, updates)
+
+
+def _intact_records(path: Path, spec: StoreSpec, *, quiet: bool = False) -> dict[int, dict]:
+    """Completion records of the chunks whose shard files are all present.
+
+    A record whose files are missing (e.g. a store written by masksae 0.1.0, which skipped
+    all-fill chunks) is treated as incomplete, so rerunning the harvest rewrites the chunk.
+    """
+    intact, broken = layout.split_intact(path, layout.read_manifests(path, spec))
+    if not quiet:
+        for index, reason in sorted(broken.items()):
+            log.warning("store %s: chunk %d %s; rewriting it", path, index, reason)
+    return intact
 
 
 def _activations_at_rest(value: Any, dtype: str) -> np.ndarray:
