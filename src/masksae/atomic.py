@@ -1,13 +1,18 @@
 """Atomic file writes: write to a temporary sibling, fsync, then rename over the target.
 
-A crash at any point leaves either the old file or the new one, never a torn file.
+A crash at any point leaves either the old file or the new one, never a torn file. The
+result has the permissions a plain ``open(path, "w")`` would give (0666 minus the umask):
+``tempfile.mkstemp`` creates 0600 files, which would make a shared store or run folder
+unreadable to teammates.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, default_file_mode())
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -29,6 +35,34 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp_path.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        match = re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE)
+        if match:
+            return int(match.group(1), 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore (briefly visible to other threads)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """Mode of a newly created regular file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """Mode of a newly created directory: 0777 minus the umask."""
+    return 0o777 & ~current_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

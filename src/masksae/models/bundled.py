@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from masksae.atomic import default_dir_mode
 from masksae.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def _build_cache(gguf: Path, target: Path, revision: str, name: str) -> None:
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700: a shared cache must be readable
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
