@@ -109,14 +109,16 @@ def test_legacy_and_corrected_differ_on_anisotropic_data():
 def test_corrected_ev_does_not_depend_on_batching():
     x = _acts(n=257)
     torch.manual_seed(0)
-    w = torch.randn(8, 8) * 0.3 + torch.eye(8)
+    scale = torch.rand(8) + 0.5
 
     class Linear:
+        # row-wise elementwise maps: a matmul's float32 rounding may depend on the batch
+        # shape (BLAS kernel choice), which is not what this test is about - aggregation is
         def encode(self, x):
-            return torch.relu(x @ w)
+            return torch.relu(x * scale)
 
         def decode(self, f):
-            return f @ w.T
+            return f * scale.flip(0)
 
     a = reconstruction_metrics(Linear(), iter_batches(x, 10), d_sae=8)
     b = reconstruction_metrics(Linear(), iter_batches(x, 1000), d_sae=8)
