@@ -49,9 +49,10 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: Path) -> None:
     from masksae.atomic import atomic_write
 
-    # atomic: an interrupted report leaves the old image or the new one, never half of one
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    _pyplot().close(fig)
+    try:  # atomic: an interrupted report leaves the old image or the new one, never half
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        _pyplot().close(fig)
 
 
 def _errors(intervals: Sequence[Interval]) -> list[list[float]]:
