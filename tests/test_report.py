@@ -463,3 +463,32 @@ def test_report_cli_prints_its_result_once(results, tmp_path):
     assert proc.stdout.strip().splitlines() == [f"wrote {out / 'report.md'}"]
     assert proc.stderr.strip() == ""
     assert (out / "report.md").is_file()
+
+
+def test_paper_table_methods_and_unusual_results(tmp_path):
+    from masksae.evaluate.report.tables import paper_methods
+
+    study = [_doc(k, p, 0, 0.7, 0.1) for k in (20, 40) for p in (0.0, 0.3)]
+    study += [_doc(20, 0.2, 0, 0.7, 0.1), _doc(20, 0.5, 0, 0.7, 0.1)]
+    assert paper_methods(next(iter(group_results(study).values()))) == [0.0, 0.3]
+    partial = [_doc(20, 0.0, 0, 0.7, 0.1), _doc(40, 0.0, 0, 0.7, 0.1), _doc(20, 0.3, 0, 0.7, 0.1)]
+    assert paper_methods(next(iter(group_results(partial).values()))) == [0.0, 0.3]
+
+    relu = [
+        _doc(None, p, s, 0.7, 0.1, arch="relu", l0=30.0 + s) for p in (0.0, 0.3) for s in (0, 1)
+    ]
+    no_core = [_doc(20, p, 0, 0.7, 0.1) for p in (0.0, 0.3)]
+    for doc in no_core:
+        del doc["metrics"]["core"]
+    headline_none = _doc(40, 0.0, 0, 0.7, 0.1)  # a score, but the result says no headline
+    headline_none["metrics"]["absorption"]["absorption_paper_convention"] = None
+    md = write_report([_write(tmp_path / "e", [*relu, *no_core, headline_none])], tmp_path / "r")
+    md = md.read_text()
+    assert (
+        _row(md, "| Runs (seeds) behind the cell | w/o masking | 2 (seeds 0, 1) |")[2]
+        == "2 (seeds 0, 1)"
+    )
+    assert "| Metric | Method | k=? |" in _tidy(md)
+    absorb = _row(md, "| Mean Full Absorption, 100·(1 − score) (↑) | w/o masking | 90.00 |")
+    assert absorb[2:] == ["90.00", "n/a"]
+    assert "L0 (measured) | w/o masking | 20" not in "\n".join(_tidy(md))  # no core: no L0

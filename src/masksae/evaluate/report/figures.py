@@ -37,7 +37,7 @@ NICE_L0_TICKS = (1, 2, 3, 5, 10, 15, 20, 30, 40, 60, 80, 120, 160, 240, 320, 640
 """Candidate tick positions on the log L0 axis (the paper's k grid and its extension)."""
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,16 +46,16 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     from masksae.atomic import atomic_write
 
     try:  # atomic: an interrupted report leaves the old image or the new one, never half
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
 
 
-def _errors(intervals: Sequence[Interval]) -> list[list[float]]:
+def error_bars(intervals: Sequence[Interval]) -> list[list[float]]:
     """matplotlib's asymmetric error arrays [[below...], [above...]] for intervals."""
     return [
         [iv.mean - iv.low if iv.has_interval else 0.0 for iv in intervals],  # type: ignore[operator]
@@ -113,7 +113,7 @@ def plot_frontier(settings: dict[Setting, Cells], path: Path, title: str) -> boo
     rows = frontier_rows(settings)
     if not rows:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     ncols = min(2, len(rows))
     nrows = math.ceil(len(rows) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False)
@@ -145,8 +145,8 @@ def plot_frontier(settings: dict[Setting, Cells], path: Path, title: str) -> boo
                     ax.errorbar(
                         [x.mean for x, _ in spread],
                         [y.mean for _, y in spread],
-                        xerr=_errors([x for x, _ in spread]),
-                        yerr=_errors([y for _, y in spread]),
+                        xerr=error_bars([x for x, _ in spread]),
+                        yerr=error_bars([y for _, y in spread]),
                         fmt="none",
                         ecolor=color,
                         capsize=3,
@@ -177,7 +177,7 @@ def plot_frontier(settings: dict[Setting, Cells], path: Path, title: str) -> boo
         frameon=False,
     )
     fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(handles) // 3), 1, 0.96))
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -187,7 +187,7 @@ def plot_absorption_letters(cells: Cells, setting: Setting, k: Any, path: Path, 
     ps = [p for p in ps_of(cells, k) if has_letters(cells[(k, p)])]
     if not ps:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     summaries = {p: summarize_letters(cells[(k, p)]) for p in ps}
     fig, ax = plt.subplots(figsize=(10.5, 3.9))
     width = 0.7 / len(ps)
@@ -209,7 +209,7 @@ def plot_absorption_letters(cells: Cells, setting: Setting, k: Any, path: Path, 
             ax.errorbar(
                 [x for x, _ in spread],
                 [iv.mean for _, iv in spread],
-                yerr=_errors([iv for _, iv in spread]),
+                yerr=error_bars([iv for _, iv in spread]),
                 fmt="none",
                 ecolor=color,
                 capsize=2,
@@ -239,5 +239,5 @@ def plot_absorption_letters(cells: Cells, setting: Setting, k: Any, path: Path, 
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return True

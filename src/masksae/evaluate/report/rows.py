@@ -48,15 +48,14 @@ def metric_at(*path: str, scale: float = 1.0) -> Reader:
 def absorption_paper_form(doc: dict[str, Any]) -> float | None:
     """Mean full absorption in the paper's form 100 * (1 - score), higher is better.
 
-    Prefers the result's own ``absorption_paper_convention``; falls back to the SAEBench score
-    ``mean_full_absorption_score`` (lower is better). None when the result has no score
-    (absorption not run, or no score because too few letters were eligible)."""
+    The result's own ``absorption_paper_convention`` where the result has that field (None
+    there means no headline score, e.g. too few eligible letters); results without the field
+    fall back to the SAEBench score ``mean_full_absorption_score`` (lower is better)."""
     absorption = lookup(doc, "metrics", "absorption")
     if not isinstance(absorption, dict):
         return None
-    paper = as_number(absorption.get("absorption_paper_convention"))
-    if paper is not None:
-        return paper
+    if "absorption_paper_convention" in absorption:  # None = no headline score (too few
+        return as_number(absorption["absorption_paper_convention"])  # letters, say)
     score = as_number(absorption.get("mean_full_absorption_score"))
     return None if score is None else 100.0 * (1.0 - score)
 

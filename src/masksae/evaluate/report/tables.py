@@ -147,13 +147,13 @@ def _value_record(row: MetricRow, k: Any, p: float, cells: Cells) -> tuple[str, 
 
 
 def paper_methods(cells: Cells) -> list[float]:
-    """Mask probabilities of the paper-form table: those run at more than one k (a p run at
-    a single k among several is an ablation; it has its own table), or all when the setting
-    has one k."""
+    """Mask probabilities of the paper-form table: p = 0 and every masked p run at more
+    than one k or at as many k as the most-run masked p. A masked p run at a single k while
+    another runs at several is an ablation (the paper's Table 3) with its own table."""
     ks = ks_of(cells)
-    if len(ks) <= 1:
-        return ps_of(cells)
-    return [p for p in ps_of(cells) if sum((k, p) in cells for k in ks) > 1]
+    counts = {p: sum((k, p) in cells for k in ks) for p in ps_of(cells)}
+    most = max((n for p, n in counts.items() if p > 0), default=0)
+    return [p for p, n in counts.items() if p == 0 or n > 1 or n == most]
 
 
 def paper_table(cells: Cells) -> Table:
