@@ -241,10 +241,14 @@ def equal_k_table(cells: Cells) -> Table | None:
             found = {c.k: c for c in equal_k(cells, row, p)}
             for k in ks:
                 c = found.get(k)
-                text = NA if c is None else (c.note if c.diff is None and c.note else None)
-                line[k_label(k)] = text or cell_text(c.diff, row.digits, c.flagged, signed=True)
-                if c is not None:
-                    data.append(_comparison_record(c))
+                if c is None:
+                    line[k_label(k)] = NA
+                    continue
+                data.append(_comparison_record(c))
+                if c.diff is None and c.note:  # say why there is no difference
+                    line[k_label(k)] = c.note
+                else:
+                    line[k_label(k)] = cell_text(c.diff, row.digits, c.flagged, signed=True)
             display.append(line)
     if not data:
         return None
