@@ -7,6 +7,7 @@ Modules (one concern each):
 - ``data`` / ``texts``: held-out evaluation activations and their on-disk cache.
 - ``absorption``: SAEBench first-letter feature absorption.
 - ``runner``: evaluate checkpoints into result JSON (``schema``); ``discover`` finds them.
-- ``report``: Markdown tables and PNG figures from result files.
+- ``report``: the comparison report (package): tables with intervals over seeds, paired
+  masked-vs-unmasked differences, CSV/LaTeX, PNG figures, from result files only.
 - ``commands``: ``masksae evaluate`` and ``masksae report``.
 """

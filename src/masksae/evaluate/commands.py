@@ -118,9 +118,12 @@ def evaluate_cmd(
 @user_errors
 def report_cmd(
     results: list[Path] = typer.Argument(..., help="Result JSON files or directories of them."),
-    out: Path = typer.Option(..., "--out", help="Directory for report.md and the PNG figures."),
+    out: Path = typer.Option(
+        ..., "--out", help="Directory for report.md, the PNG figures and tables/ (CSV, LaTeX)."
+    ),
 ) -> None:
-    """Tables (paper form, mask-probability ablation) and plots from evaluation results."""
+    """Compare masked and unmasked SAEs: tables with 95% intervals over seeds, paired
+    differences at equal k and at equal measured L0, figures (Markdown, CSV, LaTeX, PNG)."""
     from masksae.evaluate.report import write_report
 
     check_output_dir(out, "--out")
