@@ -1,8 +1,9 @@
 """Learning-rate schedules for SAE training.
 
-The reference recipe (dictionary_learning): linear warmup from ~0 to the peak lr over
-``warmup_steps``, constant, then linear decay to 0 starting at ``decay_start`` and ending
-at ``total_steps``. The schedule is a picklable callable so ``LambdaLR.state_dict`` keeps it.
+The reference recipe (dictionary_learning's ``get_lr_schedule``): linear warmup from 0 to the
+peak lr over ``warmup_steps`` (the update at step 0 uses lr 0, as in the reference), constant,
+then linear decay to 0 starting at ``decay_start`` and ending at ``total_steps``. The schedule
+is a picklable callable so ``LambdaLR.state_dict`` keeps it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from masksae.errors import ConfigError
 class WarmupConstantDecay:
     """lr multiplier for the update made at 0-based ``step``.
 
-    ``min(warmup, decay)`` where ``warmup = min(1, (step + 1) / warmup_steps)`` and
+    ``min(warmup, decay)`` where ``warmup = min(1, step / warmup_steps)`` (the reference's
+    rule: step 0 trains at lr 0, step ``warmup_steps`` at the peak) and
     ``decay = (total_steps - step) / (total_steps - decay_start)`` once
     ``step >= decay_start`` (1 before), so the last update (step total_steps - 1) uses
     ``1 / (total_steps - decay_start)`` of the peak and the multiplier reaches 0 at
-    ``total_steps``.
+    ``total_steps``. Where the reference's preconditions hold (warmup_steps < decay_start)
+    this equals its piecewise rule; ``min`` only matters for the configurations the
+    reference refuses (a decay that starts during the warmup).
     """
 
     total_steps: int
@@ -40,7 +44,7 @@ class WarmupConstantDecay:
             )
 
     def __call__(self, step: int) -> float:
-        warm = 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
+        warm = 1.0 if self.warmup_steps == 0 else min(1.0, step / self.warmup_steps)
         if step < self.decay_start or self.decay_start == self.total_steps:
             decay = 1.0
         else:
