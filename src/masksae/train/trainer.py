@@ -6,8 +6,10 @@ gives exactly the weights that training each SAE alone (same seeds) would.
 
 Per step and SAE (the dictionary_learning recipe): ``training_loss`` -> backward ->
 remove the decoder-parallel gradient -> clip -> Adam -> lr schedule -> renormalise decoder
-rows -> update dead-latent counters. b_dec starts at the geometric median of the first
-batch.
+rows -> update dead-latent counters (AuxK already saw them as they stand after this batch,
+the reference's order; see ``_Run._dead_candidates``). b_dec starts at the geometric median
+of the first batch. ``tests/test_train_reference_equivalence.py`` holds this loop to a
+transcription of the reference's update rule.
 
 Devices: with ``TrainConfig.devices`` the runs are placed round-robin over several devices;
 the batch is read once (on the CPU) and copied to each device, and each device's runs step
@@ -225,7 +227,8 @@ class _Run:
         self.tokens_since_fired_F = torch.zeros(F, dtype=torch.long, device=device)
         self.dead_threshold = int(sae_cfg.dead_tokens_threshold)
         self.dead_mask_F = torch.zeros(F, dtype=torch.bool, device=device)
-        self.any_dead = False
+        #: latents dead once the current batch is counted unless they fire in it
+        self.dead_candidates_F = torch.zeros(F, dtype=torch.bool, device=device)
         #: True when the sweep steps each device's runs in a worker thread
         self.threaded = False
         self.metrics: MetricsLog | None = None
@@ -271,7 +274,7 @@ class _Run:
             if step == 0:
                 sae.init_from_data(x_BD)
             ctx = StepContext(
-                step, total_steps, self.dead_mask_F if self.any_dead else None, self.train.fused
+                step, total_steps, self._dead_candidates(step, x_BD.shape[0]), self.train.fused
             )
             autocast = (
                 torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -297,12 +300,10 @@ class _Run:
             self.optimizer.step()
             self.scheduler.step()
             sae.normalize_decoder()
-            with torch.no_grad():
+            with torch.no_grad():  # no host sync
                 self.tokens_since_fired_F += x_BD.shape[0]
-                self.tokens_since_fired_F.masked_fill_(out.fired_F, 0)  # no host sync
+                self.tokens_since_fired_F.masked_fill_(out.fired_F, 0)
                 torch.ge(self.tokens_since_fired_F, self.dead_threshold, out=self.dead_mask_F)
-                # one host sync per step; lets the SAE skip AuxK entirely when nothing is dead
-                self.any_dead = bool(self.dead_mask_F.any())
             if not want_metrics:
                 return None
             record = {
@@ -315,6 +316,24 @@ class _Run:
             return record
         finally:
             self._exit_rng()
+
+    @torch.no_grad()
+    def _dead_candidates(self, step: int, batch_tokens: int) -> torch.Tensor | None:
+        """``StepContext.dead_mask_F`` for this step: latents whose counter reaches the dead
+        threshold once this batch is counted (the SAE then drops those that fire in it).
+
+        None while no counter can reach it: a counter is at most the tokens trained so far
+        (``step * batch_tokens``), so the first ~threshold tokens need no mask and no host
+        sync at all.
+        """
+        if (step + 1) * batch_tokens < self.dead_threshold:
+            return None
+        torch.ge(
+            self.tokens_since_fired_F,
+            self.dead_threshold - batch_tokens,
+            out=self.dead_candidates_F,
+        )
+        return self.dead_candidates_F
 
     # -- checkpoint state
     def state(self, step: int) -> dict[str, Any]:
@@ -338,7 +357,6 @@ class _Run:
             self.cuda_rng_state = state["cuda_rng_state"]
         self.tokens_since_fired_F.copy_(state["tokens_since_fired_F"].to(self.device))
         torch.ge(self.tokens_since_fired_F, self.dead_threshold, out=self.dead_mask_F)
-        self.any_dead = bool(self.dead_mask_F.any())
 
 
 # ---------------------------------------------------------------------------- the trainer

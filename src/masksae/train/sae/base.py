@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from masksae.errors import ConfigError
 from masksae.train.sae.geometric_median import geometric_median
 
+_FP32_EPS = torch.finfo(torch.float32).eps
+
 
 @dataclass(kw_only=True)
 class SAEConfig:
@@ -34,7 +36,8 @@ class SAEConfig:
     """Dictionary size F (number of latents)."""
     dead_tokens_threshold: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead (the trainer
-    tracks it and passes ``StepContext.dead_mask_F``; AuxK trains those latents)."""
+    tracks it and passes ``StepContext.dead_mask_F``; AuxK trains those latents). Counted
+    as in dictionary_learning: a latent's counter includes the current batch."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,7 +77,10 @@ class StepContext(NamedTuple):
     total_steps: int
     """Planned number of steps (for warmups expressed as fractions)."""
     dead_mask_F: Tensor | None = None
-    """bool [F]: latents dead for >= dead_tokens_threshold tokens; None = none dead."""
+    """bool [F]: latents that are dead once this batch's tokens are counted unless they fire
+    in it (their tokens-since-fired counter + B >= dead_tokens_threshold). The SAE drops the
+    latents that fire in this batch before using it, which is dictionary_learning's order:
+    count the batch, reset the latents that fired, then mask. None = none can be dead."""
     fused: bool = True
     """Use the fused sparse kernels (TopK family); False runs the dense reference path."""
 
@@ -151,17 +157,25 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
-        """Drop the gradient component along each decoder row (call before the step)."""
+        """Drop the gradient component along each decoder row (call before the step).
+
+        The row direction is ``row / (||row|| + 1e-6)``, dictionary_learning's
+        ``remove_gradient_parallel_to_decoder_directions`` to the last bit (the 1e-6 leaves
+        ~2e-6 of the parallel component; matching it keeps the reference-equivalence test
+        at fp32 rounding)."""
         grad_FD = self.W_dec.grad
         if grad_FD is None:
             return
-        unit_FD = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit_FD = self.W_dec / (self.W_dec.norm(dim=-1, keepdim=True) + 1e-6)
         grad_FD -= (grad_FD * unit_FD).sum(dim=-1, keepdim=True) * unit_FD
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Renormalise decoder rows to unit norm (call after the step)."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        """Renormalise decoder rows to unit norm (call after the step): ``row / (||row|| +
+        eps)`` with eps = fp32 machine epsilon, as dictionary_learning's
+        ``set_decoder_norm_to_unit_norm`` does for fp32 weights (fp32's eps also for other
+        dtypes: bf16's 2^-7 would shrink every row by 0.8%)."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True) + _FP32_EPS
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

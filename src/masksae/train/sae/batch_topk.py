@@ -27,7 +27,8 @@ class BatchTopKConfig(TopKConfig):
     architecture: str = "batch_topk"
     """Registry name."""
     threshold_start_step: int = 1000
-    """First step (0-based, inclusive) at which the inference threshold is updated."""
+    """First step (0-based, inclusive) at which the inference threshold is updated
+    (dictionary_learning updates from step threshold_start_step + 1 on)."""
     threshold_beta: float = 0.999
     """EMA decay of the threshold."""
 

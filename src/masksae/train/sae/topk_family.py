@@ -145,7 +145,11 @@ class TopKFamilySAE(SparseAutoencoder):
         weights_G = torch.tensor(self.group_weights, dtype=err_BG.dtype, device=err_BG.device)
         recon_loss = (err_BG.mean(dim=0) * weights_G).mean()
 
-        auxk_loss = self._auxk_loss(x_BD, x_hat_BD, post_BF, ctx)
+        fired_F = fired_latents(sel, Fdim)
+        # dead = would be dead after this batch's tokens and did not fire in it (the
+        # reference's order: count the batch, reset the latents that fired, then mask)
+        dead_mask_F = None if ctx.dead_mask_F is None else ctx.dead_mask_F & ~fired_F
+        auxk_loss = self._auxk_loss(x_BD, x_hat_BD, post_BF, dead_mask_F, ctx.fused)
         loss = recon_loss + self.cfg.auxk_alpha * auxk_loss
 
         l0 = (sel.vals_N != 0).sum().float() / B
@@ -156,17 +160,22 @@ class TopKFamilySAE(SparseAutoencoder):
             prefix_err_G = err_BG.detach().mean(dim=0)
             for i in range(G):
                 metrics[f"l2_loss_prefix{i}"] = prefix_err_G[i]
-        return StepOutput(loss, x_hat_BD, fired_latents(sel, Fdim), metrics)
+        return StepOutput(loss, x_hat_BD, fired_F, metrics)
 
     def _auxk_loss(
-        self, x_BD: Tensor, x_hat_BD: Tensor, post_BF: Tensor, ctx: StepContext
+        self,
+        x_BD: Tensor,
+        x_hat_BD: Tensor,
+        post_BF: Tensor,
+        dead_mask_F: Tensor | None,
+        fused: bool,
     ) -> Tensor:
-        aux = auxk_select(post_BF.detach(), ctx.dead_mask_F, self.cfg.d_in)
+        aux = auxk_select(post_BF.detach(), dead_mask_F, self.cfg.d_in)
         if aux is None:
             return torch.zeros((), dtype=torch.float32, device=x_BD.device)
         B, Fdim = post_BF.shape
         residual_BD = (x_BD - x_hat_BD).detach()
-        if ctx.fused:
+        if fused:
             plan = make_plan(aux.rows_N, aux.lat_N, n_rows=B, n_latents=Fdim)
             vals_N = selected_preacts(
                 aux.vals_N,
