@@ -5,9 +5,13 @@ are written as ``jumprelu`` SAEs whose per-latent threshold is the learned scala
 threshold, which is exactly their inference rule (f = relu(pre) * (pre > theta)). TopK is
 written as ``topk`` (with ``k``), ReLU as ``standard``, JumpReLU as ``jumprelu``.
 
-dictionary_learning (``ae.pt`` state_dict + ``config.json`` {"trainer", "buffer"}): the
-BatchTopK family (``W_enc, b_enc, W_dec, b_dec, threshold, k`` [+ ``group_sizes``]), the
-layout of its BatchTopKSAE / MatryoshkaBatchTopKSAE classes.
+dictionary_learning (``ae.pt`` state_dict + ``config.json`` {"trainer", "buffer"}): each
+architecture in the state_dict layout of the reference class that loads it (its
+``from_pretrained`` and SAEBench's ``load_dictionary_learning_*_sae``), see ``DL_LAYOUTS``:
+the classes built on ``nn.Linear`` (BatchTopKSAE, AutoEncoderTopK, AutoEncoder) keep
+``encoder.weight`` [F, D], ``encoder.bias`` [F] and ``decoder.weight`` [D, F]; the ones built
+on parameters (MatryoshkaBatchTopKSAE, JumpReluAutoEncoder) keep ``W_enc`` [D, F] and
+``W_dec`` [F, D].
 
 Both exports hold float32 weights acting on raw activations, decoder rows of unit norm
 and a non-negative threshold (what SAEBench requires). ``load_saelens_export`` and
@@ -37,10 +41,42 @@ SAELENS_CFG = "cfg.json"
 DL_WEIGHTS = "ae.pt"
 DL_CFG = "config.json"
 _BATCH_TOPK_FAMILY = ("batch_topk", "matryoshka_batch_topk")
-_DL_CLASSES = {
-    "batch_topk": ("BatchTopKTrainer", "BatchTopKSAE"),
-    "matryoshka_batch_topk": ("MatryoshkaBatchTopKTrainer", "MatryoshkaBatchTopKSAE"),
+
+
+@dataclass(frozen=True)
+class DLLayout:
+    """How dictionary_learning's class for one architecture names its weights."""
+
+    trainer_class: str
+    """``config.json`` trainer.trainer_class (SAEBench's loaders dispatch on it)."""
+    dict_class: str
+    """The ``Dictionary`` subclass whose ``from_pretrained`` loads the ``ae.pt``."""
+    linear: bool
+    """True: nn.Linear encoder/decoder (``encoder.weight`` [F, D], ``encoder.bias``,
+    ``decoder.weight`` [D, F]); False: ``W_enc`` [D, F], ``b_enc``, ``W_dec`` [F, D]."""
+    b_dec_key: str
+    """Name of the decoder bias (``bias`` in AutoEncoder, ``b_dec`` elsewhere)."""
+    buffers: tuple[str, ...]
+    """Other state_dict entries: ``k`` (int32 scalar), ``threshold`` (fp32 scalar, or [F]
+    for JumpReLU), ``group_sizes`` (int64 [G])."""
+
+
+#: dictionary_learning's classes (dictionary.py, trainers/batch_top_k.py, top_k.py,
+#: matryoshka_batch_top_k.py), one per architecture of ours.
+DL_LAYOUTS = {
+    "batch_topk": DLLayout("BatchTopKTrainer", "BatchTopKSAE", True, "b_dec", ("k", "threshold")),
+    "matryoshka_batch_topk": DLLayout(
+        "MatryoshkaBatchTopKTrainer",
+        "MatryoshkaBatchTopKSAE",
+        False,
+        "b_dec",
+        ("k", "threshold", "group_sizes"),
+    ),
+    "topk": DLLayout("TopKTrainer", "AutoEncoderTopK", True, "b_dec", ("k", "threshold")),
+    "relu": DLLayout("StandardTrainer", "AutoEncoder", True, "bias", ()),
+    "jumprelu": DLLayout("JumpReluTrainer", "JumpReluAutoEncoder", False, "b_dec", ("threshold",)),
 }
+_DL_BY_CLASS = {layout.dict_class: layout for layout in DL_LAYOUTS.values()}
 
 
 def _prov(meta: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -175,36 +211,47 @@ def export_saelens(
     return out
 
 
-def export_dictionary_learning(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``run_dir``'s SAE in the dictionary_learning layout (ae.pt + config.json)."""
-    sae, meta = _load(run_dir)
+def dl_state_dict(sae: Any) -> dict[str, Tensor]:
+    """``sae``'s weights in the state_dict layout of its dictionary_learning class."""
     arch = sae.cfg.architecture
-    if arch not in _DL_CLASSES:
-        raise ConfigError(
-            f"dictionary_learning export supports {sorted(_DL_CLASSES)}, not {arch!r}; "
-            "use --format saelens for this SAE"
-        )
-    tensors = _check_weights(sae)
-    state: dict[str, Tensor] = dict(tensors)
-    state["threshold"] = torch.tensor(_scalar_threshold(sae), dtype=torch.float32)
-    state["k"] = torch.tensor(int(sae.cfg.k), dtype=torch.int)
-    trainer_class, dict_class = _DL_CLASSES[arch]
+    layout = DL_LAYOUTS[arch]
+    w = _check_weights(sae)
+    state: dict[str, Tensor] = {}
+    if layout.linear:
+        state["encoder.weight"] = w["W_enc"].t().contiguous()
+        state["encoder.bias"] = w["b_enc"]
+        state["decoder.weight"] = w["W_dec"].t().contiguous()
+    else:
+        state["W_enc"], state["b_enc"], state["W_dec"] = w["W_enc"], w["b_enc"], w["W_dec"]
+    state[layout.b_dec_key] = w["b_dec"]
+    if "k" in layout.buffers:
+        state["k"] = torch.tensor(int(sae.cfg.k), dtype=torch.int)
+    if "threshold" in layout.buffers:
+        if arch in _BATCH_TOPK_FAMILY:
+            state["threshold"] = torch.tensor(_scalar_threshold(sae), dtype=torch.float32)
+        elif arch == "jumprelu":
+            state["threshold"] = sae.threshold.detach().float().cpu().clamp_min(0).clone()
+        else:  # TopK: -1 = "no inference threshold", the reference's initial value
+            state["threshold"] = torch.tensor(-1.0, dtype=torch.float32)
+    if "group_sizes" in layout.buffers:
+        state["group_sizes"] = torch.tensor(list(sae.cfg.group_sizes))
+    return state
+
+
+def _dl_trainer_config(sae: Any, meta: dict[str, Any], layout: DLLayout) -> dict[str, Any]:
+    """``config.json``'s trainer table: the keys the reference trainer's ``config`` has."""
+    cfg = sae.cfg
     train = meta.get("train", {})
     steps = meta.get("step")
-    trainer = {
-        "trainer_class": trainer_class,
-        "dict_class": dict_class,
-        "activation_dim": int(sae.cfg.d_in),
-        "dict_size": int(sae.cfg.d_sae),
-        "k": int(sae.cfg.k),
+    trainer: dict[str, Any] = {
+        "trainer_class": layout.trainer_class,
+        "dict_class": layout.dict_class,
+        "activation_dim": int(cfg.d_in),
+        "dict_size": int(cfg.d_sae),
         "lr": train.get("lr"),
         "steps": steps,
         "warmup_steps": train.get("warmup_steps"),
         "decay_start": int(train.get("decay_start_frac", 1.0) * steps) if steps else None,
-        "auxk_alpha": getattr(sae.cfg, "auxk_alpha", None),
-        "threshold_beta": sae.cfg.threshold_beta,
-        "threshold_start_step": sae.cfg.threshold_start_step,
-        "top_k_aux": int(sae.cfg.d_in) // 2,
         "seed": train.get("seed"),
         "device": "cpu",
         "layer": _prov(meta, "layer"),
@@ -212,16 +259,42 @@ def export_dictionary_learning(run_dir: str | Path, out_dir: str | Path) -> Path
         "submodule_name": _prov(meta, "hook_name", "hook"),
         "wandb_name": meta.get("run_name"),
     }
-    if arch == "matryoshka_batch_topk":
-        sizes = list(sae.cfg.group_sizes)
-        state["group_sizes"] = torch.tensor(sizes)
+    arch = cfg.architecture
+    if arch in ("topk", *_BATCH_TOPK_FAMILY):
         trainer.update(
-            {
-                "group_fractions": list(sae.cfg.group_fractions),
-                "group_weights": list(sae.cfg.group_weights),
-                "group_sizes": sizes,
-            }
+            {"k": int(cfg.k), "auxk_alpha": cfg.auxk_alpha, "top_k_aux": int(cfg.d_in) // 2}
         )
+    if arch in _BATCH_TOPK_FAMILY:
+        trainer["threshold_beta"] = cfg.threshold_beta
+        trainer["threshold_start_step"] = cfg.threshold_start_step
+    if arch == "matryoshka_batch_topk":
+        trainer["group_fractions"] = list(cfg.group_fractions)
+        trainer["group_weights"] = list(cfg.group_weights)
+        trainer["group_sizes"] = list(cfg.group_sizes)
+    if arch == "relu":
+        trainer["l1_penalty"] = cfg.l1_coefficient
+        trainer["sparsity_warmup_steps"] = int(cfg.l1_warmup_frac * steps) if steps else None
+    if arch == "jumprelu":
+        trainer["bandwidth"] = cfg.bandwidth
+        trainer["sparsity_penalty"] = cfg.sparsity_coefficient
+        trainer["sparsity_warmup_steps"] = cfg.sparsity_warmup_steps
+        trainer["target_l0"] = cfg.target_l0
+    return trainer
+
+
+def export_dictionary_learning(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write ``run_dir``'s SAE in the dictionary_learning layout (ae.pt + config.json)."""
+    sae, meta = _load(run_dir)
+    arch = sae.cfg.architecture
+    if arch not in DL_LAYOUTS:
+        raise ConfigError(
+            f"dictionary_learning export supports {sorted(DL_LAYOUTS)}, not {arch!r}; "
+            "use --format saelens for this SAE"
+        )
+    layout = DL_LAYOUTS[arch]
+    state = dl_state_dict(sae)
+    trainer = _dl_trainer_config(sae, meta, layout)
+    train = meta.get("train", {})
     buffer = {
         "d_submodule": int(sae.cfg.d_in),
         "io": "out",
@@ -237,7 +310,7 @@ def export_dictionary_learning(run_dir: str | Path, out_dir: str | Path) -> Path
     out = _prepare_out(out_dir, (DL_WEIGHTS, DL_CFG), "dictionary_learning")
     atomic_write(out / DL_WEIGHTS, lambda p: torch.save(state, p))
     atomic_write_json(out / DL_CFG, {"trainer": trainer, "buffer": buffer})
-    log.info("exported %s in the dictionary_learning layout to %s", run_dir, out)
+    log.info("exported %s as dictionary_learning %s to %s", run_dir, layout.dict_class, out)
     return out
 
 
@@ -323,16 +396,36 @@ def load_saelens_export(path: str | Path) -> tuple[ExportedSAE, dict[str, Any]]:
 
 
 def load_dictionary_learning_export(path: str | Path) -> tuple[ExportedSAE, dict[str, Any]]:
+    """Read an ``ae.pt`` + ``config.json`` in any layout of ``DL_LAYOUTS`` (by dict_class)."""
     path = Path(path)
     cfg = json.loads((path / DL_CFG).read_text())
     state = torch.load(path / DL_WEIGHTS, map_location="cpu", weights_only=True)
+    dict_class = cfg["trainer"]["dict_class"]
+    layout = _DL_BY_CLASS.get(dict_class)
+    if layout is None:
+        raise CheckpointError(
+            f"{path / DL_CFG}: dict_class {dict_class!r} is not one of {sorted(_DL_BY_CLASS)}"
+        )
+    if layout.linear:
+        W_enc, b_enc = state["encoder.weight"].t(), state["encoder.bias"]
+        W_dec = state["decoder.weight"].t()
+    else:
+        W_enc, b_enc, W_dec = state["W_enc"], state["b_enc"], state["W_dec"]
+    rule = {
+        "BatchTopKSAE": "dl_batch_topk",
+        "MatryoshkaBatchTopKSAE": "dl_batch_topk",
+        "AutoEncoderTopK": "topk",
+        "AutoEncoder": "standard",
+        "JumpReluAutoEncoder": "jumprelu",
+    }[dict_class]
     sae = ExportedSAE(
-        state["W_enc"],
-        state["b_enc"],
-        state["W_dec"],
-        state["b_dec"],
-        "dl_batch_topk",
-        threshold=state["threshold"],
-        k=int(state["k"]),
+        W_enc,
+        b_enc,
+        W_dec,
+        state[layout.b_dec_key],
+        rule,
+        threshold=state.get("threshold"),
+        k=int(state["k"]) if "k" in state else None,
+        apply_b_dec_to_input=dict_class != "JumpReluAutoEncoder",
     )
     return sae, cfg
