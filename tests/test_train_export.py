@@ -12,7 +12,6 @@ from masksae.train.checkpoint import load_sae
 from masksae.train.config import RunSpec, TrainConfig
 from masksae.train.export import (
     export,
-    export_dictionary_learning,
     export_saelens,
     load_dictionary_learning_export,
     load_saelens_export,
