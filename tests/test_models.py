@@ -13,7 +13,7 @@ from masksae.models import (
     splice_resid_post,
     validate_layer,
 )
-from masksae.models.tiny import ARCHITECTURES
+from masksae.models.tiny import ARCHITECTURES, MORE_ARCHITECTURES
 
 FINAL_NORM = {  # module applied to the last block's output before hidden_states[-1]
     "llama": ("model", "norm"),
@@ -21,6 +21,20 @@ FINAL_NORM = {  # module applied to the last block's output before hidden_states
     "gemma3_text": ("model", "norm"),
     "gpt_neox": ("gpt_neox", "final_layer_norm"),
     "gpt2": ("transformer", "ln_f"),
+    "opt": ("model", "decoder", "final_layer_norm"),
+    "qwen2": ("model", "norm"),
+    "phi3": ("model", "norm"),
+    "gptj": ("transformer", "ln_f"),
+    "mistral": ("model", "norm"),
+    "falcon": ("transformer", "ln_f"),
+}
+BLOCK_PATHS = {
+    "opt": "model.decoder.layers",
+    "qwen2": "model.layers",
+    "phi3": "model.layers",
+    "gptj": "transformer.h",
+    "mistral": "model.layers",
+    "falcon": "transformer.h",
 }
 
 
@@ -153,3 +167,56 @@ def test_local_revision_is_stable(tiny_model_dir):
     a = load_model(str(tiny_model_dir), device="cpu")
     b = load_model(str(tiny_model_dir), device="cpu")
     assert a.revision == b.revision
+
+
+@pytest.mark.parametrize("architecture", MORE_ARCHITECTURES)
+def test_more_layouts_capture_and_splice_equal_hidden_states(tiny_model_factory, architecture):
+    """OPT, Qwen2, Phi-3, GPT-J, Mistral and Falcon: the hook reads hidden_states[L + 1]
+    exactly (the last block: the pre-norm stream), and a splice at L changes the output."""
+    lm = load_model(str(tiny_model_factory(architecture, n_layers=2)), device="cpu")
+    assert lm.n_layers == 2 and lm.d_model == 32
+    blocks = get_blocks(lm.model)
+    assert blocks is lm.model.get_submodule(BLOCK_PATHS[architecture])
+    ids = torch.randint(4, len(lm.tokenizer), (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        out = lm.model(ids, attention_mask=mask, output_hidden_states=True)
+        assert len(out.hidden_states) == lm.n_layers + 1
+        assert torch.equal(capture_resid_post(lm, ids, mask, 0), out.hidden_states[1])
+        last = capture_resid_post(lm, ids, mask, 1)
+        norm = _module(lm.model, FINAL_NORM[architecture])
+        assert torch.allclose(norm(last), out.hidden_states[-1], atol=1e-5)
+        with splice_resid_post(lm, 0, lambda h: h):
+            same = lm.model(ids, attention_mask=mask).logits
+        with splice_resid_post(lm, 0, torch.zeros_like):
+            zeroed = lm.model(ids, attention_mask=mask).logits
+    assert torch.equal(same, out.logits)
+    assert not torch.allclose(zeroed, out.logits, atol=1e-3)
+
+
+class _Backbone(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(n))
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.ReLU()])
+
+
+class _Unknown(torch.nn.Module):
+    """A layout no fast path knows: the blocks live at ``trunk.blocks``."""
+
+    def __init__(self, n: int, config_layers: int) -> None:
+        super().__init__()
+        self.trunk = _Backbone(n)
+        self.config = type("Cfg", (), {"num_hidden_layers": config_layers})()
+
+
+def test_blocks_found_generically_in_an_unknown_layout():
+    model = _Unknown(3, 3)
+    assert get_blocks(model) is model.trunk.blocks
+    with pytest.raises(ModelError, match=r"nn.ModuleList of 5 blocks.*no nn.ModuleList"):
+        get_blocks(_Unknown(3, 5))
+    twice = _Unknown(2, 2)
+    twice.other = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+    with pytest.raises(ModelError, match=r"several module lists could be them: trunk.blocks"):
+        get_blocks(twice)

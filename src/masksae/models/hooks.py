@@ -10,6 +10,7 @@ before the final norm, i.e. the true residual stream.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -21,30 +22,86 @@ from masksae.errors import ModelError
 if TYPE_CHECKING:
     from masksae.models.loading import LoadedModel
 
-# attribute paths (from the *ForCausalLM wrapper) to the ModuleList of blocks, per layout
+log = logging.getLogger(__name__)
+
+# attribute paths (from the *ForCausalLM wrapper) to the ModuleList of blocks: fast paths for
+# the layouts we know; anything else goes through the generic search of ``get_blocks``
 _BLOCK_PATHS: tuple[tuple[str, ...], ...] = (
-    ("model", "layers"),  # Llama, Gemma 2/3, Mistral, Qwen, SmolLM2
+    ("model", "layers"),  # Llama, Gemma 2/3, Mistral, Qwen2, Phi-3, SmolLM2
     ("gpt_neox", "layers"),  # GPT-NeoX / Pythia
-    ("transformer", "h"),  # GPT-2, GPT-J
+    ("transformer", "h"),  # GPT-2, GPT-J, Falcon
+    ("model", "decoder", "layers"),  # OPT
     ("model", "language_model", "layers"),  # multimodal wrappers (Gemma 3 conditional)
     ("layers",),  # a bare decoder model
     ("h",),
+    ("decoder", "layers"),  # a bare OPT decoder
 )
 
 
+def _n_hidden_layers(model: torch.nn.Module) -> int | None:
+    """``num_hidden_layers`` of the model's (text) config: the blocks output_hidden_states
+    counts (it reports one hidden state per block plus the embeddings)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _block_list_candidates(model: torch.nn.Module, n_layers: int | None) -> list[str]:
+    """Names of the ModuleLists that look like the decoder's block list: ``n_layers`` entries
+    (any length if unknown) of one module class, not nested in another candidate."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        if n_layers is not None and len(module) != n_layers:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if any(name.startswith(prefix + ".") for prefix in found):
+            continue
+        found.append(name)
+    return found
+
+
 def get_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks of a causal LM (or of its bare decoder), in order."""
+    """The transformer blocks of a causal LM (or of its bare decoder), in order.
+
+    Known layouts are looked up directly; otherwise the block list is the ``nn.ModuleList``
+    of ``config.num_hidden_layers`` same-class modules (the blocks ``output_hidden_states``
+    counts), provided exactly one such list exists.
+    """
+    n_layers = _n_hidden_layers(model)
     for path in _BLOCK_PATHS:
         obj: Any = model
         for name in path:
             obj = getattr(obj, name, None)
             if obj is None:
                 break
-        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+        if (
+            isinstance(obj, torch.nn.ModuleList)
+            and len(obj) > 0
+            and (n_layers is None or len(obj) == n_layers)
+        ):
             return obj
+    candidates = _block_list_candidates(model, n_layers)
+    if len(candidates) == 1:
+        found = model.get_submodule(candidates[0])
+        log.debug("transformer blocks of %s found at %s", type(model).__name__, candidates[0])
+        assert isinstance(found, torch.nn.ModuleList)
+        return found
+    expected = f"{n_layers} blocks (config.num_hidden_layers)" if n_layers else "blocks"
+    where = (
+        f"several module lists could be them: {', '.join(candidates)}"
+        if candidates
+        else "no nn.ModuleList of one block class has that length"
+    )
     raise ModelError(
-        f"cannot find the transformer blocks of {type(model).__name__}: supported layouts are "
-        "model.layers (Llama/Gemma), gpt_neox.layers (GPT-NeoX/Pythia) and transformer.h (GPT-2)"
+        f"cannot find the transformer blocks of {type(model).__name__}: looked for the "
+        f"nn.ModuleList of {expected}, but {where}; known layouts are model.layers, "
+        "gpt_neox.layers, transformer.h and model.decoder.layers"
     )
 
 

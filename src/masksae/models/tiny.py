@@ -12,6 +12,9 @@ from typing import Any
 
 TINY_VOCAB = 512
 ARCHITECTURES = ("llama", "gpt_neox", "gemma2", "gemma3_text", "gpt2")
+#: further layouts, exercised by the hook-equivalence test only (``model.decoder.layers`` for
+#: OPT, ``transformer.h`` for GPT-J and Falcon, ``model.layers`` for the others)
+MORE_ARCHITECTURES = ("opt", "qwen2", "phi3", "gptj", "mistral", "falcon")
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
 
 _TRAINING_TEXT = """\
@@ -104,7 +107,48 @@ def tiny_config(
         return tf.GPT2Config(
             n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=max_context, **common
         )
-    raise ValueError(f"unknown tiny architecture {architecture!r}: expected one of {ARCHITECTURES}")
+    if architecture in ("qwen2", "mistral", "phi3"):
+        cls = {"qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig, "phi3": tf.Phi3Config}
+        return cls[architecture](
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2),
+            max_position_embeddings=max_context,
+            **common,
+        )
+    if architecture == "opt":
+        return tf.OPTConfig(
+            hidden_size=d_model,
+            ffn_dim=2 * d_model,
+            word_embed_proj_dim=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=max_context,
+            **common,
+        )
+    if architecture == "gptj":
+        return tf.GPTJConfig(
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            rotary_dim=d_model // n_heads // 2,
+            n_positions=max_context,
+            **common,
+        )
+    if architecture == "falcon":
+        return tf.FalconConfig(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=max_context,
+            **common,
+        )
+    raise ValueError(
+        f"unknown tiny architecture {architecture!r}: expected one of "
+        f"{ARCHITECTURES + MORE_ARCHITECTURES}"
+    )
 
 
 def build_tiny_model(
