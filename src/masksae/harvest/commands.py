@@ -42,6 +42,12 @@ def harvest(
         help="key=value record filter (repeatable), e.g. meta.pile_set_name=Pile-CC.",
     ),
     corpus_split: str = typer.Option("train", "--corpus-split", help="Dataset split."),
+    corpus_allow_undecodable: bool = typer.Option(
+        False,
+        "--corpus-allow-undecodable",
+        help="Harvest local .txt files that are mostly not UTF-8 text anyway (undecodable "
+        "bytes become U+FFFD); by default such files are refused.",
+    ),
     tokens: int = typer.Option(
         100_000, "--tokens", help="Tokens to harvest (rounded up to whole sequences)."
     ),
@@ -112,6 +118,7 @@ def harvest(
         corpus_field=corpus_field,
         corpus_filter=tuple(corpus_filter),
         corpus_split=corpus_split,
+        corpus_allow_undecodable=corpus_allow_undecodable,
         tokens=tokens,
         mask_prob=mask_prob,
         mask_string=mask_string,

@@ -29,6 +29,9 @@ class HarvestConfig:
     """key=value conditions on records, e.g. meta.pile_set_name=Pile-CC."""
     corpus_split: str = "train"
     """Hugging Face dataset split."""
+    corpus_allow_undecodable: bool = False
+    """Harvest local .txt files that are mostly not UTF-8 text (binary-looking) anyway, their
+    undecodable bytes replaced by U+FFFD; False refuses them."""
     tokens: int = 100_000
     """Tokens to harvest (rounded up to whole sequences)."""
     mask_prob: float = 0.3

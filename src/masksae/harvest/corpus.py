@@ -15,7 +15,16 @@ JSON-able identity recorded in a store's provenance.
   ``meta.pile_set_name=Pile-CC``.
 
 Filters are ``key=value`` strings (dotted keys reach into nested records); a record is kept
-when every filter matches.
+when every filter matches. They apply to records (jsonl, parquet, Hub datasets) only: a
+corpus holding ``.txt`` files, or the bundled one, refuses them.
+
+Records whose text field is null are skipped and counted (``Corpus.stats``); a text field
+holding anything else but a string is refused. Local files are decoded as UTF-8: undecodable
+bytes become U+FFFD with a warning naming the file and the count, and a ``.txt`` file that is
+mostly not text (undecodable or control bytes) is refused unless ``allow_undecodable``.
+
+A local corpus's ``revision`` is a SHA-256 over the relative path, size and bytes of every
+file, computed once per ``Corpus`` (so an edit that keeps the size is a different corpus).
 """
 
 from __future__ import annotations
@@ -24,19 +33,26 @@ import bz2
 import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from masksae.errors import CorpusError
+
+log = logging.getLogger(__name__)
 
 OFFLINE_HINT = "offline? use --corpus bundled or a local path"
 BUNDLED = "bundled"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _LEE_FILES = ("lee_background.cor", "lee.cor")
+#: a .txt file with more than this fraction of undecodable or control bytes is not text
+MAX_BINARY_FRACTION = 0.3
+_CONTROL_DELETE = bytes(sorted(set(range(32)) - {9, 10, 11, 12, 13} | {127}))
+_SURROGATES = re.compile("[\udc80-\udcff]")
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,20 @@ class CorpusSpec:
     """``key=value`` conditions a record must meet (jsonl, parquet, Hugging Face datasets)."""
     split: str = "train"
     """Dataset split (Hugging Face datasets)."""
+    allow_undecodable: bool = False
+    """Harvest ``.txt`` files that are mostly not UTF-8 text anyway (bytes -> U+FFFD)."""
+
+
+@dataclass
+class CorpusStats:
+    """What the last pass over a corpus met besides documents."""
+
+    documents: int = 0
+    """Documents yielded."""
+    null_texts: int = 0
+    """Records whose text field was null (skipped)."""
+    undecodable_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes replaced by U+FFFD, per local file that had any."""
 
 
 def parse_filters(filters: Sequence[str]) -> list[tuple[list[str], str]]:
@@ -67,7 +97,7 @@ def parse_filters(filters: Sequence[str]) -> list[tuple[list[str], str]]:
     return parsed
 
 
-def _matches(record: dict[str, Any], filters: list[tuple[list[str], str]]) -> bool:
+def _matches(record: Any, filters: list[tuple[list[str], str]]) -> bool:
     for keys, expected in filters:
         value: Any = record
         for key in keys:
@@ -84,14 +114,32 @@ def _matches(record: dict[str, Any], filters: list[tuple[list[str], str]]) -> bo
     return True
 
 
-def _text_of(record: dict[str, Any], field_name: str, where: str) -> str:
+def _text_of(record: dict[str, Any], field_name: str, where: str) -> str | None:
+    """The record's text; None when the field is null (the caller skips and counts it)."""
+    if not isinstance(record, dict):
+        raise CorpusError(
+            f"{where}: record is a JSON {type(record).__name__}, expected an object with a "
+            f"{field_name!r} field: one JSON object per line"
+        )
     if field_name not in record:
         raise CorpusError(
             f"{where}: record has no field {field_name!r} (fields: {sorted(record)[:20]}): "
             "choose the text field with --corpus-field"
         )
     value = record[field_name]
-    return value if isinstance(value, str) else str(value)
+    if value is None or isinstance(value, str):
+        return value
+    raise CorpusError(
+        f"{where}: field {field_name!r} holds a {type(value).__name__} "
+        f"({str(value)[:40]!r}), expected a string: choose the text field with --corpus-field"
+    )
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+    """UTF-8 text of ``data`` with undecodable bytes as U+FFFD, and how many there were."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    bad = len(_SURROGATES.findall(text))
+    return (_SURROGATES.sub("\ufffd", text) if bad else text), bad
 
 
 class Corpus:
@@ -101,6 +149,27 @@ class Corpus:
         self.spec = spec
         self._filters = parse_filters(spec.filters)
         self.kind = self._kind()
+        self.stats = CorpusStats()
+        self._revision: str | None = None
+        self._warned: set[str] = set()
+        if self._filters:
+            self._check_filters_apply()
+
+    def _check_filters_apply(self) -> None:
+        """Refuse --corpus-filter where there are no records to filter (it would be ignored)."""
+        if self.kind == "bundled":
+            where = "the bundled corpus (plain text, no record fields)"
+        elif self.kind == "local":
+            txt = [p for p in self._local_files() if p.suffix == ".txt"]
+            if not txt:
+                return
+            where = f"{str(txt[0])!r} (a .txt file is one document, with no record fields)"
+        else:
+            return
+        raise CorpusError(
+            f"--corpus-filter {list(self.spec.filters)} cannot apply to {where}: filters "
+            "select jsonl/parquet records and Hub dataset rows; drop --corpus-filter"
+        )
 
     def _kind(self) -> str:
         if self.spec.source == BUNDLED:
@@ -135,21 +204,63 @@ class Corpus:
             info["revision"] = f"gensim-{gensim.__version__}"
             info["files"] = [_WIKI_FILE, *_LEE_FILES]
         elif self.kind == "local":
+            info["revision"] = self.content_revision()
+            info["revision_covers"] = "relative path, size and bytes of every corpus file"
+        return info
+
+    def content_revision(self) -> str:
+        """``sha256:<16 hex>`` over each local file's relative path, size and bytes (streamed,
+        computed once per Corpus)."""
+        if self._revision is None:
+            root = Path(self.spec.source).expanduser()
             digest = hashlib.sha256()
             for path in self._local_files():
-                digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-            info["revision"] = "local:" + digest.hexdigest()[:16]
-        return info
+                rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+                digest.update(f"{rel}\0{path.stat().st_size}\0".encode())
+                with path.open("rb") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+            self._revision = "sha256:" + digest.hexdigest()[:16]
+        return self._revision
 
     # ------------------------------------------------------------------ documents
     def __iter__(self) -> Iterator[str]:
+        self.stats = stats = CorpusStats()  # each pass counts afresh
         if self.kind == "bundled":
-            yield from _bundled_documents()
+            docs: Iterator[str | None] = iter(_bundled_documents())
         elif self.kind == "local":
-            for path in self._local_files():
-                yield from self._local_documents(path)
+            docs = (doc for path in self._local_files() for doc in self._local_documents(path))
         else:
-            yield from self._hub_documents()
+            docs = self._hub_documents()
+        for doc in docs:
+            if doc is None:
+                if stats.null_texts == 0 and "null" not in self._warned:
+                    self._warned.add("null")
+                    log.warning(
+                        "corpus %s: records with a null %r field are skipped (counted in the "
+                        "harvest summary)",
+                        self.spec.source,
+                        self.spec.field,
+                    )
+                stats.null_texts += 1
+                continue
+            stats.documents += 1
+            yield doc
+
+    def _undecodable(self, path: Path, bad: int, total: int) -> None:
+        """Record (and warn once per file about) ``bad`` undecodable bytes of ``path``."""
+        if bad == 0:
+            return
+        self.stats.undecodable_bytes[str(path)] = bad
+        if str(path) not in self._warned:
+            self._warned.add(str(path))
+            log.warning(
+                "corpus file %s is not valid UTF-8: %d of its %d bytes could not be decoded "
+                "and were replaced by U+FFFD",
+                path,
+                bad,
+                total,
+            )
 
     def _local_files(self) -> list[Path]:
         root = Path(self.spec.source).expanduser()
@@ -162,14 +273,32 @@ class Corpus:
             )
         return files
 
-    def _local_documents(self, path: Path) -> Iterator[str]:
+    def _local_documents(self, path: Path) -> Iterator[str | None]:
         if path.suffix == ".txt":
-            text = path.read_text(encoding="utf-8", errors="replace")
+            data = path.read_bytes()
+            text, bad = _decode(data)
+            binary = bad + len(data) - len(data.translate(None, _CONTROL_DELETE))
+            if (
+                data
+                and binary / len(data) > MAX_BINARY_FRACTION
+                and not self.spec.allow_undecodable
+            ):
+                raise CorpusError(
+                    f"corpus file {str(path)!r} does not look like text: {binary} of its "
+                    f"{len(data)} bytes ({binary / len(data):.0%}) are undecodable as UTF-8 or "
+                    "control bytes; remove it from the corpus, convert it to UTF-8, or pass "
+                    "--corpus-allow-undecodable to harvest it with U+FFFD replacements"
+                )
+            self._undecodable(path, bad, len(data))
             if text.strip():
                 yield text
         elif path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
+            bad_total = size = 0
+            with path.open("rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    size += len(raw)
+                    line, bad = _decode(raw)
+                    bad_total += bad
                     if not line.strip():
                         continue
                     try:
@@ -178,6 +307,7 @@ class Corpus:
                         raise CorpusError(f"{path}:{lineno} is not valid JSON: {exc}") from None
                     if _matches(record, self._filters):
                         yield _text_of(record, self.spec.field, f"{path}:{lineno}")
+            self._undecodable(path, bad_total, size)
         else:
             try:
                 import pyarrow.parquet as pq

@@ -77,6 +77,10 @@ class HarvestResult:
     """Fraction of tokens computed by this run that were masked."""
     norm_outliers: int = 0
     """Tokens computed by this run that were flagged as norm outliers."""
+    null_texts_skipped: int = 0
+    """Corpus records with a null text field, skipped while reading the store's documents."""
+    undecodable_bytes: int = 0
+    """Bytes of the local corpus files read that were not UTF-8 (replaced by U+FFFD)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,12 +91,17 @@ class HarvestResult:
         head = f"{self.out} holds {self.total_tokens} tokens in {self.n_chunks} chunks"
         if self.new_tokens == 0:
             return f"{head}; all were complete already, nothing to compute"
-        return (
+        line = (
             f"{head} ({self.n_chunks - self.skipped_chunks} computed now, "
             f"{self.skipped_chunks} resumed) in {self.seconds:.1f} s, "
             f"{self.tokens_per_s:.0f} tok/s; of the tokens computed now, masked fraction "
             f"{self.masked_fraction:.4f} and {self.norm_outliers} norm outliers flagged"
         )
+        if self.null_texts_skipped:
+            line += f"; {self.null_texts_skipped} corpus records with a null text skipped"
+        if self.undecodable_bytes:
+            line += f"; {self.undecodable_bytes} undecodable corpus bytes replaced by U+FFFD"
+        return line
 
 
 @dataclass
@@ -200,6 +209,7 @@ def plan_harvest(
             field=cfg.corpus_field,
             filters=tuple(cfg.corpus_filter),
             split=cfg.corpus_split,
+            allow_undecodable=cfg.corpus_allow_undecodable,
         )
     )
     if lm is None:
@@ -405,6 +415,8 @@ def make_result(
         seconds=seconds,
         masked_fraction=counts.masked / counts.tokens if counts.tokens else 0.0,
         norm_outliers=counts.outliers,
+        null_texts_skipped=plan.corpus.stats.null_texts,
+        undecodable_bytes=sum(plan.corpus.stats.undecodable_bytes.values()),
     )
 
 
