@@ -227,22 +227,46 @@ def missing_chunk_files(path: Path, index: int) -> list[Path]:
     return [f for f in chunk_files(path, index) if not f.is_file()]
 
 
+def resized_chunk_files(path: Path, record: dict[str, Any]) -> list[str]:
+    """``file (N bytes, recorded M)`` for each data file of a chunk whose size differs from
+    the one in its completion record (records from before 0.2 hold no sizes: [])."""
+    sizes = record.get("file_sizes")
+    if not isinstance(sizes, dict):
+        return []
+    changed = []
+    for rel, expected in sizes.items():
+        try:
+            actual = (Path(path) / rel).stat().st_size
+        except OSError:
+            continue  # missing files are reported by missing_chunk_files
+        if actual != expected:
+            changed.append(f"{rel} ({actual} bytes, recorded {expected})")
+    return changed
+
+
 def split_intact(
     path: Path, records: dict[int, dict[str, Any]]
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-    """Split completion records into intact chunks and broken ones (shard files missing).
+    """Split completion records into intact chunks and broken ones (shard files missing, or
+    of another size than recorded: truncated or overwritten).
 
     Returns ``(intact, broken)``, ``broken`` mapping each chunk index to a one-line reason
-    naming the missing files. A broken chunk counts as incomplete everywhere: the writer
-    rewrites it on resume, the reader refuses it, and verify names its files.
+    naming the files. A broken chunk counts as incomplete everywhere: the writer rewrites it
+    on resume, the reader refuses it, and verify names its files. Costs one stat per file.
     """
     intact: dict[int, dict[str, Any]] = {}
     broken: dict[int, str] = {}
     for index, record in records.items():
         lost = missing_chunk_files(path, index)
+        resized = resized_chunk_files(path, record)
         if lost:
             names = ", ".join(str(f.relative_to(path)) for f in lost)
             broken[index] = f"shard file(s) missing ({names})"
+        elif resized:
+            broken[index] = (
+                f"shard file(s) truncated or overwritten: size differs from the chunk's record "
+                f"({', '.join(resized)})"
+            )
         else:
             intact[index] = record
     return intact, broken

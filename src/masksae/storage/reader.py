@@ -23,6 +23,24 @@ DEFAULT_PREFETCH = 2
 """Default number of chunks read ahead by the stream's background thread."""
 
 
+class UnreadableChunkError(StoreError):
+    """A shard of a chunk recorded complete cannot be decoded (truncated or overwritten)."""
+
+    def __init__(self, store: ActivationStore, index: int, array: str, cause: BaseException):
+        files = layout.chunk_files(store.path, index)
+        file = next((f for f in files if f.relative_to(store.path).parts[0] == array), files[0])
+        detail = (str(cause).strip().splitlines() or [""])[0][:120]
+        self.index, self.array, self.file = index, array, file
+        self.cause = f"{type(cause).__name__}: {detail}" if detail else type(cause).__name__
+        super().__init__(
+            f"chunk {index} of store {store.path} is unreadable: its {array} shard {file} "
+            f"cannot be decoded ({self.cause}); delete its completion record "
+            f"{layout.manifest_path(store.path, index)} and rerun the harvest command that "
+            "created the store to rewrite that chunk (`masksae store verify` lists every "
+            "damaged chunk)"
+        )
+
+
 class ActivationStore:
     """A read-only view of an activation store directory; use :meth:`open`."""
 
@@ -212,10 +230,20 @@ class ActivationStore:
         return self._read_range(start, stop, ARRAY_NAMES)
 
     def read_chunk(self, index: int, names: tuple[str, ...] = ARRAY_NAMES) -> dict[str, np.ndarray]:
-        """The named arrays of chunk ``index`` (no completeness check)."""
+        """The named arrays of chunk ``index`` (no completeness check).
+
+        A shard that cannot be decoded (truncated, overwritten) raises
+        :class:`UnreadableChunkError` naming the chunk, the file and the fix.
+        """
         start, stop = self.chunk_bounds(index)
         arrays = self._open_arrays()
-        return {name: np.asarray(arrays[name][start:stop]) for name in names}
+        out = {}
+        for name in names:
+            try:
+                out[name] = np.asarray(arrays[name][start:stop])
+            except Exception as exc:  # noqa: BLE001 - zarr/codec errors: damaged data
+                raise UnreadableChunkError(self, index, name, exc) from exc
+        return out
 
     def activation_views(self, index: int) -> list[np.ndarray] | None:
         """Zero-copy read-only views of chunk ``index``'s activations (inner chunks in
@@ -242,7 +270,14 @@ class ActivationStore:
 
     def _read_range(self, start: int, stop: int, names: tuple[str, ...]) -> ChunkData:
         arrays = self._open_arrays()
-        return ChunkData(**{name: np.asarray(arrays[name][start:stop]) for name in names})
+        try:
+            return ChunkData(**{name: np.asarray(arrays[name][start:stop]) for name in names})
+        except Exception:  # noqa: BLE001 - find and name the damaged chunk
+            if stop > start:
+                step = self.spec.chunk_tokens
+                for index in range(start // step, (stop - 1) // step + 1):
+                    self.read_chunk(index, names)  # raises UnreadableChunkError
+            raise
 
     def stream(
         self,

@@ -127,10 +127,11 @@ class _Prefetcher:
             arrays = self._store.read_chunk(index, names)
         except StoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - zarr/codec errors: corrupted data
+        except Exception as exc:  # noqa: BLE001 - anything else reading the files
             raise StoreError(
-                f"cannot read chunk {index} of store {self._store.path}: {exc}; "
-                "run `masksae store verify` on it"
+                f"cannot read chunk {index} of store {self._store.path} "
+                f"({type(exc).__name__}: {str(exc)[:120]}); `masksae store verify` names the "
+                "damage, and rerunning the harvest command that created the store rewrites it"
             ) from exc
         if views is None:
             views = [arrays["activations"]]

@@ -28,9 +28,16 @@ def verify_chunk(store: ActivationStore, index: int) -> str | None:
             f"{where}: missing (no completion record: never written or interrupted); "
             "rerun the harvest command to rewrite it"
         )
+    from masksae.storage.reader import UnreadableChunkError
+
     try:
         data = ChunkData(**store.read_chunk(index, ARRAY_NAMES))
-    except Exception as exc:  # noqa: BLE001 - any decode/IO failure is corruption
+    except UnreadableChunkError as exc:
+        return (
+            f"{where}: unreadable {exc.array} shard {exc.file} ({exc.cause}); delete "
+            f"{record_hint(store, index)} and rerun the harvest to rewrite it"
+        )
+    except Exception as exc:  # noqa: BLE001 - any other IO failure is corruption too
         return (
             f"{where}: unreadable data ({type(exc).__name__}: {exc}); delete "
             f"{record_hint(store, index)} and rerun the harvest to rewrite it"

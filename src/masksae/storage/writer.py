@@ -45,6 +45,7 @@ RECORD_FIELDS = frozenset(
         "checksum",
         "checksum_algorithm",
         "stats",
+        "file_sizes",
     }
 )
 """Fields of a chunk completion record written by the writer itself."""
@@ -319,12 +320,17 @@ class StoreWriter:
         with self._lock:
             self._completed.discard(index)
         layout.manifest_path(self.path, index).unlink(missing_ok=True)
+        for old in layout.chunk_files(self.path, index):
+            # a rewrite starts from nothing: zarr merges a write into an existing shard, and
+            # the shard of a chunk being rewritten may be truncated or garbage
+            old.unlink(missing_ok=True)
         stats = chunk_stats(data.activations, data.excluded, self.spec.dtype)
         checksum = chunk_checksum(data)
         arrays = self._open_arrays()
         for name in ARRAY_NAMES:
             arrays[name][start:stop] = getattr(data, name)
-        layout.fsync_files(layout.chunk_files(self.path, index))
+        files = layout.chunk_files(self.path, index)
+        layout.fsync_files(files)
         masked, excluded = data.masked, data.excluded
         record = {
             "index": index,
@@ -337,6 +343,9 @@ class StoreWriter:
             "checksum": checksum,
             "checksum_algorithm": "sha256[:32] over the raw bytes of " + ", ".join(ARRAY_NAMES),
             "stats": stats.to_dict(),
+            # the reader compares these at open: a truncated or extended shard is refused
+            # (and rewritten by a rerun harvest) before anything reads it
+            "file_sizes": {f.relative_to(self.path).as_posix(): f.stat().st_size for f in files},
             **extra,
         }
         layout.write_manifest(self.path, index, record)

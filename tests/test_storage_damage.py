@@ -1,0 +1,123 @@
+"""Damaged shards of chunks recorded complete: truncated files are refused at open (their size
+differs from the record) and rewritten by a rerun harvest; garbage that keeps the size gives a
+StoreError naming the chunk, the file and the fix wherever the data is read, and never a raw
+zarr/codec traceback; `train` without --verify stops with that error (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from masksae.errors import StoreError
+from masksae.storage import ActivationStore, StoreWriter
+from masksae.storage import layout as store_layout
+from masksae.storage.reader import UnreadableChunkError
+from masksae.storage.schema import ARRAY_NAMES
+from test_storage import CHUNK, make_data, make_spec, write_store
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("damage") / "s"
+    write_store(path, make_spec(compression="zstd:1"), data)
+    return path
+
+
+def damaged_copy(pristine, tmp_path, name: str, how: str):
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(pristine, path)
+    shard = store_layout.chunk_files(path, 1)[ARRAY_NAMES.index(name)]
+    raw = shard.read_bytes()
+    if how == "truncate":
+        shard.write_bytes(raw[: len(raw) // 2])
+    else:  # same size, other bytes
+        shard.write_bytes(np.random.default_rng(0).integers(0, 256, len(raw), np.uint8).tobytes())
+    return path, shard
+
+
+def test_records_hold_the_shard_sizes(pristine):
+    record = json.loads(store_layout.manifest_path(pristine, 1).read_text())
+    files = store_layout.chunk_files(pristine, 1)
+    assert record["file_sizes"] == {
+        f.relative_to(pristine).as_posix(): f.stat().st_size for f in files
+    }
+
+
+@pytest.mark.parametrize("name", ARRAY_NAMES)
+def test_truncated_shard_is_refused_at_open(pristine, tmp_path, data, name):
+    path, shard = damaged_copy(pristine, tmp_path, name, "truncate")
+    rel = shard.relative_to(path).as_posix()
+    with pytest.raises(StoreError, match=rf"chunk 1: shard file\(s\) truncated .*{rel} \(\d+ "):
+        ActivationStore.open(path)
+    store = ActivationStore.open(path, require_complete=False)
+    assert store.missing_chunks == [1]
+    (problem,) = store.verify()
+    assert problem.startswith("chunk 1 ") and "rerun the harvest" in problem
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage"])
+def test_rerun_harvest_rewrites_a_damaged_chunk(pristine, tmp_path, data, how):
+    from test_storage import slice_data
+
+    path, _ = damaged_copy(pristine, tmp_path, "activations", how)
+    if how == "garbage":  # the fix the error names: delete the record, rerun the harvest
+        store_layout.manifest_path(path, 1).unlink()
+    writer = StoreWriter.open(path, make_spec(compression="zstd:1"))
+    assert writer.completed_chunks == {0, 2, 3}
+    with writer:
+        start, stop = writer.chunk_bounds(1)
+        writer.write_chunk(1, slice_data(data, start, stop))
+    store = ActivationStore.open(path)
+    assert store.verify() == []
+    np.testing.assert_array_equal(
+        store.read(CHUNK, 2 * CHUNK).activations, data.activations[CHUNK : 2 * CHUNK]
+    )
+
+
+@pytest.mark.parametrize("name", ARRAY_NAMES)
+def test_garbage_shard_gives_a_clear_error_where_it_is_read(pristine, tmp_path, name):
+    path, shard = damaged_copy(pristine, tmp_path, name, "garbage")
+    store = ActivationStore.open(path)  # same size: found when read
+    expected = (
+        rf"chunk 1 of store .* is unreadable: its {name} shard {shard} cannot be decoded "
+        rf"\(.*\); delete its completion record .*000001.json and rerun the harvest"
+    )
+    with pytest.raises(UnreadableChunkError, match=expected) as info:
+        store.read_chunk(1, (name,))
+    assert info.value.index == 1 and info.value.array == name
+    with pytest.raises(UnreadableChunkError, match=expected):
+        store.read(CHUNK - 10, CHUNK + 10)  # a range across chunks 0 and 1
+    store.read(0, CHUNK)  # chunk 0 is fine
+    # the stream reads activations, excluded, and masked when it filters masked tokens
+    if name in ("activations", "excluded", "masked"):
+        with pytest.raises(UnreadableChunkError, match=expected):
+            for _ in store.stream(32, include_masked=False):
+                pass
+    (problem,) = store.verify()
+    assert problem.startswith("chunk 1 ") and f"unreadable {name} shard" in problem
+
+
+@pytest.mark.parametrize("name", ["activations", "excluded"])
+def test_train_without_verify_stops_on_an_unreadable_shard(pristine, tmp_path, name):
+    from masksae.cli import app
+
+    path, _ = damaged_copy(pristine, tmp_path, name, "garbage")
+    args = [
+        "train", "--store", str(path), "--out", str(tmp_path / "run"), "--architecture",
+        "topk", "--k", "2", "--d-sae", "32", "--tokens", "1600", "--batch-size", "100",
+        "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "chunk 1 of store" in res.output and "rerun the harvest" in res.output
+    assert "Traceback" not in res.output
