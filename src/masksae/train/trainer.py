@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT_VERSION = 1
+LOCK_FILE = ".train.lock"
+"""flock held by the process training into an output folder (released when it exits)."""
 
 
 class TrainingDivergedError(MasksaeError):
@@ -478,7 +480,7 @@ class Trainer:
                 f"--resume given but {self.out_dir} holds no training run ({SWEEP_FILE} "
                 "missing): drop --resume to start a new one"
             )
-        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+        if self.out_dir.exists() and any(p.name != LOCK_FILE for p in self.out_dir.iterdir()):
             raise CheckpointError(
                 f"the output folder {self.out_dir} is not empty and holds no masksae training "
                 "run: choose an empty or new --out folder"
@@ -506,9 +508,55 @@ class Trainer:
             raise CheckpointError(f"cannot read {src / ckpt.STATE_FILE}: {exc}") from exc
         run.load_state(state)
 
+    def _lock_out_dir(self) -> Any:
+        """Take the output folder's lock (an flock: a killed run releases it); CheckpointError
+        naming the holder when another process trains into the same folder."""
+        import fcntl
+        import os
+
+        created = not self.out_dir.exists()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held while training
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise CheckpointError(
+                f"the output folder {self.out_dir} is being trained into by {holder}: wait for "
+                "it to finish, or stop it and rerun with --resume (a killed run releases the "
+                "folder), or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._created_out_dir = created
+        return handle
+
+    def _release_out_dir(self, handle: Any, *, remove: bool) -> None:
+        """Drop the lock; ``remove`` deletes the folder if this start created it (a refused
+        start leaves no trace; a folder that existed keeps its lock file, as unlinking a lock
+        file another process may have opened would let two processes hold it)."""
+        if remove and self._created_out_dir:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+        handle.close()
+
     # -- the loop
     def train(self) -> TrainSummary:
-        self._check_out_dir()
+        lock = self._lock_out_dir()
+        try:
+            self._check_out_dir()
+        except BaseException:
+            self._release_out_dir(lock, remove=True)
+            raise
+        try:
+            return self._train_locked()
+        finally:
+            self._release_out_dir(lock, remove=False)
+
+    def _train_locked(self) -> TrainSummary:
         global_rng = torch.get_rng_state()  # runs seed/consume their own; restore the caller's
         threads = torch.get_num_threads()
         if self.cfg.threads is not None:
