@@ -77,3 +77,121 @@ def test_refused_start_leaves_no_folder_behind(store, tmp_path):
     with pytest.raises(CheckpointError, match="drop --resume"):
         Trainer(store, [RunSpec("a", SAE)], cfg(), tmp_path / "new", resume=True).train()
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------- disk full, read-only
+def train_args(store, out, *extra: str) -> list[str]:
+    return [
+        "train", "--store", str(store.path), "--out", str(out), "--architecture", "topk",
+        "--k", "2", "--d-sae", "32", "--steps", "12", "--batch-size", "128",
+        "--checkpoint-every", "4", "--device", "cpu", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_full_disk_while_checkpointing_is_one_clear_line_and_resumable(
+    store, tmp_path, monkeypatch
+):
+    import torch
+
+    from masksae.cli import app
+
+    real_save = torch.save
+
+    def full_disk_at_step_8(obj, f, *args, **kwargs):
+        if "step-000000008" in str(f):  # what torch's zip writer says on a short write
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 4672 vs 4560"
+            )
+        return real_save(obj, f, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", full_disk_at_step_8)
+    res = CliRunner().invoke(app, train_args(store, out))
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    message = res.output.strip().splitlines()[-1]
+    assert "writing the checkpoint of step 8" in message and "no space left on device" in message
+    assert "MiB free on" in message
+    assert "the last complete checkpoint (step 4) is intact" in message and "--resume" in message
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-000000004"]  # no half-written step 8 left behind
+    monkeypatch.setattr(torch, "save", real_save)  # space freed
+    res = CliRunner().invoke(app, train_args(store, out, "--resume"))
+    assert res.exit_code == 0, res.output
+    steps = [r["step"] for r in read_metrics(run)]
+    assert steps[-1] == 12 and steps == sorted(set(steps))
+    assert (run / "sae.safetensors").is_file()
+
+
+def refuse_writes_under(monkeypatch, root):
+    """Path.mkdir under ``root`` fails as on a read-only file system (tests run as root,
+    for whom permission bits do not stop writes)."""
+    import errno
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_read_only_out_is_one_clear_line_in_train(store, tmp_path, monkeypatch):
+    from masksae.cli import app
+
+    refuse_writes_under(monkeypatch, tmp_path / "ro")
+    res = CliRunner().invoke(app, train_args(store, tmp_path / "ro" / "run"))
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "cannot write the output folder" in res.output
+    assert "Read-only file system: choose a writable --out" in res.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    Trainer(store, [RunSpec("a", SAE)], cfg(checkpoint_every=0), out, progress=False).train()
+    return out / "a"
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "dictionary_learning"])
+def test_read_only_out_is_one_clear_line_in_export(trained_run, tmp_path, monkeypatch, fmt):
+    from masksae.cli import app
+
+    refuse_writes_under(monkeypatch, tmp_path / "ro")
+    res = CliRunner().invoke(
+        app, ["export", str(trained_run), "--format", fmt, "--out", str(tmp_path / "ro" / "x")]
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"cannot write the {fmt} export to" in res.output
+    assert "Read-only file system" in res.output
+
+
+# ---------------------------------------------------------------------------- damaged weights
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_file_is_named_in_export_and_evaluate(
+    trained_run, tmp_path, damage, tiny_model_dir
+):
+    import shutil
+
+    from masksae.cli import app
+
+    run = tmp_path / "a"
+    shutil.copytree(trained_run, run)
+    weights = run / "sae.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 3] if damage == "truncated" else b"\x93garbage" * 64)
+    res = CliRunner().invoke(
+        app, ["export", str(run), "--format", "saelens", "--out", str(tmp_path / "x")]
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"{weights} cannot be read" in res.output and "truncated or damaged" in res.output
+    res = CliRunner().invoke(
+        app,
+        ["evaluate", "--checkpoints", str(run), "--metrics", "reconstruction",
+         "--model", str(tiny_model_dir), "--out", str(tmp_path / "e"), "--device", "cpu"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"{weights} cannot be read" in res.output

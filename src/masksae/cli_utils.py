@@ -53,7 +53,16 @@ def user_errors(func: F) -> F:
 
 #: OSError numbers that mean "this path cannot be used", reported as user errors.
 _PATH_ERRNOS = frozenset(
-    {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOSPC}
+    {
+        errno.EEXIST,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+    }
 )
 
 

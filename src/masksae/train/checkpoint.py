@@ -228,7 +228,14 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[A
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing: the checkpoint is incomplete")
     sae = build_sae(sae_config_from_dict(meta["sae"]))
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a damaged file
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(
+            f"{weights} cannot be read ({type(exc).__name__}: {detail}): the weights file is "
+            "truncated or damaged; restore it from a copy, or retrain the run"
+        ) from exc
     try:
         sae.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,9 +206,10 @@ def export_saelens(
             },
         },
     }
-    out = _prepare_out(out_dir, (SAELENS_WEIGHTS, SAELENS_CFG), "saelens")
-    atomic_write(out / SAELENS_WEIGHTS, lambda p: save_file(tensors, str(p)))
-    atomic_write_json(out / SAELENS_CFG, cfg)
+    with _writing(out_dir, "saelens"):
+        out = _prepare_out(out_dir, (SAELENS_WEIGHTS, SAELENS_CFG), "saelens")
+        atomic_write(out / SAELENS_WEIGHTS, lambda p: save_file(tensors, str(p)))
+        atomic_write_json(out / SAELENS_CFG, cfg)
     log.info("exported %s as SAELens %s to %s", run_dir, sl_arch, out)
     return out
 
@@ -307,11 +310,29 @@ def export_dictionary_learning(run_dir: str | Path, out_dir: str | Path) -> Path
             "provenance": meta.get("store"),
         },
     }
-    out = _prepare_out(out_dir, (DL_WEIGHTS, DL_CFG), "dictionary_learning")
-    atomic_write(out / DL_WEIGHTS, lambda p: torch.save(state, p))
-    atomic_write_json(out / DL_CFG, {"trainer": trainer, "buffer": buffer})
+    with _writing(out_dir, "dictionary_learning"):
+        out = _prepare_out(out_dir, (DL_WEIGHTS, DL_CFG), "dictionary_learning")
+        atomic_write(out / DL_WEIGHTS, lambda p: torch.save(state, p))
+        atomic_write_json(out / DL_CFG, {"trainer": trainer, "buffer": buffer})
     log.info("exported %s as dictionary_learning %s to %s", run_dir, layout.dict_class, out)
     return out
+
+
+@contextmanager
+def _writing(out_dir: str | Path, fmt: str) -> Iterator[None]:
+    """Turn a failure to write the export (read-only or full disk, no permission) into one
+    CheckpointError line; the atomic writes leave no partial file behind."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = (reason.strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(
+            f"cannot write the {fmt} export to {str(out_dir)!r}: {reason}: choose a writable "
+            "--out with free space"
+        ) from exc
 
 
 def _prepare_out(out_dir: str | Path, own_files: tuple[str, ...], fmt: str) -> Path:

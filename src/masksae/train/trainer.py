@@ -24,6 +24,7 @@ Ctrl-C stops at once (the last checkpoint written is then used).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import shutil
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT_VERSION = 1
+#: OSError numbers meaning "the output folder cannot take this write"
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 LOCK_FILE = ".train.lock"
 """flock held by the process training into an output folder (released when it exits)."""
 
@@ -515,8 +518,14 @@ class Trainer:
         import os
 
         created = not self.out_dir.exists()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.out_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held while training
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.out_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held while training
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write the output folder {self.out_dir}: {exc.strerror or exc}: choose "
+                "a writable --out"
+            ) from exc
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -553,6 +562,16 @@ class Trainer:
             raise
         try:
             return self._train_locked()
+        except OSError as exc:  # metrics, sweep.json, publishing: the folder became unusable
+            name = str(exc.filename or "")
+            if exc.errno not in _WRITE_ERRNOS or not name.startswith(str(self.out_dir)):
+                raise
+            raise CheckpointError(
+                f"training into {self.out_dir} failed writing "
+                f"{exc.filename or 'its files'}: {exc.strerror or exc}{_free_space(self.out_dir)}; "
+                "the checkpoints written so far are kept: free disk space (or fix the folder) "
+                "and rerun the same command with --resume"
+            ) from exc
         finally:
             self._release_out_dir(lock, remove=False)
 
@@ -867,16 +886,47 @@ class Trainer:
 
     def _checkpoint(self, runs: list[_Run], step: int, *, complete: bool) -> None:
         for run in runs:
-            ckpt.write_checkpoint(
-                ckpt.checkpoint_dir(run.dir, step),
-                run.sae,
-                self._meta(run, step, complete),
-                run.state(step),
-                self.scale,
-            )
+            target = ckpt.checkpoint_dir(run.dir, step)
+            try:
+                ckpt.write_checkpoint(
+                    target, run.sae, self._meta(run, step, complete), run.state(step), self.scale
+                )
+            except MasksaeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch/safetensors/OS write failures
+                raise self._checkpoint_write_error(runs, step, target, exc) from exc
             if not complete:
                 ckpt.prune_checkpoints(run.dir, self.cfg.keep_checkpoints)
         log.debug("checkpoint at step %d written for %d run(s)", step, len(runs))
+
+    def _checkpoint_write_error(
+        self, runs: list[_Run], step: int, target: Path, exc: Exception
+    ) -> CheckpointError:
+        """One line: what failed, why (a full disk named as such), what survived, how to go on.
+
+        A checkpoint is written to a temporary folder and renamed, so a failed write leaves
+        the previous ones intact (``write_checkpoint`` removes its temporary folder)."""
+        text = str(exc)
+        full = (
+            isinstance(exc, OSError)
+            and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            or "unexpected pos" in text  # torch's zip writer on a short write
+            or "failed writing" in text
+            or "StorageFull" in text  # safetensors
+        )
+        first = (text.strip().splitlines() or [""])[0][:160]
+        cause = "no space left on device" if full else f"{type(exc).__name__}: {first}"
+        last = self._resume_step(runs)
+        kept = (
+            f"the last complete checkpoint (step {last}) is intact"
+            if last
+            else "no earlier checkpoint exists, so a resume starts from step 0"
+        )
+        return CheckpointError(
+            f"writing the checkpoint of step {step} to {target} failed: {cause}"
+            f"{_free_space(self.out_dir)}; {kept}: free disk space (or fix the folder) and rerun "
+            "the same command with --resume to continue"
+        )
 
     def _finish(self, runs: list[_Run]) -> None:
         total = self.total_steps
@@ -902,6 +952,15 @@ class Trainer:
             f"chunks (delete the store and rerun the harvest, or use a finite dtype such as "
             f"float32 for the harvest); store: {self.store.path}"
         )
+
+
+def _free_space(path: Path) -> str:
+    """`` (N MiB free on PATH)`` when it can be measured, else ``""``."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.1f} MiB free on {path})"
 
 
 def _fmt(value: Any) -> str:
