@@ -114,3 +114,28 @@ def test_evaluate_and_report_messages_name_the_fix(tmp_path):
     assert not (tmp_path / "r").exists()
     export = _invoke(["export", str(tmp_path / "nope"), "--format", "saelens", "--out", "x"])
     _assert_user_error(export, "not a directory", "masksae train")
+
+
+def test_bad_single_sae_flags_name_the_flag(tmp_path):
+    base = ["train", "--store", str(tmp_path / "no-store"), "--out", str(tmp_path / "o")]
+    zero = _invoke([*base, "--d-sae", "0", "--no-progress"])  # was silently 4096
+    _assert_user_error(zero, "--d-sae 0 is invalid: expected a positive integer")
+    _assert_user_error(_invoke([*base, "--k", "-3"]), "--k -3 is invalid")
+    # the unknown architecture is the problem, not the --k that depends on it
+    unknown = _invoke([*base, "--architecture", "foo", "--k", "20"])
+    _assert_user_error(unknown, "--architecture 'foo' is unknown: expected one of")
+    assert "--k" not in unknown.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_harvest_validates_the_seed_before_creating_the_store(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    args = [
+        "harvest", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--tokens", "64",
+        "--context-length", "32", "--device", "cpu", "--no-progress", "--out",
+        str(tmp_path / "s"),
+    ]  # fmt: skip
+    _assert_user_error(_invoke([*args, "--seed", "-1"]), "--seed -1 is invalid")
+    assert not (tmp_path / "s").exists()  # the corrected rerun is not refused
+    assert _invoke([*args, "--seed", "1"]).exit_code == 0

@@ -121,3 +121,52 @@ def test_train_without_verify_stops_on_an_unreadable_shard(pristine, tmp_path, n
     assert res.exit_code == 2, res.output
     assert "chunk 1 of store" in res.output and "rerun the harvest" in res.output
     assert "Traceback" not in res.output
+
+
+_LOSER_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import test_storage as t
+from masksae.storage import StoreWriter, layout
+
+real = layout.create_store
+def create_after_the_winner(path, spec):
+    Path({waiting!r}).touch()  # past the "does it exist?" check, about to create
+    while not Path({ready!r}).exists():
+        time.sleep(0.02)
+    real(path, spec)
+layout.create_store = create_after_the_winner
+StoreWriter.open({path!r}, t.make_spec())
+"""
+
+
+def test_loser_of_two_simultaneous_creations_is_told_who_writes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path, waiting, ready = tmp_path / "s", tmp_path / "waiting", tmp_path / "ready"
+    script = _LOSER_SCRIPT.format(
+        tests=str(Path(__file__).parent), path=str(path), waiting=str(waiting), ready=str(ready)
+    )
+    loser = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not waiting.exists():
+            assert loser.poll() is None and time.monotonic() < deadline, loser.stderr.read()
+            time.sleep(0.02)
+        winner = StoreWriter.open(path, make_spec())  # created first, holds the lock
+        ready.touch()
+        _, stderr = loser.communicate(timeout=120)
+    finally:
+        if loser.poll() is None:
+            loser.kill()
+    winner.close()
+    assert loser.returncode != 0
+    assert f"is being written by pid {os.getpid()}".encode() in stderr
+    assert b"permissions" not in stderr

@@ -200,6 +200,11 @@ def plan_harvest(
         raise ConfigError("no output path given: use --out PATH")
     tokens = _positive_int(cfg.tokens, "--tokens")
     batch_size = _positive_int(cfg.batch_size, "--batch-size")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(
+            f"--seed {cfg.seed!r} is invalid: expected an integer >= 0 (the mask draws are "
+            "seeded by (seed, sequence index))"
+        )
     validate_mask_prob(cfg.mask_prob)
     outlier_factor = validate_outlier_factor(cfg.outlier_norm_factor)
     store_dtype = dtype_name(resolve_dtype(cfg.store_dtype or cfg.dtype))

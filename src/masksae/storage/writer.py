@@ -96,12 +96,19 @@ class StoreWriter:
         if not path.exists() or not any(path.iterdir()):
             try:
                 layout.create_store(path, spec)
+                created = True
             except OSError as exc:
-                raise StoreError(
-                    f"cannot create the activation store {path}: {exc}; check "
-                    "the path, permissions and free disk space"
-                ) from exc
-            return cls(path, spec, set(), queue_size)
+                if layout.read_attrs(path) is None:
+                    raise StoreError(
+                        f"cannot create the activation store {path}: {exc}; check "
+                        "the path, permissions and free disk space"
+                    ) from exc
+                # another process created the store at the same moment: open it like any
+                # existing store (its writer lock then names that process)
+                log.debug("store %s was created concurrently by another process", path)
+                created = False
+            if created:
+                return cls(path, spec, set(), queue_size)
         attrs = layout.read_attrs(path)
         if attrs is None:
             raise StoreError(

@@ -141,13 +141,25 @@ def train_command(
         )
         runs = None
     else:
+        from masksae.train.sae import ARCHITECTURES
+
         arch = architecture or "matryoshka_batch_topk"
+        if arch not in ARCHITECTURES:  # before any flag that depends on it
+            raise ConfigError(
+                f"--architecture {arch!r} is unknown: expected one of {', '.join(ARCHITECTURES)}"
+            )
+        for flag, value in (("--d-sae", d_sae), ("--k", k)):
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"{flag} {value} is invalid: expected a positive integer "
+                    f"(e.g. {flag} {4096 if flag == '--d-sae' else 40})"
+                )
         if k is not None and arch not in _TOPK_FAMILY:
             raise ConfigError(
                 f"--k {k} does not apply to --architecture {arch} (k is the sparsity of "
                 f"{', '.join(_TOPK_FAMILY)}): drop --k"
             )
-        sae: dict[str, Any] = {"architecture": arch, "d_sae": d_sae or 4096}
+        sae: dict[str, Any] = {"architecture": arch, "d_sae": 4096 if d_sae is None else d_sae}
         if k is not None:
             sae["k"] = k
         elif arch in _TOPK_FAMILY:
