@@ -195,3 +195,73 @@ def test_damaged_weights_file_is_named_in_export_and_evaluate(
     )  # fmt: skip
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert f"{weights} cannot be read" in res.output
+
+
+# ---------------------------------------------------------------------------- damaged values
+def plant_row(store_path, chunk: int, row: int, value: float) -> None:
+    """Overwrite one activation row of an uncompressed float32 shard in place (the shard
+    index and size stay valid: damage only a checksum finds)."""
+    import numpy as np
+
+    from masksae.storage import ActivationStore, fastread
+
+    store = ActivationStore.open(store_path)
+    assert store.spec.compression == "none" and store.spec.dtype == "float32"
+    shard = store_path / "activations" / "c" / str(chunk) / "0"
+    inner = fastread.plain_shard_rows(store_path / "activations")
+    n_inner = -(-store.spec.chunk_tokens // inner)
+    raw = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(raw[-(n_inner * 16 + 4) : -4]), "<u8").reshape(n_inner, 2)
+    row_bytes = 4 * store.d_model
+    start = int(index[row // inner, 0]) + (row % inner) * row_bytes
+    raw[start : start + row_bytes] = np.full(store.d_model, value, np.float32).tobytes()
+    shard.write_bytes(bytes(raw))
+
+
+def test_overflowing_garbage_values_name_the_chunk_not_the_lr(tmp_path):
+    from masksae.cli import app
+
+    make_store(tmp_path / "s", n_tokens=2048, chunk_tokens=512)
+    plant_row(tmp_path / "s", chunk=2, row=5, value=3e25)  # finite, but x^2 overflows
+    res = CliRunner().invoke(
+        app,
+        ["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
+         "--architecture", "topk", "--k", "2", "--d-sae", "32", "--steps", "16",
+         "--batch-size", "128", "--device", "cpu", "--no-progress"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "holds non-finite activations: chunk(s) [2] of the store hold them" in res.output
+    assert "masksae store verify" in res.output and "lower the lr" not in res.output
+
+
+def test_divergence_on_absurd_rows_names_the_chunk(tmp_path, monkeypatch):
+    from masksae.errors import MasksaeError, StoreError
+    from masksae.train import trainer as trainer_module
+
+    make_store(tmp_path / "s", n_tokens=2048, chunk_tokens=512)
+    plant_row(tmp_path / "s", chunk=1, row=7, value=1e11)  # finite squares, absurd norm
+    from masksae.storage import ActivationStore
+
+    store = ActivationStore.open(tmp_path / "s")
+    real_step = trainer_module._Run.step
+
+    def diverge_on_huge_rows(self, x_BD, step, total, *, want_metrics):
+        if float(x_BD.norm(dim=-1).max()) > 1e9 or step == 20:
+            raise trainer_module.TrainingDivergedError(
+                f"run {self.spec.name}: the loss became inf at step {step} (the input batch "
+                "was finite): lower the lr"
+            )
+        return real_step(self, x_BD, step, total, want_metrics=want_metrics)
+
+    monkeypatch.setattr(trainer_module._Run, "step", diverge_on_huge_rows)
+    config = cfg(steps=24, normalize_activations=False)
+    with pytest.raises(StoreError) as info:
+        Trainer(store, [RunSpec("a", SAE)], config, tmp_path / "o", progress=False).train()
+    message = str(info.value)
+    assert "chunk(s) [1] hold such rows" in message and "the data, not the lr" in message
+    assert f"x the store's mean norm {store.stats.mean_norm:.3g}" in message
+    # a divergence on ordinary data keeps its own advice
+    good = make_store(tmp_path / "good", n_tokens=2048, chunk_tokens=512)
+    with pytest.raises(MasksaeError, match="lower the lr") as info:
+        Trainer(good, [RunSpec("a", SAE)], config, tmp_path / "o2", progress=False).train()
+    assert not isinstance(info.value, StoreError)

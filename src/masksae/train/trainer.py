@@ -767,13 +767,18 @@ class Trainer:
                         "`masksae store verify`"
                     ) from None
                 t1 = time.perf_counter()
-                if not bool(torch.isfinite(x_BD).all()):
+                # NaN/inf, and values so large that squaring them overflows (garbage bits of a
+                # damaged store read as floats): one reduction, one host sync
+                if not bool(torch.isfinite(x_BD.square().sum(dim=-1)).all()):
                     raise self._bad_input_error(step)
                 placed = self._place(x_BD)
                 done = step + 1
                 want = done % cfg.log_every == 0 or done == total
                 self._position = (step, False)
-                records = self._step_runs(runs, placed, step, want)
+                try:
+                    records = self._step_runs(runs, placed, step, want)
+                except TrainingDivergedError as exc:
+                    raise self._diverged_error(exc, x_BD, step) from exc
                 self._position = (done, True)
                 for device in self.unique_devices:
                     if device.type == "cuda":
@@ -943,14 +948,35 @@ class Trainer:
     def _bad_input_error(self, step: int) -> MasksaeError:
         bad = find_nonfinite_chunks(self.store)
         where = (
-            f"chunk(s) {bad} of the store hold NaN/inf activations"
+            f"chunk(s) {bad} of the store hold them (NaN/inf, or values whose square "
+            "overflows float32)"
             if bad
             else "the store's chunks read back finite, so the stream itself is suspect"
         )
         return StoreError(
-            f"the batch of step {step} holds NaN/inf activations: {where}. Re-harvest those "
-            f"chunks (delete the store and rerun the harvest, or use a finite dtype such as "
-            f"float32 for the harvest); store: {self.store.path}"
+            f"the batch of step {step} holds non-finite activations: {where}. Check the store "
+            "with `masksae store verify` (a damaged chunk fails its checksum: delete its record "
+            "and rerun the harvest to rewrite it); activations that really overflow need a "
+            f"harvest with --store-dtype float32; store: {self.store.path}"
+        )
+
+    def _diverged_error(
+        self, exc: TrainingDivergedError, x_BD: torch.Tensor, step: int
+    ) -> MasksaeError:
+        """The divergence error, or a StoreError naming the chunks when the batch itself is
+        absurd (rows far above the store's norm statistics: damaged data, not the lr)."""
+        mean_norm = float(self.store.stats.mean_norm)
+        batch_max = float(x_BD.double().norm(dim=-1).max())
+        if not (mean_norm > 0 and batch_max > _ABSURD_NORM_FACTOR * mean_norm):
+            return exc
+        bad = find_nonfinite_chunks(self.store, max_norm=_ABSURD_NORM_FACTOR * mean_norm)
+        where = f"chunk(s) {bad} hold such rows" if bad else "no chunk holds such rows on disk"
+        return StoreError(
+            f"the loss became non-finite at step {step}, and its batch holds an activation of "
+            f"norm {batch_max:.3g}, {batch_max / mean_norm:.3g} x the store's mean norm "
+            f"{mean_norm:.3g}: the data, not the lr, is the likely cause; {where}. Check the "
+            "store with `masksae store verify` (delete a damaged chunk's record and rerun the "
+            f"harvest to rewrite it); store: {self.store.path}"
         )
 
 
@@ -967,18 +993,32 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def find_nonfinite_chunks(store: Any, limit: int = 20) -> list[int]:
-    """Indices of chunks whose activations hold NaN/inf (first ``limit``)."""
+#: a row this many times the store's mean norm is taken as damaged data
+_ABSURD_NORM_FACTOR = 1e4
+
+
+def find_nonfinite_chunks(
+    store: Any, limit: int = 20, *, max_norm: float | None = None
+) -> list[int]:
+    """Indices of chunks (first ``limit``) whose training rows (not excluded) hold NaN/inf,
+    a squared norm that overflows float32, or (with ``max_norm``) a norm above it."""
     import numpy as np
+
+    from masksae.storage.stream import bf16_bits_to_float32
 
     bad: list[int] = []
     for index in sorted(store.completed_chunks):
-        acts = store.read_chunk(index, ("activations",))["activations"]
-        if store.spec.dtype == "bfloat16":  # uint16 bits: exponent all ones = inf/nan
-            finite = bool(((acts.view(np.uint16) & 0x7F80) != 0x7F80).all())
-        else:
-            finite = bool(np.isfinite(acts).all())
-        if not finite:
+        arrays = store.read_chunk(index, ("activations", "excluded"))
+        acts = arrays["activations"]
+        if store.spec.dtype == "bfloat16":  # stored as uint16 bits
+            acts = bf16_bits_to_float32(acts.view(np.uint16))
+        rows = acts[~arrays["excluded"]].astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = np.square(rows).sum(axis=-1)
+        suspect = not bool(np.isfinite(sq).all())
+        if not suspect and max_norm is not None and sq.size:
+            suspect = bool(np.sqrt(sq.astype(np.float64)).max() > max_norm)
+        if suspect:
             bad.append(index)
             if len(bad) >= limit:
                 break
