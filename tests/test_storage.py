@@ -320,6 +320,7 @@ def test_verify_cli_good_store(f32_store):
     assert report == {
         "path": str(f32_store.path),
         "ok": True,
+        "store_problems": [],
         "n_chunks": 4,
         "n_bad_chunks": 0,
         "n_tokens": N_TOKENS,

@@ -170,3 +170,104 @@ def test_loser_of_two_simultaneous_creations_is_told_who_writes(tmp_path):
     assert loser.returncode != 0
     assert f"is being written by pid {os.getpid()}".encode() in stderr
     assert b"permissions" not in stderr
+
+
+# ---------------------------------------------------------------------------- edited metadata
+def copy_store(pristine, tmp_path):
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(pristine, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("[]", "is a JSON list, not an object"),
+        ('"done"', "is a JSON str, not an object"),
+        ("{", "is unreadable (JSONDecodeError)"),
+        ('{"index": 1}', "field start is None, expected a int"),
+    ],
+)
+def test_damaged_chunk_record_is_named_not_a_traceback(pristine, tmp_path, content, reason):
+    from masksae.cli import app
+
+    path = copy_store(pristine, tmp_path)
+    store_layout.manifest_path(path, 1).write_text(content)
+    with pytest.raises(
+        StoreError, match=rf"chunk 1: completion record _chunks/000001.json {re_escape(reason)}"
+    ):
+        ActivationStore.open(path)
+    runner = CliRunner()
+    verify = runner.invoke(app, ["store", "verify", str(path), "--no-progress"])
+    assert verify.exit_code == 1 and "Traceback" not in verify.output
+    assert f"BAD chunk 1 (tokens {CHUNK}..{2 * CHUNK}): completion record" in verify.output
+    info = runner.invoke(app, ["store", "info", str(path)])
+    assert info.exit_code == 0 and "INCOMPLETE" in info.output
+    train = runner.invoke(
+        app,
+        ["train", "--store", str(path), "--out", str(tmp_path / "o"), "--architecture", "topk",
+         "--k", "2", "--d-sae", "32", "--steps", "2", "--batch-size", "64", "--device", "cpu",
+         "--no-progress"],
+    )  # fmt: skip
+    assert train.exit_code == 2 and "completion record _chunks/000001.json" in train.output
+    # a rerun harvest rewrites the chunk (the record is replaced)
+    assert StoreWriter.open(path, make_spec(compression="zstd:1")).completed_chunks == {0, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "array, edit, what",
+    [
+        ("activations", lambda m: m["shape"].__setitem__(1, 23), "shape [1000, 23]"),
+        ("activations", lambda m: m.__setitem__("data_type", "float16"), "data_type 'float16'"),
+        ("excluded", lambda m: m["shape"].__setitem__(0, 1200), "shape [1200]"),
+        (
+            "token_ids",
+            lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [128]),
+            "chunk shape [128]",
+        ),
+    ],
+)
+def test_edited_array_metadata_is_reported_as_such(pristine, tmp_path, array, edit, what):
+    from masksae.cli import app
+
+    path = copy_store(pristine, tmp_path)
+    meta_file = path / array / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=rf"{array}/zarr.json: {re_escape(what)} differs from"):
+        ActivationStore.open(path)
+    res = CliRunner().invoke(app, ["store", "verify", str(path), "--no-progress"])
+    assert res.exit_code == 1 and "the array metadata was edited or replaced" in res.output
+    assert "checksum mismatch" not in res.output
+    store = ActivationStore.open(path, require_complete=False)
+    with pytest.raises(StoreError, match="cannot be read"):
+        store.read(0, 10)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_edited_statistics_are_found_by_verify(pristine, tmp_path):
+    path = copy_store(pristine, tmp_path)
+    group = json.loads((path / "zarr.json").read_text())
+    group["attributes"]["statistics"]["mean_sq_norm"] *= 4  # what training would scale with
+    (path / "zarr.json").write_text(json.dumps(group))
+    (problem,) = ActivationStore.open(path).verify()
+    assert "statistics.mean_sq_norm differs from the value the chunk records give" in problem
+
+
+def test_edited_chunk_record_statistics_are_found_by_verify(pristine, tmp_path):
+    path = copy_store(pristine, tmp_path)
+    record_file = store_layout.manifest_path(path, 2)
+    record = json.loads(record_file.read_text())
+    record["stats"]["sum_sq_norm"] *= 0.5  # the trainer's normalisation scale comes from these
+    record_file.write_text(json.dumps(record))
+    problems = ActivationStore.open(path).verify()
+    assert any(p.startswith("chunk 2 ") and "stats.sum_sq_norm differ" in p for p in problems)
+    assert any("statistics" in p and "zarr.json" in p for p in problems)  # group attrs too

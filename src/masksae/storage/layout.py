@@ -282,8 +282,58 @@ def write_manifest(path: Path, index: int, record: dict[str, Any]) -> None:
     atomic_write_json(manifest_path(path, index), record)
 
 
-def read_manifests(path: Path, spec: StoreSpec) -> dict[int, dict[str, Any]]:
-    """Valid completion records by chunk index (unreadable or inconsistent ones are skipped)."""
+#: fields every completion record holds, with their JSON types
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "index": int,
+    "start": int,
+    "stop": int,
+    "n_tokens": int,
+    "n_excluded": int,
+    "n_masked": int,
+    "n_masked_excluded": int,
+    "checksum": str,
+    "stats": dict,
+}
+_STATS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "count": int,
+    "sum_D": list,
+    "sumsq_D": list,
+    "sum_norm": (int, float),
+    "sum_sq_norm": (int, float),
+}
+
+
+def record_problem(record: Any, index: int, spec: StoreSpec) -> str | None:
+    """What is wrong with a parsed completion record of chunk ``index`` (None if sound)."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    for table, types, where in (
+        (record, _RECORD_TYPES, ""),
+        (record.get("stats"), _STATS_TYPES, "stats."),
+    ):
+        for key, kind in types.items():
+            value = table.get(key) if isinstance(table, dict) else None
+            if isinstance(value, bool) or not isinstance(value, kind):
+                return f"field {where}{key} is {value!r}, expected a {getattr(kind, '__name__', 'number')}"
+    start, stop = spec.chunk_bounds(index)
+    if (record["index"], record["start"], record["stop"]) != (index, start, stop):
+        return (
+            f"describes chunk {record['index']} = tokens {record['start']}..{record['stop']}, "
+            f"expected chunk {index} = tokens {start}..{stop}"
+        )
+    if len(record["stats"]["sum_D"]) != spec.d_model or len(record["stats"]["sumsq_D"]) != (
+        spec.d_model
+    ):
+        return f"stats hold {len(record['stats']['sum_D'])} dimensions, expected {spec.d_model}"
+    return None
+
+
+def read_manifests(
+    path: Path, spec: StoreSpec, damaged: dict[int, str] | None = None
+) -> dict[int, dict[str, Any]]:
+    """Valid completion records by chunk index. Unreadable or malformed ones are skipped
+    (the chunk counts as incomplete, so a rerun harvest rewrites it); with ``damaged`` given,
+    each skipped chunk's reason is put there."""
     records: dict[int, dict[str, Any]] = {}
     directory = Path(path) / MANIFEST_DIR
     if not directory.is_dir():
@@ -291,19 +341,63 @@ def read_manifests(path: Path, spec: StoreSpec) -> dict[int, dict[str, Any]]:
     for file in sorted(directory.glob("*.json")):
         try:
             index = int(file.stem)
-            record = json.loads(file.read_text(encoding="utf-8"))
-            start, stop = spec.chunk_bounds(index)
-        except (ValueError, OSError, StoreError):
-            log.warning("ignoring unreadable chunk record %s", file)
+            spec.chunk_bounds(index)
+        except (ValueError, StoreError):
+            log.warning("ignoring stray file %s among the chunk records", file)
             continue
-        if record.get("index") != index or (record.get("start"), record.get("stop")) != (
-            start,
-            stop,
-        ):
-            log.warning("ignoring inconsistent chunk record %s", file)
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            problem: str | None = f"is unreadable ({type(exc).__name__})"
+        else:
+            problem = record_problem(record, index, spec)
+        if problem is not None:
+            reason = f"completion record {file.relative_to(path)} {problem}"
+            log.warning("store %s: chunk %d: ignoring its %s", path, index, reason)
+            if damaged is not None:
+                damaged[index] = reason
             continue
         records[index] = record
     return records
+
+
+def array_metadata_problems(path: Path, spec: StoreSpec) -> list[str]:
+    """Differences between each array's zarr.json (shape, data type, chunk shape) and the
+    store's spec: an edited or swapped array metadata file, which would make zarr read the
+    data wrongly (e.g. rows of another width)."""
+    expected = {
+        "activations": (
+            [spec.total_tokens, spec.d_model],
+            STORE_DTYPES[spec.dtype].name,
+            [spec.chunk_tokens, spec.d_model],
+        ),
+        **{
+            name: ([spec.total_tokens], dtype.name, [spec.chunk_tokens])
+            for name, dtype in TOKEN_ARRAYS.items()
+        },
+    }
+    problems = []
+    for name, (shape, dtype, chunks) in expected.items():
+        meta_file = Path(path) / name / GROUP_METADATA
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            found = (
+                meta["shape"],
+                meta["data_type"],
+                meta["chunk_grid"]["configuration"]["chunk_shape"],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{meta_file} is missing or unreadable ({type(exc).__name__})")
+            continue
+        for what, want, got in zip(
+            ("shape", "data_type", "chunk shape"), (shape, dtype, chunks), found, strict=True
+        ):
+            if got != want:
+                problems.append(
+                    f"{meta_file}: {what} {got!r} differs from the store's spec {want!r} "
+                    "(the array metadata was edited or replaced)"
+                )
+    return problems
 
 
 def store_fingerprint(spec: StoreSpec, checksums: list[str]) -> str:

@@ -57,10 +57,13 @@ class ActivationStore:
         self.spec: StoreSpec = layout.spec_from_attrs(attrs)
         self._records = records
         self.broken: dict[int, str] = dict(broken or {})
-        """Chunks whose record says complete but whose shard files are missing, with the
-        reason; they count as incomplete."""
+        """Chunks whose record says complete but whose shard files are missing or resized, or
+        whose record is damaged, with the reason; they count as incomplete."""
         self._arrays: dict[str, Any] | None = None
         self._plain_rows: int | bool | None = None  # inner rows of plain shards, False: none
+        self.metadata_problems: list[str] = []
+        """Array zarr.json files that disagree with the spec (see
+        ``layout.array_metadata_problems``); reading data is refused while there are any."""
 
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True) -> ActivationStore:
@@ -82,13 +85,27 @@ class ActivationStore:
                 "in zarr.json): check the path"
             )
         spec = layout.spec_from_attrs(attrs)
-        records, broken = layout.split_intact(path, layout.read_manifests(path, spec))
-        store = cls(path, attrs, records, broken)
+        metadata_problems = layout.array_metadata_problems(path, spec)
+        if metadata_problems and require_complete:
+            raise StoreError(
+                f"activation store {path} cannot be read: {metadata_problems[0]}"
+                + (
+                    f" (and {len(metadata_problems) - 1} more)"
+                    if len(metadata_problems) > 1
+                    else ""
+                )
+                + "; restore the original zarr.json (from a copy of the store), or re-harvest "
+                "into a new --out"
+            )
+        damaged: dict[int, str] = {}
+        records, broken = layout.split_intact(path, layout.read_manifests(path, spec, damaged))
+        store = cls(path, attrs, records, {**broken, **damaged})
+        store.metadata_problems = metadata_problems
         if require_complete and not store.is_complete:
             missing = store.missing_chunks
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             damaged = "".join(
-                f"; chunk {index}: {reason}" for index, reason in sorted(broken.items())[:3]
+                f"; chunk {index}: {reason}" for index, reason in sorted(store.broken.items())[:3]
             )
             raise StoreError(
                 f"activation store {path} is incomplete: {len(missing)} of {spec.n_chunks} "
@@ -199,6 +216,11 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ reading
     def _open_arrays(self) -> dict[str, Any]:
+        if self.metadata_problems:
+            raise StoreError(
+                f"activation store {self.path} cannot be read: {self.metadata_problems[0]}; "
+                "restore the original zarr.json (from a copy of the store), or re-harvest"
+            )
         if self._arrays is None:
             import zarr
 

@@ -6,7 +6,10 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from masksae.storage.schema import ARRAY_NAMES, ChunkData, chunk_checksum
+from masksae.storage.stats import chunk_stats
 
 if TYPE_CHECKING:
     from masksae.storage.reader import ActivationStore
@@ -49,6 +52,14 @@ def verify_chunk(store: ActivationStore, index: int) -> str | None:
             f"{actual}): the data is corrupted; delete {record_hint(store, index)} and "
             "rerun the harvest to rewrite it"
         )
+    # the record's partial statistics (what training normalises with) must be the data's
+    stats = chunk_stats(data.activations, data.excluded, store.spec.dtype).to_dict()
+    for key, value in stats.items():
+        if not np.allclose(np.asarray(record["stats"][key], dtype=np.float64), value, rtol=1e-9):
+            return (
+                f"{where}: the record's stats.{key} differ from the data's (the record was "
+                f"edited); delete {record_hint(store, index)} and rerun the harvest to rewrite it"
+            )
     return None
 
 
@@ -57,6 +68,48 @@ def record_hint(store: ActivationStore, index: int) -> str:
     from masksae.storage.layout import manifest_path
 
     return str(manifest_path(store.path, index))
+
+
+def store_problems(store: ActivationStore) -> list[str]:
+    """Store-level problems: array metadata that disagrees with the spec, and group
+    attributes (statistics, fingerprint) that disagree with what the chunk records give
+    (the statistics the trainer normalises with are recomputed from the records)."""
+    problems = list(store.metadata_problems)
+    if not store.is_complete:
+        return problems  # the writer finalises the attributes once every chunk is complete
+    recorded = store.attrs.get("statistics")
+    computed = store.stats.to_dict()
+    if not isinstance(recorded, dict):
+        problems.append(
+            "zarr.json: the group attribute 'statistics' is missing or not an object; rerun "
+            "the harvest command (it rewrites the attributes of a complete store)"
+        )
+    else:
+        for key, value in computed.items():
+            got = recorded.get(key)
+            try:
+                same = np.allclose(np.asarray(got, dtype=np.float64), value, rtol=1e-9, atol=0)
+            except (TypeError, ValueError):
+                same = False
+            if not same or np.shape(got) != np.shape(value):
+                problems.append(
+                    f"zarr.json: statistics.{key} differs from the value the chunk records give "
+                    f"({_short(got)} vs {_short(value)}): the attributes were edited; rerun the "
+                    "harvest command to rewrite them"
+                )
+                break
+    if store.attrs.get("fingerprint") not in (None, store.fingerprint):
+        problems.append(
+            f"zarr.json: fingerprint {store.attrs.get('fingerprint')!r} differs from the one the "
+            f"chunk records give ({store.fingerprint}): the attributes were edited; rerun the "
+            "harvest command to rewrite them"
+        )
+    return problems
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def chunk_problems(
@@ -77,5 +130,9 @@ def chunk_problems(
 def verify_store(
     store: ActivationStore, on_chunk: Callable[[int], None] | None = None
 ) -> list[str]:
-    """Problems found in ``store``, one line per bad chunk; [] when every chunk is good."""
-    return list(chunk_problems(store, on_chunk).values())
+    """Problems found in ``store``: store-level ones (array metadata, group attributes),
+    then one line per bad chunk; [] when everything is good."""
+    problems = store_problems(store)
+    if store.metadata_problems:  # zarr would read every chunk wrongly: nothing more to learn
+        return problems
+    return problems + list(chunk_problems(store, on_chunk).values())
