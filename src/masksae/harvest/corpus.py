@@ -327,6 +327,14 @@ class Corpus:
                 f"corpus {source!r} looks like a Hugging Face dataset id, which needs the "
                 f"`datasets` package: pip install 'masksae[hub]' ({OFFLINE_HINT})"
             ) from None
+        from masksae.hub_access import probe_hub
+
+        unreachable = probe_hub(source, "dataset")
+        if unreachable is not None:  # streaming needs the Hub: no point in retrying
+            raise CorpusError(
+                f"cannot stream Hugging Face dataset {source!r}: the Hub is unreachable "
+                f"({unreachable}) ({OFFLINE_HINT})"
+            )
         try:
             dataset = datasets.load_dataset(source, split=self.spec.split, streaming=True)
             iterator = iter(dataset)

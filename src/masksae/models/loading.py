@@ -105,7 +105,14 @@ def load_model(
                 f"save_pretrained folder ({OFFLINE_HINT})"
             )
         source, revision = str(path), ""
-    model, tokenizer = _from_pretrained(spec, source, torch_dtype, weights=weights)
+    unreachable = None
+    if not spec.startswith(BUNDLED_PREFIX) and not local:
+        from masksae.hub_access import probe_hub
+
+        unreachable = probe_hub(spec, "model")  # offline: no retries, cache only
+    model, tokenizer = _from_pretrained(
+        spec, source, torch_dtype, weights=weights, unreachable=unreachable
+    )
     if not revision:
         revision = _local_revision(Path(source)) if local else _hub_revision(model, spec)
     if weights:
@@ -148,7 +155,11 @@ def load_model(
 
 
 def _from_pretrained(
-    spec: str, source: str, dtype: torch.dtype, weights: bool = True
+    spec: str,
+    source: str,
+    dtype: torch.dtype,
+    weights: bool = True,
+    unreachable: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -161,6 +172,11 @@ def _from_pretrained(
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError) as exc:
+        if unreachable is not None:
+            raise ModelError(
+                f"cannot load model {spec!r}: the Hugging Face Hub is unreachable "
+                f"({unreachable}) and the model is not in the local cache ({OFFLINE_HINT})"
+            ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {spec!r}: {first[:300]} ({OFFLINE_HINT})") from exc
     except Exception as exc:  # network errors from huggingface_hub, requests, httpx ...
