@@ -18,7 +18,14 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("bench_store", "bench_harvest", "bench_train_step", "bench_sweep", "bench_evaluate")
+ORDER = (
+    "bench_store",
+    "bench_harvest",
+    "bench_train_step",
+    "bench_sweep",
+    "bench_evaluate",
+    "bench_scaleout",
+)
 
 
 def main() -> int:

@@ -101,3 +101,53 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 for this test session.
+
+    Sets the standard ``AWS_*`` variables (endpoint included) so s3fs, and subprocesses
+    started by the tests, find it; yields ``{"endpoint": url, "env": {...}}``. Tests make
+    their own bucket with :func:`s3_bucket`. Skipped when the dev extras are missing.
+    """
+    import logging
+
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log on stderr
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield {"endpoint": env["AWS_ENDPOINT_URL"], "env": env}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the test S3 server; yields its ``s3://`` URL."""
+    import re
+    import uuid
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(bucket)
+    yield f"s3://{bucket}"

@@ -65,8 +65,16 @@ def evaluate_cmd(
     eval_masked: bool = typer.Option(
         False, "--eval-masked", help="Also report core metrics on masked activations."
     ),
-    eval_store: Path | None = typer.Option(
-        None, "--eval-store", help="Take reconstruction activations from this store's end."
+    eval_store: str | None = typer.Option(
+        None,
+        "--eval-store",
+        help="Take reconstruction activations from this store's end (a directory or a URL "
+        "such as s3://bucket/prefix).",
+    ),
+    storage_option: list[str] = typer.Option(
+        [],
+        "--storage-option",
+        help="Option of the --eval-store filesystem, KEY=VALUE (repeatable).",
     ),
     model: str | None = typer.Option(
         None, "--model", help="Override the LLM spec recorded in the checkpoints."
@@ -83,6 +91,7 @@ def evaluate_cmd(
     from masksae.evaluate.discover import find_checkpoints
     from masksae.evaluate.downstream import DownstreamConfig
     from masksae.evaluate.runner import EvaluateConfig, evaluate_checkpoints
+    from masksae.storage.location import parse_storage_options
 
     names = tuple(m.strip() for m in metrics.split(",") if m.strip())
     check_output_dir(out, "--out")
@@ -105,6 +114,7 @@ def evaluate_cmd(
         device=device,
         eval_masked=eval_masked,
         eval_store=eval_store,
+        storage_options=parse_storage_options(storage_option) or None,
         model_override=model,
     )
     # click options take one value each; the positional list lets `--checkpoints A B` work too

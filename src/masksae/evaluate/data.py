@@ -317,7 +317,11 @@ def _read_entry(entry: Path) -> EvalData:
 
 
 def store_activations(
-    path: str | Path, n_tokens: int, *, include_masked: bool
+    path: str | Path,
+    n_tokens: int,
+    *,
+    include_masked: bool,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """The last ``n_tokens`` usable activations of an activation store (the part a training
     run reading from the start is least likely to have used), in store order, as [N, D]
@@ -331,7 +335,7 @@ def store_activations(
 
     if n_tokens < 1:
         raise ConfigError(f"store activations: n_tokens={n_tokens}, expected >= 1")
-    store = ActivationStore.open(path)
+    store = ActivationStore.open(path, storage_options=storage_options)
     rows: list[Tensor] = []
     got = 0
     stop = store.n_tokens

@@ -63,8 +63,11 @@ class EvaluateConfig:
     """Dtype the LLM is loaded in."""
     eval_masked: bool = False
     """Also report core metrics on masked activations (metrics["core_masked"])."""
-    eval_store: Path | None = None
-    """Activation store to take the reconstruction activations from instead of the corpus."""
+    eval_store: str | Path | None = None
+    """Activation store (directory or URL such as s3://bucket/prefix) to take the
+    reconstruction activations from instead of the corpus."""
+    storage_options: dict | None = None
+    """Options of a remote eval store's filesystem (CLI: --storage-option KEY=VALUE)."""
     model_override: str | None = None
     """Load this model spec instead of the one in the checkpoint provenance (same weights
     at another path, e.g. offline)."""
@@ -165,7 +168,10 @@ class Evaluator:
         def from_store(include_masked: bool):
             with timer.phase("eval_data"):
                 acts, info = store_activations(
-                    cfg.eval_store, cfg.data.n_tokens, include_masked=include_masked
+                    cfg.eval_store,
+                    cfg.data.n_tokens,
+                    include_masked=include_masked,
+                    storage_options=cfg.storage_options,
                 )
             _check_store(cfg.eval_store, info, prov, d_in)
             eval_info["store_masked" if include_masked else "store"] = info
@@ -257,7 +263,7 @@ class Evaluator:
             return absorption.run(sae, lm, layer, acfg, cache)
 
 
-def _check_store(path: Path, info: dict[str, Any], prov: dict[str, Any], d_in: int) -> None:
+def _check_store(path: str | Path, info: dict[str, Any], prov: dict[str, Any], d_in: int) -> None:
     """ConfigError when the store's width is not the SAE's; a warning when its model or
     layer differ from the checkpoint's."""
     if info["d_model"] != d_in:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from masksae.cli_utils import user_errors
@@ -16,11 +14,11 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def harvest(
-    out: Path = typer.Option(
+    out: str = typer.Option(
         ...,
         "--out",
-        help="Store directory (created, or resumed when it "
-        "holds a store made with identical settings).",
+        help="Store directory or URL (s3://bucket/prefix, gs://..., hf://..., file://...): "
+        "created, or resumed when it holds a store made with identical settings.",
     ),
     model: str = typer.Option(
         "bundled:smollm2-135m",
@@ -72,10 +70,11 @@ def harvest(
     devices: str | None = typer.Option(
         None,
         "--devices",
-        help="Comma-separated devices for a multi-device harvest, e.g. cuda:0,cuda:1 (or "
-        "cpu,cpu): one worker process per device computes the chunks with index % n == its "
-        "rank into the same store; the main process holds the store lock, shows aggregate "
-        "progress and finalises. The store equals a single-device run. Overrides --device.",
+        help="Comma-separated devices for a multi-device harvest on this machine, e.g. "
+        "cuda:0,cuda:1 (or cpu,cpu): one rank per device in a local process group, as "
+        "torchrun --nproc-per-node N would start them; rank 0 holds the store lock and "
+        "finalises. The store equals a single-device run. Overrides --device. For several "
+        "nodes use torchrun/accelerate launch -m masksae harvest ... instead.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the mask draws."),
     chunk_sequences: int | None = typer.Option(
@@ -96,22 +95,39 @@ def harvest(
         "whose activation norm exceeds this factor x the median norm of their chunk's "
         "non-special, non-position-0 tokens (attention-sink-like outliers); 0 disables.",
     ),
+    storage_option: list[str] = typer.Option(
+        [],
+        "--storage-option",
+        help="Option of the store's filesystem, KEY=VALUE (repeatable), e.g. "
+        "endpoint_url=http://127.0.0.1:9000; credentials otherwise come from AWS_* variables "
+        "(AWS_ENDPOINT_URL included), ~/.aws, gcloud or HF_TOKEN.",
+    ),
+    break_lock: bool = typer.Option(
+        False,
+        "--break-lock",
+        help="Remove the writer lease of a remote store left by a dead writer (one whose "
+        "lease has not expired yet) before starting.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run the LLM on a masked corpus and cache the residual stream after block --layer.
 
     Special tokens, position 0 and norm outliers (--outlier-norm-factor) are flagged excluded.
 
-    --devices cuda:0,cuda:1 splits the chunks over one worker process per device.
+    --devices cuda:0,cuda:1 splits the chunks over one rank per device; several nodes:
+    torchrun --nnodes M --nproc-per-node N -m masksae harvest ... (or accelerate launch).
 
     Rerunning the same command resumes an interrupted harvest.
     """
     from masksae.harvest.config import HarvestConfig
     from masksae.harvest.parallel import parse_devices
     from masksae.harvest.runner import run_harvest
+    from masksae.storage.location import parse_storage_options
 
     cfg = HarvestConfig(
-        out=str(out),
+        out=out,
+        storage_options=parse_storage_options(storage_option),
+        break_lock=break_lock,
         model=model,
         layer=layer,
         corpus=corpus,

@@ -16,7 +16,15 @@ class HarvestConfig:
     """One harvest: (model, layer, corpus, mask p, seed) -> an activation store at ``out``."""
 
     out: str = ""
-    """Store directory to create, or to resume when it holds a store of identical settings."""
+    """Store to create, or to resume when it holds a store of identical settings: a local
+    directory or an fsspec URL (s3://bucket/prefix, gs://..., hf://..., file://...)."""
+    storage_options: dict = field(default_factory=dict)
+    """Options of the store's filesystem (CLI: --storage-option KEY=VALUE), e.g.
+    {"endpoint_url": "http://127.0.0.1:9000"}; credentials otherwise come the standard way
+    (AWS_* environment variables, AWS_ENDPOINT_URL included)."""
+    break_lock: bool = False
+    """Remove the writer lease of a remote store left by a dead writer before starting
+    (a live writer's lease is renewed; an expired one is taken over without this)."""
     model: str = "bundled:smollm2-135m"
     """Hugging Face id, local directory, or bundled:smollm2-135m / bundled:gemma3-270m."""
     layer: int | None = None
@@ -61,5 +69,6 @@ class HarvestConfig:
     """Flag as excluded the tokens whose activation norm exceeds this factor x the median norm
     of their chunk's non-special, non-position-0 tokens (attention-sink-like outliers); 0 = off."""
     devices: tuple[str, ...] = field(default_factory=tuple)
-    """Several devices (e.g. cuda:0, cuda:1) for a multi-worker harvest: one worker process per
-    device computes the chunks with index % len(devices) == its rank; empty = ``device``."""
+    """Several devices (e.g. cuda:0, cuda:1) on this machine: one rank per device is spawned
+    in a local process group, exactly as ``torchrun --nproc-per-node N`` would start them
+    (see masksae.harvest.parallel); empty = ``device``."""

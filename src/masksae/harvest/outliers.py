@@ -48,8 +48,12 @@ def validate_outlier_factor(factor: float) -> float:
 
 
 def row_norms(acts_ND: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each row [N] (float32, on the activations' device: cheap on a GPU)."""
-    return torch.linalg.vector_norm(acts_ND.float(), dim=-1)
+    """L2 norm of each row [N] (float32, on the activations' device: cheap on a GPU).
+
+    bf16/fp16 activations are upcast inside the reduction (``dtype=``), not copied to a
+    float32 tensor first (a full extra pass over the batch).
+    """
+    return torch.linalg.vector_norm(acts_ND, dim=-1, dtype=torch.float32)
 
 
 def flag_norm_outliers(

@@ -1,31 +1,32 @@
-"""Multi-device harvest: one worker process per device, all writing chunks of one store.
+"""Harvest on several ranks (torch.distributed), all writing chunks of one store.
 
-The parent validates the configuration (loading only the model's config and tokenizer, on
-the meta device), creates or resumes the store and holds its writer lock for the whole run.
-Worker ``rank`` of ``n`` (spawned with ``torch.multiprocessing``, one per ``--devices``
-entry) loads the model on its device and computes the chunks with ``index % n == rank``
-that are not complete yet, writing each chunk's data files and completion record through
-:meth:`StoreWriter.attach` (which checks that the parent holds the lock and that the
-worker's settings equal the store's). Chunks are disjoint sets of files, so the workers
-never touch the same file. The mask draw is a pure function of (seed, sequence index) and
+Ranks come from a launcher (``torchrun --nproc-per-node N -m masksae harvest ...`` or
+``accelerate launch -m masksae harvest ...``, on any number of nodes sharing the store's
+filesystem or object store) or from ``--devices cuda:0,cuda:1``, which spawns one local
+rank per device (:func:`masksae.distributed.spawn_local`): one implementation.
+
+Rank 0 validates the corpus, creates or resumes the store and holds its writer lock for
+the whole run; it broadcasts the lock's owner token and the chunks already complete, and
+the other ranks wait for that (the broadcast is the barrier), then attach to the store
+under rank 0's lock (:meth:`StoreWriter.attach` checks the token and that their settings
+equal the store's). The pending chunks are dealt round-robin over the ranks; each rank
+computes its chunks and writes their data files and completion records (chunks are
+disjoint sets of files). The mask draw is a pure function of (seed, sequence index) and
 the norm-outlier rule looks only at a chunk's own activations, so the store equals a
-single-process harvest (bit-exact on CPU). The parent aggregates progress (tokens/s over
-all workers) and, once every worker is done, finalises the store (statistics, fingerprint,
-``complete``). A failed worker stops the others; completed chunks are kept, and rerunning
-the same command resumes.
+single-process harvest (bit-exact on CPU). Every rank then reports its counts or its
+error; rank 0 finalises the store (statistics, fingerprint, ``complete``) from the
+completion records. A failed rank fails the run on every rank; completed chunks are kept
+and rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import queue
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from masksae.errors import ConfigError, MasksaeError
+from masksae.errors import ConfigError
 from masksae.harvest.config import HarvestConfig
 from masksae.harvest.runner import (
     ChunkCounts,
@@ -38,24 +39,6 @@ from masksae.harvest.runner import (
 )
 
 log = logging.getLogger(__name__)
-
-_POLL_S = 0.5
-
-
-@dataclass(frozen=True)
-class WorkerTask:
-    """What one worker process does."""
-
-    cfg: HarvestConfig
-    """The harvest configuration (``device`` set to this worker's device, no ``devices``)."""
-    rank: int
-    """Index of this worker: it computes the chunks with index % world == rank."""
-    world: int
-    """Number of workers."""
-    owner_pid: int
-    """Pid of the parent, which holds the store's writer lock."""
-    torch_threads: int
-    """CPU threads for torch in this worker (CPU workers share the machine's cores)."""
 
 
 def parse_devices(devices: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
@@ -87,161 +70,88 @@ def parse_devices(devices: tuple[str, ...] | list[str] | str) -> tuple[str, ...]
     return names
 
 
-def run_parallel_harvest(cfg: HarvestConfig, *, progress: bool = True) -> HarvestResult:
-    """Harvest ``cfg`` with one worker process per device of ``cfg.devices``."""
-    import torch.multiprocessing as mp
+def harvest_on_device(device: str, cfg: HarvestConfig, progress: bool) -> HarvestResult:
+    """Entry point of a rank spawned by ``--devices`` (runs in the child process)."""
+    from masksae.harvest.runner import run_harvest
+
+    return run_harvest(dataclasses.replace(cfg, device=device, devices=()), progress=progress)
+
+
+def run_distributed_harvest(
+    cfg: HarvestConfig, ctx: Any, *, lm: Any = None, progress: bool = True
+) -> HarvestResult:
+    """This rank's part of the harvest ``cfg`` (see the module docstring)."""
     from tqdm.auto import tqdm
 
-    from masksae.models import load_model
+    from masksae.distributed import describe_failure, raise_first_failure
     from masksae.storage import StoreWriter
 
-    devices = parse_devices(cfg.devices)
-    world = len(devices)
-    lm = load_model(cfg.model, dtype=cfg.dtype, device="cpu", weights=False)
-    plan = plan_harvest(dataclasses.replace(cfg, device="cpu", devices=()), lm=lm)
+    cfg = dataclasses.replace(cfg, device=ctx.device_for(cfg.device))
+    if lm is not None:
+        raise ConfigError("a distributed harvest loads the model in each rank: pass no lm")
+    # every rank validates its own settings; rank 0 alone reads the whole corpus once
+    plan = plan_harvest(cfg, check_corpus=ctx.is_main)
     spec = plan.store_spec()
-    writer = StoreWriter.open(cfg.out, spec)
-    completed = writer.completed_chunks
-    n_chunks = writer.n_chunks
-    done_tokens = sum(spec.chunk_bounds(i)[1] - spec.chunk_bounds(i)[0] for i in completed)
-    log_start(plan, n_chunks, len(completed))
-    ranks = sorted({i % world for i in range(n_chunks) if i not in completed})
-    n_cpu = sum(1 for d in devices if d.startswith("cpu"))
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu))
-    log.info(
-        "multi-device harvest on %s: %d worker(s) with pending chunks",
-        ",".join(devices),
-        len(ranks),
-    )
-    ctx = mp.get_context("spawn")
-    messages = ctx.Queue()
-    workers = {
-        rank: ctx.Process(
-            target=worker_main,
-            args=(
-                WorkerTask(
-                    cfg=dataclasses.replace(cfg, device=devices[rank], devices=()),
-                    rank=rank,
-                    world=world,
-                    owner_pid=os.getpid(),
-                    torch_threads=threads,
-                ),
-                messages,
-            ),
-            name=f"masksae-harvest-{rank}-{devices[rank]}",
-            daemon=True,
+    writer = None
+    opened: tuple[Any, ...] | None = None
+    if ctx.is_main:
+        try:
+            writer = StoreWriter.open(
+                cfg.out, spec, storage_options=cfg.storage_options, break_lock=cfg.break_lock
+            )
+            opened = ("ok", writer.lock_owner, sorted(writer.completed_chunks))
+        except Exception as exc:  # noqa: BLE001 - sent to the other ranks, then raised
+            opened = ("error", *describe_failure(exc))
+            ctx.broadcast(opened)
+            raise
+    opened = ctx.broadcast(opened)
+    if opened[0] == "error":
+        raise_first_failure([opened[1:]], f"harvest into {cfg.out}")
+    _, owner, completed_list = opened
+    completed = set(completed_list)
+    if writer is None:
+        writer = StoreWriter.attach(cfg.out, spec, owner=owner, storage_options=cfg.storage_options)
+    n_chunks = spec.n_chunks
+    pending = [i for i in range(n_chunks) if i not in completed]
+    mine = set(pending[ctx.rank :: ctx.world])
+    if ctx.is_main:
+        log_start(plan, n_chunks, len(completed))
+        log.info(
+            "harvest on %d ranks: rank 0 computes %d of %d pending chunks",
+            ctx.world,
+            len(mine),
+            len(pending),
         )
-        for rank in ranks
-    }
+    my_tokens = sum(spec.chunk_bounds(i)[1] - spec.chunk_bounds(i)[0] for i in mine)
     bar = tqdm(
-        total=plan.total_tokens,
-        initial=done_tokens,
+        total=my_tokens,
         unit="tok",
         unit_scale=True,
-        desc=f"harvest x{world}",
-        disable=not progress,
+        desc=f"harvest rank 0/{ctx.world}",
+        disable=not (progress and ctx.is_main),
         dynamic_ncols=True,
         smoothing=0.1,
     )
     start = time.perf_counter()
+    failure = None
     counts = ChunkCounts()
-    failure: str | None = None
-    failure_kind = "MasksaeError"
-    finished = False
     try:
-        for proc in workers.values():
-            proc.start()
-        pending = set(workers)
-        seen_dead: dict[int, int] = {}
-        while pending and failure is None:
-            try:
-                msg = messages.get(timeout=_POLL_S)
-            except queue.Empty:
-                msg = None
-            if msg is not None:
-                kind, rank = msg[0], msg[1]
-                if kind == "tokens":
-                    bar.update(msg[2])
-                elif kind == "done":
-                    counts.add(ChunkCounts(**msg[2]))
-                    pending.discard(rank)
-                elif kind == "error":
-                    failure_kind = msg[2]
-                    failure = f"worker {rank} on {devices[rank]} failed: {msg[3]}"
-                continue
-            for rank in list(pending):  # died without a word (killed, out of memory, ...)
-                if workers[rank].exitcode is None:
-                    continue
-                # its last message may still be in flight: wait for a second quiet poll
-                seen_dead[rank] = seen_dead.get(rank, 0) + 1
-                if seen_dead[rank] >= 2:
-                    failure = (
-                        f"worker {rank} on {devices[rank]} exited with code "
-                        f"{workers[rank].exitcode} before finishing its chunks"
-                    )
-                    break
-        finished = failure is None
+        counts = harvest_chunks(plan, writer, owned=mine.__contains__, on_tokens=bar.update)
+        writer.flush()
+    except Exception as exc:  # noqa: BLE001 - every rank learns about it below
+        failure = describe_failure(exc)
     finally:
-        for proc in workers.values():
-            if proc.is_alive() and not finished:
-                proc.terminate()
-        for proc in workers.values():
-            if proc.pid is not None:
-                proc.join(timeout=60)
         bar.close()
-        writer.close()  # finalises from the completion records on disk; releases the lock
-    seconds = time.perf_counter() - start
-    if failure is not None:
-        raise _error_class(failure_kind)(
-            f"{failure}. Completed chunks are kept: fix the cause and rerun the same command "
-            "to resume"
-        )
-    result = make_result(plan, counts, n_chunks, len(completed), seconds)
-    log_done(result)
-    return result
-
-
-def _error_class(name: str) -> type[MasksaeError]:
-    from masksae import errors
-
-    cls = getattr(errors, name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, MasksaeError) else MasksaeError
-
-
-def worker_main(task: WorkerTask, messages: Any) -> None:
-    """Entry point of a worker process (see the module docstring)."""
-    import torch
-
-    from masksae.errors import StoreError
-    from masksae.storage import StoreWriter
-
-    rank = task.rank
+    outcomes = ctx.gather((failure, dataclasses.asdict(counts)))
     try:
-        logging.basicConfig(
-            level=logging.WARNING, format=f"%(levelname)s worker {rank}: %(message)s"
-        )
-        if task.cfg.device.startswith("cpu"):
-            torch.set_num_threads(task.torch_threads)
-        plan = plan_harvest(task.cfg, check_corpus=False)
-        writer = StoreWriter.attach(task.cfg.out, plan.store_spec(), owner_pid=task.owner_pid)
-
-        def parent_alive(index: int) -> None:
-            if os.getppid() != task.owner_pid:
-                raise StoreError(
-                    f"parent process {task.owner_pid} is gone; stopping before chunk {index}"
-                )
-
-        with writer:
-            counts = harvest_chunks(
-                plan,
-                writer,
-                owned=lambda i: i % task.world == rank,
-                on_tokens=lambda n: messages.put(("tokens", rank, int(n))),
-                before_chunk=parent_alive,
-            )
-        messages.put(("done", rank, dataclasses.asdict(counts)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        kind = type(exc).__name__ if isinstance(exc, MasksaeError) else "MasksaeError"
-        detail = str(exc) if isinstance(exc, MasksaeError) else f"{type(exc).__name__}: {exc}"
-        messages.put(("error", rank, kind, detail))
-        raise SystemExit(1) from None
+        writer.close()  # rank 0: finalises from the completion records every rank wrote
+    finally:
+        ctx.barrier()  # nobody returns before the store is final
+    raise_first_failure([o[0] for o in outcomes], f"harvest into {cfg.out}")
+    total = ChunkCounts()
+    for _failure, part in outcomes:
+        total.add(ChunkCounts(**part))
+    result = make_result(plan, total, n_chunks, len(completed), time.perf_counter() - start)
+    if ctx.is_main:
+        log_done(result)
+    return result

@@ -61,8 +61,8 @@ HOOK = "resid_post"
 class HarvestResult:
     """What a harvest did."""
 
-    out: Path
-    """Store directory."""
+    out: Path | str
+    """Store directory or URL."""
     total_tokens: int
     """Tokens in the finished store."""
     new_tokens: int
@@ -277,25 +277,44 @@ def run_harvest(
 ) -> HarvestResult:
     """Harvest (or resume harvesting) the store described by ``cfg``.
 
-    With several ``cfg.devices`` the chunks are computed by one worker process per device
-    (see :mod:`masksae.harvest.parallel`); the store is identical to a single-process run.
+    Under a launcher (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) this process
+    is one rank of a distributed harvest; with several ``cfg.devices`` one rank per device
+    is spawned here. Both run :mod:`masksae.harvest.parallel`; the store is identical to a
+    single-process run.
     """
-    if len(cfg.devices) > 1:
-        from masksae.harvest.parallel import run_parallel_harvest
+    from masksae import distributed
 
-        if lm is not None:
-            raise ConfigError(
-                "a multi-device harvest loads the model in each worker: "
-                "do not pass a loaded model (lm) with several devices"
-            )
-        return run_parallel_harvest(cfg, progress=progress)
-    if len(cfg.devices) == 1:
-        cfg = dataclasses.replace(cfg, device=cfg.devices[0], devices=())
     if not progress:  # --no-progress also silences transformers' weight-loading bar
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    return _run_single(cfg, lm=lm, progress=progress)
+    if len(cfg.devices) > 1:
+        from masksae.harvest.parallel import harvest_on_device
+
+        if lm is not None:
+            raise ConfigError(
+                "a multi-device harvest loads the model in each rank: "
+                "do not pass a loaded model (lm) with several devices"
+            )
+        if distributed.launched_world() > 1:
+            raise ConfigError(
+                "--devices spawns its own ranks: do not combine it with torchrun or "
+                "accelerate launch (use --device there; each rank takes its local GPU)"
+            )
+        return distributed.spawn_local(
+            harvest_on_device, (dataclasses.replace(cfg, devices=()), progress), cfg.devices
+        )
+    if len(cfg.devices) == 1:
+        cfg = dataclasses.replace(cfg, device=cfg.devices[0], devices=())
+    ctx = distributed.init()
+    try:
+        if ctx.distributed:
+            from masksae.harvest.parallel import run_distributed_harvest
+
+            return run_distributed_harvest(cfg, ctx, lm=lm, progress=progress)
+        return _run_single(cfg, lm=lm, progress=progress)
+    finally:
+        distributed.shutdown(ctx)
 
 
 def _run_single(cfg: HarvestConfig, *, lm: LoadedModel | None, progress: bool) -> HarvestResult:
@@ -305,7 +324,9 @@ def _run_single(cfg: HarvestConfig, *, lm: LoadedModel | None, progress: bool) -
 
     plan = plan_harvest(cfg, lm=lm)
     spec = plan.store_spec()
-    writer = StoreWriter.open(cfg.out, spec)
+    writer = StoreWriter.open(
+        cfg.out, spec, storage_options=cfg.storage_options, break_lock=cfg.break_lock
+    )
     completed = writer.completed_chunks
     n_chunks = writer.n_chunks
     done_tokens = sum(_chunk_len(spec, i) for i in completed)
@@ -412,7 +433,7 @@ def make_result(
 ) -> HarvestResult:
     """The HarvestResult of a finished harvest."""
     return HarvestResult(
-        out=Path(plan.cfg.out),
+        out=plan.cfg.out if "://" in str(plan.cfg.out) else Path(plan.cfg.out),
         total_tokens=plan.total_tokens,
         new_tokens=counts.tokens,
         n_chunks=n_chunks,

@@ -1,4 +1,8 @@
-"""CLI commands of the store: ``masksae store info PATH`` and ``masksae store verify PATH``."""
+"""CLI commands of the store: ``masksae store info|verify|copy|ls``.
+
+Every command takes a local path or an fsspec URL (``s3://bucket/prefix``, ``gs://``,
+``hf://datasets/org/name/prefix``, ``file://``) plus ``--storage-option KEY=VALUE``.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,21 @@ from masksae.cli_utils import user_errors
 
 store_app = typer.Typer(
     name="store",
-    help="Inspect and verify activation stores.",
+    help="Inspect, verify, copy and list activation stores (local paths or fsspec URLs).",
     no_args_is_help=True,
 )
+
+STORE_ARG_HELP = "Store directory or URL (s3://bucket/prefix, gs://..., hf://..., file://...)."
+STORAGE_OPTION_HELP = (
+    "Option of the store's filesystem, KEY=VALUE (repeatable; JSON values decoded), e.g. "
+    "endpoint_url=http://127.0.0.1:9000 or anon=true. Credentials otherwise come from the "
+    "standard places (AWS_* variables incl. AWS_ENDPOINT_URL, ~/.aws, gcloud, HF_TOKEN)."
+)
+
+
+def storage_option_flag() -> Any:
+    """The ``--storage-option`` typer option (shared by every command taking a store)."""
+    return typer.Option([], "--storage-option", help=STORAGE_OPTION_HELP)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,16 +46,18 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def store_summary(path: Path) -> dict[str, Any]:
+def store_summary(
+    path: str | Path, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything ``store info`` shows, as a JSON-able dict."""
-    from masksae.storage.layout import directory_bytes
     from masksae.storage.reader import ActivationStore
 
-    store = ActivationStore.open(path, require_complete=False)
+    store = ActivationStore.open(path, require_complete=False, storage_options=storage_options)
     spec = store.spec
     written_tokens = sum(r["n_tokens"] for r in store.records.values())
     acts_raw = written_tokens * spec.d_model * spec.itemsize
-    acts_disk = directory_bytes(store.path / "activations")
+    listing = store.location.listing()
+    acts_disk = sum(size for key, size in listing.items() if key.startswith("activations/"))
     summary: dict[str, Any] = {
         "path": str(store.path),
         "provenance": store.provenance,
@@ -48,7 +66,7 @@ def store_summary(path: Path) -> dict[str, Any]:
         "dtype": spec.dtype,
         "compression": spec.compression,
         "compression_ratio": (acts_raw / acts_disk) if acts_disk else None,
-        "size_on_disk_bytes": directory_bytes(store.path),
+        "size_on_disk_bytes": sum(listing.values()),
         "activations_bytes_on_disk": acts_disk,
         "activations_bytes_raw": acts_raw,
         "n_tokens": store.n_tokens,
@@ -114,18 +132,21 @@ def _format_info(s: dict[str, Any]) -> str:
 @store_app.command("info")
 @user_errors
 def info(
-    path: Path = typer.Argument(..., help="Store directory."),
+    path: str = typer.Argument(..., help=STORE_ARG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    storage_option: list[str] = storage_option_flag(),
 ) -> None:
     """Show a store's provenance, size, compression, chunks and statistics."""
-    summary = store_summary(path)
+    from masksae.storage.location import parse_storage_options
+
+    summary = store_summary(path, parse_storage_options(storage_option))
     typer.echo(json.dumps(summary, indent=2) if as_json else _format_info(summary))
 
 
 @store_app.command("verify")
 @user_errors
 def verify(
-    path: Path = typer.Argument(..., help="Store directory."),
+    path: str = typer.Argument(..., help=STORE_ARG_HELP),
     as_json: bool = typer.Option(
         False,
         "--json",
@@ -134,14 +155,21 @@ def verify(
         "bad chunk's index, token range and problem).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+    storage_option: list[str] = storage_option_flag(),
 ) -> None:
-    """Check every chunk is present and checksum-correct (exit 1 naming bad chunks)."""
+    """Check every chunk is present and checksum-correct (exit 1 naming bad chunks).
+
+    Remote stores are read from the store itself, never from a local chunk cache.
+    """
     from tqdm import tqdm
 
+    from masksae.storage.location import parse_storage_options
     from masksae.storage.reader import ActivationStore
     from masksae.storage.verify import chunk_problems, store_problems
 
-    store = ActivationStore.open(path, require_complete=False)
+    store = ActivationStore.open(
+        path, require_complete=False, storage_options=parse_storage_options(storage_option)
+    )
     general = store_problems(store)
     problems: dict[int, str] = {}
     if not store.metadata_problems:  # with edited array metadata every chunk reads wrongly
@@ -184,3 +212,164 @@ def verify(
         )
     if problems or general:
         raise typer.Exit(code=1)
+
+
+@store_app.command("copy")
+@user_errors
+def copy(
+    source: str = typer.Argument(..., help="Store to copy: " + STORE_ARG_HELP),
+    destination: str = typer.Argument(
+        ..., help="Where to copy it (absent or empty, or a partial copy of the same store)."
+    ),
+    verify_arrival: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="Read each chunk back from the destination and compare it byte for byte before "
+        "marking it complete (each chunk is always checked against its checksum at the "
+        "source before it is sent).",
+    ),
+    workers: int = typer.Option(4, "--workers", help="Chunks copied concurrently."),
+    break_lock: bool = typer.Option(
+        False, "--break-lock", help="Remove a remote writer lease left by a dead writer."
+    ),
+    storage_option: list[str] = typer.Option(
+        [], "--storage-option", help="Option of the source's filesystem. " + STORAGE_OPTION_HELP
+    ),
+    dest_storage_option: list[str] = typer.Option(
+        [],
+        "--dest-storage-option",
+        help="Option of the destination's filesystem (default: the --storage-option values).",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+) -> None:
+    """Copy a store between a local folder and object storage (either way), resumably.
+
+    Rerunning an interrupted copy skips the chunks already at the destination.
+    """
+    from tqdm import tqdm
+
+    from masksae.errors import ConfigError
+    from masksae.storage.copy import copy_store
+    from masksae.storage.location import parse_storage_options
+
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} is invalid: expected an integer >= 1")
+    src_opts = parse_storage_options(storage_option)
+    dst_opts = parse_storage_options(dest_storage_option) if dest_storage_option else src_opts
+    with tqdm(desc="copy", unit="B", unit_scale=True, disable=not progress) as bar:
+        result = copy_store(
+            source,
+            destination,
+            source_options=src_opts,
+            destination_options=dst_opts,
+            verify=verify_arrival,
+            break_lock=break_lock,
+            workers=workers,
+            on_chunk=lambda _i, n: bar.update(n),
+        )
+    status = "complete" if result.complete else "INCOMPLETE (the source is incomplete)"
+    typer.echo(
+        f"copied {result.copied_chunks} chunk(s) ({_human_bytes(result.copied_bytes)}), "
+        f"{result.skipped_chunks} already there, in {result.seconds:.1f} s: "
+        f"{result.destination} is {status}, fingerprint {result.fingerprint}"
+    )
+
+
+def list_stores(
+    prefix: str, storage_options: dict[str, Any] | None = None, max_depth: int = 4
+) -> list[dict[str, Any]]:
+    """The stores under ``prefix`` (itself included), up to ``max_depth`` folders deep.
+
+    One directory listing per folder visited; a store's own folders are not descended.
+    """
+    from masksae.errors import StoreError
+    from masksae.storage.layout import GROUP_METADATA, read_attrs
+    from masksae.storage.location import StoreLocation
+
+    root = StoreLocation.parse(prefix, storage_options)
+    fs = root.fs
+    found: list[dict[str, Any]] = []
+    folders = [root.root]
+    for _depth in range(max_depth + 1):
+        below: list[str] = []
+        for folder in folders:
+            try:
+                fs.invalidate_cache(folder)
+                entries = fs.ls(folder, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            names = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
+            rel = folder[len(root.root) :].strip("/")
+            loc = StoreLocation(
+                root.display(rel) if rel else root.display(),
+                fs,
+                folder,
+                root.local_path / rel if root.local_path is not None else None,
+                root.storage_options,
+            )
+            attrs = read_attrs(loc) if GROUP_METADATA in names else None
+            if attrs is not None:
+                found.append(_ls_row(loc, attrs))
+                continue
+            below += [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
+        folders = sorted(below)
+    if not found and not root.exists():
+        raise StoreError(f"{root} does not exist: check the path or URL and the credentials")
+    return found
+
+
+def _ls_row(loc: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+    prov = attrs.get("provenance", {})
+    spec = attrs.get("spec", {})
+    return {
+        "path": loc.display(),
+        "model": prov.get("model"),
+        "layer": prov.get("layer"),
+        "mask_prob": prov.get("mask_prob"),
+        "tokens": spec.get("total_tokens"),
+        "d_model": spec.get("d_model"),
+        "dtype": spec.get("dtype"),
+        "complete": bool(attrs.get("complete")),
+        "chunks_complete": attrs.get("chunks_complete"),
+        "n_chunks": attrs.get("n_chunks"),
+        "fingerprint": attrs.get("fingerprint"),
+        "size_bytes": sum(loc.listing().values()),
+    }
+
+
+@store_app.command("ls")
+@user_errors
+def ls(
+    prefix: str = typer.Argument(..., help="Folder or URL prefix to search for stores."),
+    depth: int = typer.Option(4, "--depth", help="Folders to descend below PREFIX."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    storage_option: list[str] = storage_option_flag(),
+) -> None:
+    """List the stores under a prefix: model, layer, p, tokens, size, state."""
+    from masksae.storage.location import parse_storage_options
+
+    rows = list_stores(prefix, parse_storage_options(storage_option), max_depth=depth)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no activation store under {prefix}")
+        return
+    header = ("path", "model", "layer", "p", "tokens", "size", "state")
+    table = [header] + [
+        (
+            r["path"],
+            str(r["model"]),
+            str(r["layer"]),
+            str(r["mask_prob"]),
+            str(r["tokens"]),
+            _human_bytes(r["size_bytes"]),
+            "complete"
+            if r["complete"]
+            else f"partial {r['chunks_complete'] or 0}/{r['n_chunks']} chunks",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -20,12 +20,14 @@ _EMPTY = np.uint64(2**64 - 1)
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
 
 
-def plain_shard_rows(array_dir: Path) -> int | None:
-    """Rows per inner chunk if the activations array uses plain uncompressed shards."""
+def plain_shard_rows(array_dir: Path | bytes) -> int | None:
+    """Rows per inner chunk if the activations array uses plain uncompressed shards
+    (``array_dir``: the array's folder, or the bytes of its ``zarr.json``)."""
     if sys.byteorder != "little":
         return None
     try:
-        meta = json.loads((Path(array_dir) / "zarr.json").read_text(encoding="utf-8"))
+        text = array_dir if isinstance(array_dir, bytes) else (Path(array_dir) / "zarr.json")
+        meta = json.loads(text if isinstance(text, bytes) else text.read_text(encoding="utf-8"))
         (codec,) = meta["codecs"]
         config = codec["configuration"]
         plain = (
@@ -41,6 +43,25 @@ def plain_shard_rows(array_dir: Path) -> int | None:
         return None
 
 
+def _map(fd: int) -> mmap.mmap:
+    """A read-only mapping of the whole file, its pages mapped up front where the OS can
+    (MAP_POPULATE: one call instead of a page fault per 4 KiB on first touch, which cost
+    the stream about a tenth of its time)."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate:
+        try:
+            return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+        except (OSError, ValueError, TypeError):
+            pass
+    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+        try:
+            mapped.madvise(mmap.MADV_WILLNEED)
+        except OSError:
+            pass
+    return mapped
+
+
 def shard_views(
     file: Path, n_rows: int, d_model: int, dtype: np.dtype, inner_rows: int, inner_per_shard: int
 ) -> list[np.ndarray] | None:
@@ -51,15 +72,23 @@ def shard_views(
     """
     try:
         with open(file, "rb") as fh:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped = _map(fh.fileno())
     except (OSError, ValueError):
         return None
-    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-        try:
-            mapped.madvise(mmap.MADV_WILLNEED)
-        except OSError:
-            pass
-    raw = np.frombuffer(mapped, dtype=np.uint8)
+    return buffer_views(
+        np.frombuffer(mapped, dtype=np.uint8), n_rows, d_model, dtype, inner_rows, inner_per_shard
+    )
+
+
+def buffer_views(
+    raw: np.ndarray,
+    n_rows: int,
+    d_model: int,
+    dtype: np.dtype,
+    inner_rows: int,
+    inner_per_shard: int,
+) -> list[np.ndarray] | None:
+    """:func:`shard_views` over the bytes of a shard already in memory (uint8 array)."""
     index_bytes = inner_per_shard * 16 + 4
     if raw.shape[0] < index_bytes:
         return None

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from masksae.atomic import atomic_write_json, fsync_dir
+from masksae.atomic import fsync_dir
 from masksae.errors import StoreError
 from masksae.storage.codecs import METADATA_COMPRESSION, zarr_compressors
+from masksae.storage.location import StoreLocation
 from masksae.storage.schema import (
+    ARRAY_NAMES,
     EXCLUDED_TOKEN_POLICY,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -45,12 +47,13 @@ def inner_chunk_rows(chunk_tokens: int, d_model: int, itemsize: int) -> int:
     return best if best * 8 >= target else chunk_tokens
 
 
-def read_attrs(path: Path) -> dict[str, Any] | None:
-    """The masksae attributes of the store at ``path``, or None if it is not a store."""
-    meta_path = Path(path) / GROUP_METADATA
+def read_attrs(target: Path | StoreLocation) -> dict[str, Any] | None:
+    """The masksae attributes of the store at ``target``, or None if it is not a store."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(StoreLocation.parse(target).read_bytes(GROUP_METADATA))
     except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
         return None
     attrs = meta.get("attributes") or {}
     if meta.get("node_type") != "group" or attrs.get("format") != FORMAT_NAME:
@@ -58,12 +61,17 @@ def read_attrs(path: Path) -> dict[str, Any] | None:
     return attrs
 
 
-def update_attrs(path: Path, updates: dict[str, Any]) -> None:
-    """Merge ``updates`` into the group attributes, atomically rewriting zarr.json."""
-    meta_path = Path(path) / GROUP_METADATA
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+def update_attrs(target: Path | StoreLocation, updates: dict[str, Any]) -> None:
+    """Merge ``updates`` into the group attributes, atomically rewriting zarr.json (a temp
+    file and a rename locally, one PUT on an object store)."""
+    loc = StoreLocation.parse(target)
+    meta = json.loads(loc.read_bytes(GROUP_METADATA))
     meta.setdefault("attributes", {}).update(updates)
-    atomic_write_json(meta_path, meta)
+    loc.write_bytes(GROUP_METADATA, _json_bytes(meta))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def base_attrs(spec: StoreSpec) -> dict[str, Any]:
@@ -147,78 +155,53 @@ def create_store(path: Path, spec: StoreSpec) -> None:
     )
 
 
-LOCK_FILE = ".writer.lock"
-_HELD_LOCKS: dict[str, Any] = {}  # store realpath -> lock file handle held by this process
+def create_remote_store(loc: StoreLocation, spec: StoreSpec) -> None:
+    """Create an empty store on an object store (no rename there).
 
-
-def lock_store(path: Path) -> Any:
-    """Take the store's writer lock against other processes (an flock, released when the
-    process dies, e.g. on SIGKILL); StoreError if another process holds it.
-
-    Within one process a second writer is allowed (the first one is presumed abandoned,
-    as after an exception): it shares the lock.
+    The skeleton is built in a local temporary directory and uploaded one object per PUT:
+    the arrays' metadata first, the group's ``zarr.json`` (with the masksae attributes) last.
+    Until that last PUT the prefix holds no store; a creator killed before it leaves only
+    array metadata, which :func:`is_half_created` recognises and a rerun overwrites.
     """
-    import fcntl
+    import tempfile
 
-    key = os.path.realpath(path)
-    if key in _HELD_LOCKS:
-        log.warning("store %s is already open for writing in this process; reusing its lock", path)
-        return _HELD_LOCKS[key]
-    handle = open(Path(path) / LOCK_FILE, "a+")  # noqa: SIM115 - held for the writer's life
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise StoreError(
-            f"store {path} is being written by {holder}: wait for it to finish, or stop it "
-            "and rerun (a killed writer releases the lock)"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    _HELD_LOCKS[key] = handle
-    return handle
+    with tempfile.TemporaryDirectory(prefix="masksae-skeleton-") as tmp:
+        skeleton = Path(tmp) / "store"
+        create_store(skeleton, spec)
+        files = sorted(
+            str(f.relative_to(skeleton)).replace(os.sep, "/")
+            for f in skeleton.rglob("*")
+            if f.is_file() and f.name == GROUP_METADATA
+        )
+        files.remove(GROUP_METADATA)
+        for rel in [*files, GROUP_METADATA]:
+            loc.write_bytes(rel, (skeleton / rel).read_bytes())
+    log.info("created activation store %s on %s", loc, type(loc.fs).__name__)
 
 
-def lock_holder(path: Path) -> int | None:
-    """Pid of the process holding the store's writer lock, or None when nobody holds it."""
-    import fcntl
+def is_half_created(listing: dict[str, int]) -> bool:
+    """True when a prefix holds only array metadata of a store whose creation was cut short
+    (no group ``zarr.json``, nothing but ``<array>/zarr.json`` objects and a lock)."""
+    from masksae.storage.lock import LOCK_FILE
 
-    lock_path = Path(path) / LOCK_FILE
-    if not lock_path.is_file():
-        return None
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # held exclusively: read the holder's pid
-            handle.seek(0)
-            text = handle.read().split()
-            return int(text[1]) if len(text) >= 2 and text[0] == "pid" and text[1].isdigit() else -1
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        return None
+    names = set(listing) - {LOCK_FILE}
+    allowed = {f"{name}/{GROUP_METADATA}" for name in ARRAY_NAMES}
+    return bool(names) and GROUP_METADATA not in names and names <= allowed
 
 
-def unlock_store(path: Path, handle: Any) -> None:
-    """Release a lock taken by :func:`lock_store` (no-op if already released)."""
-    key = os.path.realpath(path)
-    if _HELD_LOCKS.get(key) is handle:
-        del _HELD_LOCKS[key]
-        handle.close()
+def chunk_keys(index: int) -> list[str]:
+    """Relative names of the data files of chunk ``index`` (one per array, in ARRAY_NAMES
+    order; default v3 chunk key encoding)."""
+    return [f"activations/c/{index}/0"] + [f"{name}/c/{index}" for name in TOKEN_ARRAYS]
 
 
 def chunk_files(path: Path, index: int) -> list[Path]:
-    """The data files of chunk ``index`` (one per array; default v3 chunk key encoding)."""
-    path = Path(path)
-    files = [path / "activations" / "c" / str(index) / "0"]
-    files += [path / name / "c" / str(index) for name in TOKEN_ARRAYS]
-    return files
+    """The data files of chunk ``index`` of the local store at ``path``."""
+    return [Path(path) / key for key in chunk_keys(index)]
 
 
 def missing_chunk_files(path: Path, index: int) -> list[Path]:
-    """The data files of chunk ``index`` that are absent.
+    """The data files of chunk ``index`` that are absent (local store).
 
     The store's rule: every array of a complete chunk has its shard file, even when all its
     values equal the fill value (the writer writes empty chunks explicitly). zarr would
@@ -227,41 +210,48 @@ def missing_chunk_files(path: Path, index: int) -> list[Path]:
     return [f for f in chunk_files(path, index) if not f.is_file()]
 
 
-def resized_chunk_files(path: Path, record: dict[str, Any]) -> list[str]:
+def resized_chunk_files(
+    path: Path | StoreLocation, record: dict[str, Any], listing: dict[str, int] | None = None
+) -> list[str]:
     """``file (N bytes, recorded M)`` for each data file of a chunk whose size differs from
-    the one in its completion record (records from before 0.2 hold no sizes: [])."""
+    the one in its completion record (records from before 0.2 hold no sizes: []).
+    ``listing`` (relative name -> size) saves a stat per file."""
     sizes = record.get("file_sizes")
     if not isinstance(sizes, dict):
         return []
+    present = StoreLocation.parse(path).listing() if listing is None else listing
     changed = []
     for rel, expected in sizes.items():
-        try:
-            actual = (Path(path) / rel).stat().st_size
-        except OSError:
-            continue  # missing files are reported by missing_chunk_files
+        actual = present.get(rel)
+        if actual is None:
+            continue  # missing files are reported as missing
         if actual != expected:
             changed.append(f"{rel} ({actual} bytes, recorded {expected})")
     return changed
 
 
 def split_intact(
-    path: Path, records: dict[int, dict[str, Any]]
+    target: Path | StoreLocation,
+    records: dict[int, dict[str, Any]],
+    listing: dict[str, int] | None = None,
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """Split completion records into intact chunks and broken ones (shard files missing, or
     of another size than recorded: truncated or overwritten).
 
     Returns ``(intact, broken)``, ``broken`` mapping each chunk index to a one-line reason
     naming the files. A broken chunk counts as incomplete everywhere: the writer rewrites it
-    on resume, the reader refuses it, and verify names its files. Costs one stat per file.
+    on resume, the reader refuses it, and verify names its files. ``listing`` (relative
+    name -> size, from :meth:`StoreLocation.listing`) is taken once per open; it is listed
+    here when not given.
     """
+    present = StoreLocation.parse(target).listing() if listing is None else listing
     intact: dict[int, dict[str, Any]] = {}
     broken: dict[int, str] = {}
     for index, record in records.items():
-        lost = missing_chunk_files(path, index)
-        resized = resized_chunk_files(path, record)
+        lost = [key for key in chunk_keys(index) if key not in present]
+        resized = resized_chunk_files(target, record, present)
         if lost:
-            names = ", ".join(str(f.relative_to(path)) for f in lost)
-            broken[index] = f"shard file(s) missing ({names})"
+            broken[index] = f"shard file(s) missing ({', '.join(lost)})"
         elif resized:
             broken[index] = (
                 f"shard file(s) truncated or overwritten: size differs from the chunk's record "
@@ -272,14 +262,24 @@ def split_intact(
     return intact, broken
 
 
+def manifest_key(index: int) -> str:
+    """Relative name of the completion record of chunk ``index``."""
+    return f"{MANIFEST_DIR}/{index:06d}.json"
+
+
 def manifest_path(path: Path, index: int) -> Path:
-    """Completion record of chunk ``index``."""
-    return Path(path) / MANIFEST_DIR / f"{index:06d}.json"
+    """Completion record of chunk ``index`` of the local store at ``path``."""
+    return Path(path) / manifest_key(index)
 
 
-def write_manifest(path: Path, index: int, record: dict[str, Any]) -> None:
-    """Atomically write the completion record of chunk ``index``."""
-    atomic_write_json(manifest_path(path, index), record)
+def write_manifest(target: Path | StoreLocation, index: int, record: dict[str, Any]) -> None:
+    """Atomically write the completion record of chunk ``index`` (after its data)."""
+    StoreLocation.parse(target).write_bytes(manifest_key(index), _json_bytes(record))
+
+
+def delete_manifest(target: Path | StoreLocation, index: int) -> None:
+    """Remove the completion record of chunk ``index`` (before rewriting its data)."""
+    StoreLocation.parse(target).delete(manifest_key(index))
 
 
 #: fields every completion record holds, with their JSON types
@@ -329,31 +329,44 @@ def record_problem(record: Any, index: int, spec: StoreSpec) -> str | None:
 
 
 def read_manifests(
-    path: Path, spec: StoreSpec, damaged: dict[int, str] | None = None
+    target: Path | StoreLocation,
+    spec: StoreSpec,
+    damaged: dict[int, str] | None = None,
+    listing: dict[str, int] | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Valid completion records by chunk index. Unreadable or malformed ones are skipped
     (the chunk counts as incomplete, so a rerun harvest rewrites it); with ``damaged`` given,
-    each skipped chunk's reason is put there."""
+    each skipped chunk's reason is put there.
+
+    The record names come from ``listing`` (listed here when not given); their contents are
+    fetched together (concurrently on object stores).
+    """
+    loc = StoreLocation.parse(target)
+    present = loc.listing() if listing is None else listing
+    prefix = f"{MANIFEST_DIR}/"
+    names = sorted(k for k in present if k.startswith(prefix) and k.endswith(".json"))
+    names = [k for k in names if "/" not in k[len(prefix) :] and not k[len(prefix)].startswith(".")]
     records: dict[int, dict[str, Any]] = {}
-    directory = Path(path) / MANIFEST_DIR
-    if not directory.is_dir():
-        return records
-    for file in sorted(directory.glob("*.json")):
+    indices: dict[str, int] = {}
+    for key in names:
         try:
-            index = int(file.stem)
+            index = int(key[len(prefix) : -len(".json")])
             spec.chunk_bounds(index)
         except (ValueError, StoreError):
-            log.warning("ignoring stray file %s among the chunk records", file)
+            log.warning("ignoring stray file %s among the chunk records", loc.display(key))
             continue
+        indices[key] = index
+    contents = loc.read_many(list(indices))
+    for key, index in indices.items():
         try:
-            record = json.loads(file.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as exc:
+            record = json.loads(contents[key])
+        except (ValueError, KeyError) as exc:
             problem: str | None = f"is unreadable ({type(exc).__name__})"
         else:
             problem = record_problem(record, index, spec)
         if problem is not None:
-            reason = f"completion record {file.relative_to(path)} {problem}"
-            log.warning("store %s: chunk %d: ignoring its %s", path, index, reason)
+            reason = f"completion record {key} {problem}"
+            log.warning("store %s: chunk %d: ignoring its %s", loc, index, reason)
             if damaged is not None:
                 damaged[index] = reason
             continue
@@ -361,7 +374,7 @@ def read_manifests(
     return records
 
 
-def array_metadata_problems(path: Path, spec: StoreSpec) -> list[str]:
+def array_metadata_problems(target: Path | StoreLocation, spec: StoreSpec) -> list[str]:
     """Differences between each array's zarr.json (shape, data type, chunk shape) and the
     store's spec: an edited or swapped array metadata file, which would make zarr read the
     data wrongly (e.g. rows of another width)."""
@@ -376,11 +389,14 @@ def array_metadata_problems(path: Path, spec: StoreSpec) -> list[str]:
             for name, dtype in TOKEN_ARRAYS.items()
         },
     }
+    loc = StoreLocation.parse(target)
+    keys = [f"{name}/{GROUP_METADATA}" for name in expected]
+    contents = loc.read_many(keys)
     problems = []
-    for name, (shape, dtype, chunks) in expected.items():
-        meta_file = Path(path) / name / GROUP_METADATA
+    for (shape, dtype, chunks), key in zip(expected.values(), keys, strict=True):
+        meta_file = loc.display(key)
         try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            meta = json.loads(contents[key])
             found = (
                 meta["shape"],
                 meta["data_type"],

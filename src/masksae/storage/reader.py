@@ -1,4 +1,10 @@
-"""ActivationStore: open, inspect, randomly read and stream a store."""
+"""ActivationStore: open, inspect, randomly read and stream a store.
+
+A store is a local directory or an fsspec URL (see :mod:`masksae.storage.location`).
+Opening one lists it once (records and shard files come from that listing). Chunk reads
+of a remote store go through a bounded local chunk cache (:mod:`masksae.storage.cache`):
+whole shard files, fetched ahead and checked against the recorded checksum.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ import numpy as np
 
 from masksae.errors import StoreError
 from masksae.storage import layout
-from masksae.storage.schema import ARRAY_NAMES, ChunkData, StoreSpec
+from masksae.storage.cache import DEFAULT_CACHE_BYTES, DEFAULT_READ_AHEAD
+from masksae.storage.location import StoreLocation
+from masksae.storage.schema import ARRAY_NAMES, ChunkData, StoreSpec, chunk_checksum
 from masksae.storage.stats import ActivationStats, ChunkStats, aggregate
 
 log = logging.getLogger(__name__)
@@ -27,31 +35,40 @@ class UnreadableChunkError(StoreError):
     """A shard of a chunk recorded complete cannot be decoded (truncated or overwritten)."""
 
     def __init__(self, store: ActivationStore, index: int, array: str, cause: BaseException):
-        files = layout.chunk_files(store.path, index)
-        file = next((f for f in files if f.relative_to(store.path).parts[0] == array), files[0])
+        keys = layout.chunk_keys(index)
+        key = next((k for k in keys if k.split("/", 1)[0] == array), keys[0])
+        file = store.location.display(key)
         detail = (str(cause).strip().splitlines() or [""])[0][:120]
         self.index, self.array, self.file = index, array, file
         self.cause = f"{type(cause).__name__}: {detail}" if detail else type(cause).__name__
         super().__init__(
             f"chunk {index} of store {store.path} is unreadable: its {array} shard {file} "
             f"cannot be decoded ({self.cause}); delete its completion record "
-            f"{layout.manifest_path(store.path, index)} and rerun the harvest command that "
-            "created the store to rewrite that chunk (`masksae store verify` lists every "
-            "damaged chunk)"
+            f"{store.location.display(layout.manifest_key(index))} and rerun the harvest "
+            "command that created the store to rewrite that chunk (`masksae store verify` "
+            "lists every damaged chunk)"
         )
 
 
 class ActivationStore:
-    """A read-only view of an activation store directory; use :meth:`open`."""
+    """A read-only view of an activation store (local or remote); use :meth:`open`."""
 
     def __init__(
         self,
-        path: Path,
+        path: Path | StoreLocation,
         attrs: dict[str, Any],
         records: dict[int, dict],
         broken: dict[int, str] | None = None,
+        *,
+        metadata: dict[str, bytes] | None = None,
+        cache_dir: str | Path | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        read_ahead: int = DEFAULT_READ_AHEAD,
     ) -> None:
-        self.path = Path(path)
+        self.location = StoreLocation.parse(path)
+        """Where the store lives."""
+        self.path: Path | str = self.location.local_path or self.location.url
+        """The store directory (local stores) or its URL (remote ones)."""
         self.attrs = attrs
         """The raw group attributes."""
         self.spec: StoreSpec = layout.spec_from_attrs(attrs)
@@ -64,31 +81,56 @@ class ActivationStore:
         self.metadata_problems: list[str] = []
         """Array zarr.json files that disagree with the spec (see
         ``layout.array_metadata_problems``); reading data is refused while there are any."""
+        self._metadata = metadata or {}
+        self._cache_dir = cache_dir
+        self._cache_bytes = int(cache_bytes)
+        self._read_ahead = int(read_ahead)
+        self._cache: Any = None
 
     @classmethod
-    def open(cls, path: str | Path, *, require_complete: bool = True) -> ActivationStore:
-        """Open the store at ``path``.
+    def open(
+        cls,
+        path: str | Path | StoreLocation,
+        *,
+        require_complete: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        read_ahead: int = DEFAULT_READ_AHEAD,
+    ) -> ActivationStore:
+        """Open the store at ``path`` (a directory or an fsspec URL such as
+        ``s3://bucket/prefix``; ``storage_options`` go to its filesystem).
 
-        Raises StoreError if ``path`` is missing or not a store, or (with
-        ``require_complete``) if some chunks are not complete yet.
+        Remote stores read chunks through a local cache in ``cache_dir`` (default
+        ``$MASKSAE_CACHE/store-cache``) of at most ``cache_bytes``, fetching ``read_ahead``
+        chunks ahead of the stream. Raises StoreError if ``path`` is missing or not a store,
+        or (with ``require_complete``) if some chunks are not complete yet.
         """
-        path = Path(path)
-        if not path.exists():
+        loc = StoreLocation.parse(path, storage_options)
+        remote = loc.local_path is None
+        if not remote and not loc.local_path.exists():
             raise StoreError(
-                f"activation store {path} does not exist: check the path, or "
+                f"activation store {loc} does not exist: check the path, or "
                 "run `masksae harvest --out PATH` to create it"
             )
-        attrs = layout.read_attrs(path)
+        listing = loc.listing()
+        if remote and not listing:
+            raise StoreError(
+                f"activation store {loc} does not exist (nothing under that prefix): check "
+                "the URL and the credentials (AWS_* variables or --storage-option), or run "
+                "`masksae harvest --out URL` to create it"
+            )
+        attrs = layout.read_attrs(loc)
         if attrs is None:
             raise StoreError(
-                f"{path} is not a masksae activation store (no store attributes "
+                f"{loc} is not a masksae activation store (no store attributes "
                 "in zarr.json): check the path"
             )
         spec = layout.spec_from_attrs(attrs)
-        metadata_problems = layout.array_metadata_problems(path, spec)
+        metadata_problems = layout.array_metadata_problems(loc, spec)
         if metadata_problems and require_complete:
             raise StoreError(
-                f"activation store {path} cannot be read: {metadata_problems[0]}"
+                f"activation store {loc} cannot be read: {metadata_problems[0]}"
                 + (
                     f" (and {len(metadata_problems) - 1} more)"
                     if len(metadata_problems) > 1
@@ -98,21 +140,43 @@ class ActivationStore:
                 "into a new --out"
             )
         damaged: dict[int, str] = {}
-        records, broken = layout.split_intact(path, layout.read_manifests(path, spec, damaged))
-        store = cls(path, attrs, records, {**broken, **damaged})
+        records, broken = layout.split_intact(
+            loc.local_path or loc, layout.read_manifests(loc, spec, damaged, listing), listing
+        )
+        broken = {**broken, **damaged}
+        metadata = None
+        if remote:
+            from masksae.storage.chunkio import metadata_keys
+
+            metadata = loc.read_many(metadata_keys())
+        store = cls(
+            loc,
+            attrs,
+            records,
+            broken,
+            metadata=metadata,
+            cache_dir=cache_dir,
+            cache_bytes=cache_bytes,
+            read_ahead=read_ahead,
+        )
         store.metadata_problems = metadata_problems
         if require_complete and not store.is_complete:
             missing = store.missing_chunks
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             damaged = "".join(
-                f"; chunk {index}: {reason}" for index, reason in sorted(store.broken.items())[:3]
+                f"; chunk {index}: {reason}" for index, reason in sorted(broken.items())[:3]
             )
             raise StoreError(
-                f"activation store {path} is incomplete: {len(missing)} of {spec.n_chunks} "
+                f"activation store {loc} is incomplete: {len(missing)} of {spec.n_chunks} "
                 f"chunks missing ({shown}){damaged}; rerun the harvest command that created "
                 "it to resume it (it rewrites exactly those chunks)"
             )
         return store
+
+    @property
+    def is_remote(self) -> bool:
+        """True for stores on object storage (read through the chunk cache)."""
+        return self.location.local_path is None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -225,11 +289,86 @@ class ActivationStore:
             import zarr
 
             try:
-                group = zarr.open_group(store=str(self.path), mode="r", zarr_format=3)
+                group = zarr.open_group(
+                    store=self.location.zarr_store(read_only=True), mode="r", zarr_format=3
+                )
                 self._arrays = {name: group[name] for name in ARRAY_NAMES}
             except Exception as exc:  # noqa: BLE001 - any zarr failure means a broken store
                 raise StoreError(f"cannot open the arrays of store {self.path}: {exc}") from exc
         return self._arrays
+
+    def chunk_cache(self) -> Any:
+        """The local chunk cache of a remote store (created on first use), else None."""
+        if not self.is_remote:
+            return None
+        if self._cache is None:
+            from masksae.storage.cache import ChunkCache
+
+            checksums = {i: r["checksum"] for i, r in self._records.items()}
+            self._cache = ChunkCache(
+                self.location,
+                self._metadata,
+                checksums,
+                self._fetch_verified,
+                cache_dir=self._cache_dir,
+                max_bytes=self._cache_bytes,
+                workers=max(1, self._read_ahead),
+            )
+        return self._cache
+
+    def read_ahead(self, indices: list[int]) -> None:
+        """Hint that chunks ``indices`` are read next (remote stores fetch them now)."""
+        if self.is_remote and self._read_ahead > 0:
+            self.chunk_cache().read_ahead(list(indices)[: self._read_ahead])
+
+    def fetch_chunk_files(self, index: int, keys: list[str] | None = None) -> dict[str, bytes]:
+        """The raw bytes of chunk ``index``'s files (all of them by default) read from the
+        store itself (never the cache); StoreError naming any file that is missing."""
+        from masksae.storage.layout import chunk_keys
+
+        keys = chunk_keys(index) if keys is None else keys
+        files = self.location.read_many(keys)
+        lost = [key for key in keys if key not in files]
+        if lost:
+            raise StoreError(
+                f"chunk {index} of store {self.path}: cannot read {', '.join(lost)} (missing "
+                f"or unreachable); run `masksae store verify {self.path}`"
+            )
+        return files
+
+    def decode_chunk_files(
+        self, index: int, files: dict[str, bytes], names: tuple[str, ...] = ARRAY_NAMES
+    ) -> dict[str, np.ndarray]:
+        """Arrays ``names`` of chunk ``index`` decoded from the raw bytes of its files."""
+        from masksae.storage.chunkio import decode_chunk, metadata_keys
+
+        if self.metadata_problems:
+            self._open_arrays()  # raises the problem
+        if not self._metadata:
+            self._metadata = self.location.read_many(metadata_keys())
+        start, stop = self.chunk_bounds(index)
+        out = {}
+        for name in names:  # one array at a time: a damaged shard is named
+            try:
+                out.update(decode_chunk(self._metadata, index, stop - start, start, files, (name,)))
+            except StoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - zarr/codec errors: damaged data
+                raise UnreadableChunkError(self, index, name, exc) from exc
+        return out
+
+    def _fetch_verified(self, index: int) -> dict[str, bytes]:
+        """Chunk ``index``'s files from the store, checked against its recorded checksum."""
+        files = self.fetch_chunk_files(index)
+        data = ChunkData(**self.decode_chunk_files(index, files))
+        record = self._records.get(index)
+        if record is not None and chunk_checksum(data) != record["checksum"]:
+            raise StoreError(
+                f"chunk {index} of store {self.path} does not match its recorded checksum "
+                f"after download: the stored data is corrupted; run `masksae store verify "
+                f"{self.path}` and rerun the harvest to rewrite it"
+            )
+        return files
 
     def read(self, start: int, stop: int) -> ChunkData:
         """Every array for tokens [start, stop) (may span chunks), at-rest dtypes.
@@ -251,13 +390,26 @@ class ActivationStore:
                 )
         return self._read_range(start, stop, ARRAY_NAMES)
 
-    def read_chunk(self, index: int, names: tuple[str, ...] = ARRAY_NAMES) -> dict[str, np.ndarray]:
+    def read_chunk(
+        self, index: int, names: tuple[str, ...] = ARRAY_NAMES, *, fresh: bool = False
+    ) -> dict[str, np.ndarray]:
         """The named arrays of chunk ``index`` (no completeness check).
 
-        A shard that cannot be decoded (truncated, overwritten) raises
-        :class:`UnreadableChunkError` naming the chunk, the file and the fix.
+        Remote stores read through the chunk cache, or with ``fresh`` straight from the
+        store (what ``verify`` checks). A shard that cannot be decoded (truncated,
+        overwritten) raises :class:`UnreadableChunkError` naming the chunk, the file and the
+        fix.
         """
         start, stop = self.chunk_bounds(index)
+        if self.is_remote:
+            from masksae.storage.chunkio import array_keys
+
+            keys = [array_keys(index)[name] for name in names]
+            if fresh:
+                files = self.fetch_chunk_files(index, keys)
+            else:
+                files = self.chunk_cache().read_files(index, keys)
+            return self.decode_chunk_files(index, files, names)
         arrays = self._open_arrays()
         out = {}
         for name in names:
@@ -276,13 +428,23 @@ class ActivationStore:
         if self._plain_rows is False:
             return None
         if self._plain_rows is None:
-            self._plain_rows = fastread.plain_shard_rows(self.path / "activations") or False
+            where: Any = (
+                self._metadata.get("activations/zarr.json", b"")
+                if self.is_remote
+                else self.location.local_path / "activations"
+            )
+            self._plain_rows = fastread.plain_shard_rows(where) or False
             if self._plain_rows is False:
                 return None
         start, stop = self.chunk_bounds(index)
         inner = int(self._plain_rows)
+        key = layout.chunk_keys(index)[0]
+        if self.is_remote:
+            file = self.chunk_cache().local_file(index, key)
+        else:
+            file = self.location.local_path / key
         return fastread.shard_views(
-            layout.chunk_files(self.path, index)[0],
+            file,
             stop - start,
             self.d_model,
             np.dtype(STORE_DTYPES[self.spec.dtype]),
@@ -381,7 +543,7 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         return (
-            f"ActivationStore({str(self.path)!r}, n_tokens={self.n_tokens}, "
+            f"ActivationStore({self.location.display()!r}, n_tokens={self.n_tokens}, "
             f"d_model={self.d_model}, dtype={self.spec.dtype}, "
             f"chunks={len(self._records)}/{self.n_chunks})"
         )

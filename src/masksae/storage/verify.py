@@ -34,7 +34,7 @@ def verify_chunk(store: ActivationStore, index: int) -> str | None:
     from masksae.storage.reader import UnreadableChunkError
 
     try:
-        data = ChunkData(**store.read_chunk(index, ARRAY_NAMES))
+        data = ChunkData(**store.read_chunk(index, ARRAY_NAMES, fresh=True))
     except UnreadableChunkError as exc:
         return (
             f"{where}: unreadable {exc.array} shard {exc.file} ({exc.cause}); delete "
@@ -65,9 +65,9 @@ def verify_chunk(store: ActivationStore, index: int) -> str | None:
 
 def record_hint(store: ActivationStore, index: int) -> str:
     """Path of the completion record of chunk ``index`` (deleting it forces a rewrite)."""
-    from masksae.storage.layout import manifest_path
+    from masksae.storage.layout import manifest_key
 
-    return str(manifest_path(store.path, index))
+    return store.location.display(manifest_key(index))
 
 
 def store_problems(store: ActivationStore) -> list[str]:

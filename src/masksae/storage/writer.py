@@ -4,6 +4,10 @@ A chunk is complete only once (1) its data files are written and fsynced and (2)
 completion record ``_chunks/<index>.json`` (checksum + partial statistics) is atomically
 written. Any failure in between (crash, SIGKILL, full disk) leaves no record, so the chunk
 reads as incomplete and a resumed writer rewrites it.
+
+On an object store (``s3://...``) each file is one object written by one PUT, which is
+atomic; the record's PUT starts only after every data PUT of its chunk has succeeded, so
+the same rule holds without renames (see :mod:`masksae.storage.location`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import numpy as np
 
 from masksae.errors import ProvenanceMismatchError, StoreError
 from masksae.storage import layout
+from masksae.storage import lock as store_lock
+from masksae.storage.location import StoreLocation
 from masksae.storage.schema import (
     ARRAY_NAMES,
     FORMAT_VERSION,
@@ -56,39 +62,104 @@ class StoreWriter:
 
     def __init__(
         self,
-        path: Path,
+        location: StoreLocation | Path,
         spec: StoreSpec,
         completed: set[int],
         queue_size: int,
         *,
+        writer_lock: store_lock.WriterLock | None = None,
         worker: bool = False,
     ) -> None:
-        self.path = Path(path)
+        self.location = StoreLocation.parse(location)
+        """Where the store lives (a local directory or an object-store URL)."""
+        self.path: Path | str = self.location.local_path or self.location.url
+        """The store directory (local stores) or its URL."""
+        # the layout helpers take a Path for local stores, the location otherwise
+        self._target: Path | StoreLocation = self.location.local_path or self.location
         self.spec = spec
         self._completed = set(completed)
+        # data files of incomplete chunks found at open (torn by a killed writer): removed
+        # before their chunk is rewritten, since zarr would read a torn shard back in
+        self._stale = _stale_files(self.location, self._completed, spec)
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: tuple[int, BaseException] | None = None
         self._closed = False
         self._arrays: dict[str, Any] | None = None
-        self._worker = worker  # chunk writer under a parent's lock: no lock, no finalising
-        self._lock_handle = None if worker else layout.lock_store(self.path)
+        self._worker = worker  # chunk writer under another's lock: no lock, no finalising
+        self.writer_lock = writer_lock
+        """The writer lock held by this writer (None for workers attached under another's)."""
         self._thread = threading.Thread(
-            target=self._run, name=f"masksae-store-writer:{self.path.name}", daemon=True
+            target=self._run, name=f"masksae-store-writer:{self.location.name}", daemon=True
         )
         self._thread.start()
 
+    @property
+    def lock_owner(self) -> str | None:
+        """Owner token of the writer lock this writer holds (workers attach with it)."""
+        return None if self.writer_lock is None else self.writer_lock.owner
+
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | Path, spec: StoreSpec, *, queue_size: int = 2) -> StoreWriter:
+    def open(
+        cls,
+        path: str | Path | StoreLocation,
+        spec: StoreSpec,
+        *,
+        queue_size: int = 2,
+        storage_options: dict[str, Any] | None = None,
+        break_lock: bool = False,
+        lease_s: float = store_lock.DEFAULT_LEASE_S,
+    ) -> StoreWriter:
         """Create a store at ``path``, or resume the store there if it has the same spec.
 
-        ``queue_size`` chunks may wait for the writer thread before ``write_chunk`` blocks.
-        Raises ProvenanceMismatchError (naming every differing key) if ``path`` holds a store
-        made with a different spec or provenance, and StoreError if it is a file or a
-        non-empty directory that is not a store.
+        ``path`` is a local directory or an fsspec URL (``s3://bucket/prefix``, ...;
+        ``storage_options`` go to its filesystem). ``queue_size`` chunks may wait for the
+        writer thread before ``write_chunk`` blocks. The store's writer lock is taken first
+        (``break_lock`` removes a remote lease left by a dead writer; ``lease_s`` is the
+        lifetime of a remote lease). Raises ProvenanceMismatchError (naming every differing
+        key) if ``path`` holds a store made with a different spec or provenance, and
+        StoreError if it is a file or a non-empty directory that is not a store.
         """
-        path = Path(path)
+        loc = StoreLocation.parse(path, storage_options)
+        if loc.local_path is not None:
+            return cls._open_local(loc, spec, queue_size, break_lock)
+        writer_lock = store_lock.acquire(loc, break_lock=break_lock, lease_s=lease_s)
+        try:
+            listing = loc.listing()
+            if layout.read_attrs(loc) is None:
+                if set(listing) - {store_lock.LOCK_FILE} and not layout.is_half_created(listing):
+                    raise StoreError(
+                        f"output location {loc} holds objects but no activation store: "
+                        "choose another --out (an empty prefix)"
+                    )
+                try:
+                    layout.create_remote_store(loc, spec)
+                except OSError as exc:
+                    raise StoreError(
+                        f"cannot create the activation store {loc}: {exc}; check the URL, "
+                        "the credentials (AWS_* variables or --storage-option) and the bucket"
+                    ) from exc
+                return cls(loc, spec, set(), queue_size, writer_lock=writer_lock)
+            existing = _check_resumable(loc, spec)
+            completed = set(_intact_records(loc, existing, listing=listing))
+        except BaseException:
+            writer_lock.release()
+            raise
+        log.info(
+            "resuming store %s: %d of %d chunks already complete",
+            loc,
+            len(completed),
+            spec.n_chunks,
+        )
+        return cls(loc, spec, completed, queue_size, writer_lock=writer_lock)
+
+    @classmethod
+    def _open_local(
+        cls, loc: StoreLocation, spec: StoreSpec, queue_size: int, break_lock: bool
+    ) -> StoreWriter:
+        path = loc.local_path
+        assert path is not None
         if path.exists() and not path.is_dir():
             raise StoreError(
                 f"output path {path} is a file, not a store directory: choose another --out"
@@ -108,72 +179,65 @@ class StoreWriter:
                 log.debug("store %s was created concurrently by another process", path)
                 created = False
             if created:
-                return cls(path, spec, set(), queue_size)
-        attrs = layout.read_attrs(path)
-        if attrs is None:
-            raise StoreError(
-                f"output path {path} is a non-empty directory that is not an activation "
-                "store: choose another --out (an absent or empty directory)"
-            )
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"store {path} has format version {attrs.get('format_version')!r}, this "
-                f"masksae writes version {FORMAT_VERSION}: choose another --out or delete it"
-            )
-        existing = layout.spec_from_attrs(attrs)
-        diffs = spec_differences(existing, spec)
-        if diffs:
-            lines = "\n".join(
-                f"  {key}: store has {old!r}, requested {new!r}" for key, old, new in diffs
-            )
-            raise ProvenanceMismatchError(
-                f"output path {path} holds a store made with different settings:\n{lines}\n"
-                "choose another --out, or delete the old store to rebuild it"
-            )
-        completed = set(_intact_records(path, spec))
+                writer_lock = store_lock.acquire(loc, break_lock=break_lock)
+                return cls(loc, spec, set(), queue_size, writer_lock=writer_lock)
+        _check_resumable(loc, spec)
+        writer_lock = store_lock.acquire(loc, break_lock=break_lock)
+        try:
+            completed = set(_intact_records(path, spec))
+        except BaseException:
+            writer_lock.release()
+            raise
         log.info(
             "resuming store %s: %d of %d chunks already complete",
             path,
             len(completed),
             spec.n_chunks,
         )
-        return cls(path, spec, completed, queue_size)
+        return cls(loc, spec, completed, queue_size, writer_lock=writer_lock)
 
     @classmethod
     def attach(
-        cls, path: str | Path, spec: StoreSpec, *, owner_pid: int, queue_size: int = 2
+        cls,
+        path: str | Path | StoreLocation,
+        spec: StoreSpec,
+        *,
+        owner: str,
+        queue_size: int = 2,
+        storage_options: dict[str, Any] | None = None,
     ) -> StoreWriter:
-        """A chunk writer for a worker process of a multi-worker harvest.
+        """A chunk writer for a rank of a distributed harvest other than the owner.
 
         The store must already exist with exactly ``spec`` and its writer lock must be held
-        by process ``owner_pid`` (the parent, which created or resumed it with :meth:`open`
-        and finalises it). The returned writer takes no lock and does not finalise on close:
-        it only writes chunks and their completion records. Workers must write disjoint
-        chunks (each chunk is its own set of files, so that is safe).
+        by ``owner`` (the owner token of rank 0's writer, :attr:`lock_owner`, which created
+        or resumed it with :meth:`open` and finalises it). The returned writer takes no lock
+        and does not finalise on close: it only writes chunks and their completion records.
+        Ranks must write disjoint chunks (each chunk is its own set of files, so that is
+        safe).
         """
-        path = Path(path)
-        attrs = layout.read_attrs(path)
+        loc = StoreLocation.parse(path, storage_options)
+        attrs = layout.read_attrs(loc)
         if attrs is None:
             raise StoreError(
-                f"worker cannot attach to {path}: not an activation store "
-                "(the parent process creates it first)"
+                f"cannot attach to {loc}: not an activation store (rank 0 creates it first)"
             )
         diffs = spec_differences(layout.spec_from_attrs(attrs), spec)
         if diffs:
             keys = ", ".join(key for key, _old, _new in diffs)
             raise ProvenanceMismatchError(
-                f"worker's settings differ from store {path} on: {keys}; every worker must "
-                "run the parent's exact configuration"
+                f"this rank's settings differ from store {loc} on: {keys}; every rank must "
+                "run the exact same harvest command"
             )
-        holder = layout.lock_holder(path)
-        if holder != owner_pid:
+        holder = store_lock.holder(loc)
+        if holder != owner:
             raise StoreError(
-                f"worker cannot attach to {path}: its writer lock is held by "
-                f"{'pid ' + str(holder) if holder else 'nobody'}, not by the parent pid "
-                f"{owner_pid}; start multi-device harvests with `masksae harvest --devices`"
+                f"cannot attach to {loc}: its writer lock is held by {holder or 'nobody'}, "
+                f"not by rank 0's writer {owner}; start distributed harvests with torchrun, "
+                "accelerate launch or `masksae harvest --devices`, and let one harvest write "
+                "a store at a time"
             )
-        completed = set(_intact_records(path, spec, quiet=True))
-        return cls(path, spec, completed, queue_size, worker=True)
+        completed = set(_intact_records(loc.local_path or loc, spec, quiet=True))
+        return cls(loc, spec, completed, queue_size, worker=True)
 
     # ------------------------------------------------------------------ state
     @property
@@ -206,6 +270,8 @@ class StoreWriter:
         self._raise_pending_error()
         if self._closed:
             raise StoreError(f"store writer for {self.path} is closed")
+        if self.writer_lock is not None:
+            self.writer_lock.check()
         extra = dict(record_extra or {})
         clash = sorted(set(extra) & RECORD_FIELDS)
         if clash:
@@ -220,6 +286,43 @@ class StoreWriter:
                 return
             except queue.Full:
                 self._raise_pending_error()
+
+    def write_raw_chunk(
+        self, index: int, files: dict[str, bytes], record: dict[str, Any], *, verify: bool = True
+    ) -> None:
+        """Write chunk ``index`` from the raw bytes of its files and its completion record
+        (``masksae store copy``), synchronously: the record goes last, as for
+        :meth:`write_chunk`. The caller has checked ``files`` against ``record``; with
+        ``verify`` the files are read back and compared byte for byte before the record is
+        written (verified on arrival)."""
+        from masksae.storage.location import StoreLocation
+
+        self._raise_pending_error()
+        if self.writer_lock is not None:
+            self.writer_lock.check()
+        expected = set(layout.chunk_keys(index))
+        if set(files) != expected:
+            raise StoreError(
+                f"chunk {index}: raw files {sorted(files)} are not the chunk's files "
+                f"{sorted(expected)}"
+            )
+        loc = StoreLocation.parse(self.location)
+        with self._lock:
+            self._completed.discard(index)
+        layout.delete_manifest(self._target, index)
+        for key, data in files.items():
+            loc.write_bytes(key, data)
+        if verify:
+            arrived = loc.read_many(list(files))
+            bad = [key for key, data in files.items() if arrived.get(key) != data]
+            if bad:
+                raise StoreError(
+                    f"chunk {index} did not arrive intact at {loc} ({', '.join(bad)} differ "
+                    "from what was sent): rerun the copy to retry it"
+                )
+        layout.write_manifest(self._target, index, record)
+        with self._lock:
+            self._completed.add(index)
 
     def flush(self) -> None:
         """Wait until every queued chunk is written; raise the writer's error if any."""
@@ -240,6 +343,8 @@ class StoreWriter:
         try:
             self._raise_pending_error()
             if not self._worker:
+                if self.writer_lock is not None:
+                    self.writer_lock.check()
                 self._finalise()
         except OSError as exc:
             raise StoreError(
@@ -247,8 +352,8 @@ class StoreWriter:
                 "the chunks are complete: fix the cause and rerun to finalise"
             ) from exc
         finally:
-            if self._lock_handle is not None:
-                layout.unlock_store(self.path, self._lock_handle)
+            if self.writer_lock is not None:
+                self.writer_lock.release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -318,7 +423,9 @@ class StoreWriter:
             # zarr's config when an array is opened: without it an all-fill chunk (every
             # `masked` chunk at p = 0) would never reach disk
             with zarr.config.set({"array.write_empty_chunks": True}):
-                group = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
+                group = zarr.open_group(
+                    store=self.location.zarr_store(read_only=False), mode="r+", zarr_format=3
+                )
                 self._arrays = {name: group[name] for name in ARRAY_NAMES}
         return self._arrays
 
@@ -326,18 +433,24 @@ class StoreWriter:
         start, stop = self.spec.chunk_bounds(index)
         with self._lock:
             self._completed.discard(index)
-        layout.manifest_path(self.path, index).unlink(missing_ok=True)
-        for old in layout.chunk_files(self.path, index):
-            # a rewrite starts from nothing: zarr merges a write into an existing shard, and
-            # the shard of a chunk being rewritten may be truncated or garbage
-            old.unlink(missing_ok=True)
+        layout.delete_manifest(self._target, index)
+        # a rewrite starts from nothing: zarr merges a write into an existing shard, and the
+        # shard of a chunk being rewritten may be truncated or garbage
+        if self.location.local_path is not None:
+            for old in layout.chunk_files(self.location.local_path, index):
+                old.unlink(missing_ok=True)
+        else:  # only the objects found at open: no DELETE request for absent ones
+            for key in layout.chunk_keys(index):
+                if key in self._stale:
+                    self.location.delete(key)
+                    self._stale.discard(key)
         stats = chunk_stats(data.activations, data.excluded, self.spec.dtype)
         checksum = chunk_checksum(data)
         arrays = self._open_arrays()
         for name in ARRAY_NAMES:
             arrays[name][start:stop] = getattr(data, name)
-        files = layout.chunk_files(self.path, index)
-        layout.fsync_files(files)
+        if self.location.local_path is not None:  # object PUTs are durable once they return
+            layout.fsync_files(layout.chunk_files(self.location.local_path, index))
         masked, excluded = data.masked, data.excluded
         record = {
             "index": index,
@@ -352,16 +465,16 @@ class StoreWriter:
             "stats": stats.to_dict(),
             # the reader compares these at open: a truncated or extended shard is refused
             # (and rewritten by a rerun harvest) before anything reads it
-            "file_sizes": {f.relative_to(self.path).as_posix(): f.stat().st_size for f in files},
+            "file_sizes": self.location.sizes(layout.chunk_keys(index)),
             **extra,
         }
-        layout.write_manifest(self.path, index, record)
+        layout.write_manifest(self._target, index, record)
         with self._lock:
             self._completed.add(index)
         log.debug("store %s: chunk %d complete", self.path, index)
 
     def _finalise(self) -> None:
-        records = _intact_records(self.path, self.spec, quiet=True)
+        records = _intact_records(self._target, self.spec, quiet=True)
         done = len(records)
         updates: dict[str, Any] = {"complete": done == self.n_chunks, "chunks_complete": done}
         if done == self.n_chunks:
@@ -386,19 +499,68 @@ class StoreWriter:
                 done,
                 self.n_chunks,
             )
-        layout.update_attrs(self.path, updates)
+        layout.update_attrs(self._target, updates)
 
 
-def _intact_records(path: Path, spec: StoreSpec, *, quiet: bool = False) -> dict[int, dict]:
+def _stale_files(loc: StoreLocation, completed: set[int], spec: StoreSpec) -> set[str]:
+    """Data files present for chunks that are not complete (one listing; remote stores only:
+    a local writer simply unlinks a chunk's files before rewriting it)."""
+    if loc.local_path is not None:
+        return set()
+    listing = loc.listing()
+    stale: set[str] = set()
+    for index in range(spec.n_chunks):
+        if index not in completed:
+            stale.update(key for key in layout.chunk_keys(index) if key in listing)
+    return stale
+
+
+def _check_resumable(loc: StoreLocation, spec: StoreSpec) -> StoreSpec:
+    """The spec of the store at ``loc`` if ``spec`` may resume it; StoreError otherwise."""
+    attrs = layout.read_attrs(loc)
+    if attrs is None:
+        raise StoreError(
+            f"output path {loc} is a non-empty directory that is not an activation "
+            "store: choose another --out (an absent or empty directory)"
+        )
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store {loc} has format version {attrs.get('format_version')!r}, this "
+            f"masksae writes version {FORMAT_VERSION}: choose another --out or delete it"
+        )
+    existing = layout.spec_from_attrs(attrs)
+    diffs = spec_differences(existing, spec)
+    if diffs:
+        lines = "\n".join(
+            f"  {key}: store has {old!r}, requested {new!r}" for key, old, new in diffs
+        )
+        raise ProvenanceMismatchError(
+            f"output path {loc} holds a store made with different settings:\n{lines}\n"
+            "choose another --out, or delete the old store to rebuild it"
+        )
+    return existing
+
+
+def _intact_records(
+    target: Path | StoreLocation,
+    spec: StoreSpec,
+    *,
+    quiet: bool = False,
+    listing: dict[str, int] | None = None,
+) -> dict[int, dict]:
     """Completion records of the chunks whose shard files are all present.
 
     A record whose files are missing (e.g. a store written by masksae 0.1.0, which skipped
     all-fill chunks) is treated as incomplete, so rerunning the harvest rewrites the chunk.
+    One listing of the store serves both the records and the shard files.
     """
-    intact, broken = layout.split_intact(path, layout.read_manifests(path, spec))
+    if listing is None:
+        listing = StoreLocation.parse(target).listing()
+    records = layout.read_manifests(target, spec, listing)
+    intact, broken = layout.split_intact(target, records, listing)
     if not quiet:
         for index, reason in sorted(broken.items()):
-            log.warning("store %s: chunk %d %s; rewriting it", path, index, reason)
+            log.warning("store %s: chunk %d %s; rewriting it", target, index, reason)
     return intact
 
 

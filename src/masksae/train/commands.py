@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,11 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def train_command(
-    store: Path = typer.Option(
-        ..., "--store", help="Activation store directory (masksae harvest --out)."
+    store: str = typer.Option(
+        ...,
+        "--store",
+        help="Activation store (masksae harvest --out): a directory or a URL such as "
+        "s3://bucket/prefix (read through a local chunk cache, see --cache-dir).",
     ),
     out: Path = typer.Option(..., "--out", help="Output folder: one sub-folder per SAE."),
     config: Path | None = typer.Option(
@@ -55,9 +59,29 @@ def train_command(
     devices: str | None = typer.Option(
         None,
         "--devices",
-        help="Spread a sweep over several devices, e.g. cuda:0,cuda:1: run i trains on device "
-        "i mod N (round-robin); each batch is read once and copied to every device. "
-        "Instead of --device.",
+        help="Spread a sweep over several devices of this machine, e.g. cuda:0,cuda:1: one "
+        "rank per device in a local process group, as torchrun --nproc-per-node N would "
+        "start them (see --distributed). Instead of --device.",
+    ),
+    distributed: str | None = typer.Option(
+        None,
+        "--distributed",
+        help="How ranks (torchrun, accelerate launch, --devices) share the sweep: runs (rank r "
+        "trains runs i with i % world == r), data (each run data-parallel with DDP), or "
+        "auto (data for a single run, else runs; default).",
+    ),
+    storage_option: list[str] = typer.Option(
+        [],
+        "--storage-option",
+        help="Option of a remote store's filesystem, KEY=VALUE (repeatable).",
+    ),
+    cache_dir: str | None = typer.Option(
+        None,
+        "--cache-dir",
+        help="Local chunk cache of a remote store (default $MASKSAE_CACHE/store-cache).",
+    ),
+    cache_size: str | None = typer.Option(
+        None, "--cache-size", help="Size limit of the chunk cache, e.g. 20GiB (the default)."
     ),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's)."),
     normalize: bool | None = typer.Option(
@@ -88,10 +112,15 @@ def train_command(
     A second Ctrl-C stops at once. Rerun the same command with --resume to continue.
     """
     from masksae.errors import ConfigError
+    from masksae.storage.location import parse_storage_options
     from masksae.train.config import SweepConfig, TrainConfig, load_sweep
     from masksae.train.sweep import single_run, train_sweep
 
     train_overrides: dict[str, Any] = {
+        "distributed": distributed,
+        "storage_options": parse_storage_options(storage_option) or None,
+        "cache_dir": cache_dir,
+        "cache_size": cache_size,
         "steps": steps,
         "tokens": tokens,
         "batch_size": batch_size,
@@ -172,16 +201,9 @@ def train_command(
         sweep = SweepConfig(train=train_cfg, sae=sae)
         runs = [single_run(sae, lr=None, seed=train_cfg.seed)]
     try:
-        if runs is None:
-            summary = train_sweep(
-                store, sweep, out, resume=resume, progress=progress, verify=verify
-            )
-        else:
-            from masksae.train.sweep import open_store
-            from masksae.train.trainer import Trainer
-
-            st = open_store(store, verify=verify)
-            summary = Trainer(st, runs, sweep.train, out, resume=resume, progress=progress).train()
+        summary = train_sweep(
+            store, sweep, out, resume=resume, progress=progress, verify=verify, runs=runs
+        )
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: training progress is checkpointed in {out}; rerun the same "
@@ -189,6 +211,10 @@ def train_command(
             err=True,
         )
         raise typer.Exit(code=130) from None
+    from masksae.distributed import launched_world
+
+    if launched_world() > 1 and os.environ.get("RANK", "0") != "0":
+        return  # rank 0 prints the sweep's summary
     for run in summary.runs:
         m = run.last_metrics
         typer.echo(

@@ -41,8 +41,14 @@ OPERATIONAL_FIELDS = frozenset(
         "tensorboard",
         "wandb",
         "wandb_project",
+        "distributed",
+        "storage_options",
+        "cache_dir",
+        "cache_size",
     }
 )
+#: values of TrainConfig.distributed
+DISTRIBUTED_MODES = ("auto", "runs", "data")
 #: grid keys handled by the trainer rather than the SAE config.
 RUN_KEYS = ("lr", "seed")
 
@@ -84,13 +90,28 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N: where every SAE trains (see ``devices`` for several)."""
     devices: list[str] | None = None
-    """Several devices for one sweep, e.g. ``["cuda:0", "cuda:1"]`` (CLI: ``--devices
-    cuda:0,cuda:1``): run i of the sweep trains on ``devices[i % len(devices)]``
-    (round-robin). Each batch is still read once from the store, on the CPU, and copied to
-    every device (from pinned memory with ``non_blocking`` when a device is CUDA); the
-    devices step their runs concurrently (a worker thread per distinct device). Each SAE
-    gives the weights it would give alone on its device. None (default): every run on
+    """Several devices of this machine for one sweep, e.g. ``["cuda:0", "cuda:1"]`` (CLI:
+    ``--devices cuda:0,cuda:1``): one rank per device is spawned in a local process group,
+    exactly as ``torchrun --nproc-per-node N -m masksae train ...`` would start them, and
+    the ranks share the work as ``distributed`` says. None (default): one process on
     ``device``. Set ``device`` or ``devices``, not both; may change on --resume."""
+    distributed: str = "auto"
+    """How the ranks of a distributed launch (torchrun, accelerate launch, --devices) share a
+    sweep. "runs": rank r trains the runs i with i % world == r, each rank reading the same
+    deterministic stream (every SAE gets the weights it would get alone). "data": every
+    run trains data-parallel with DDP: each rank takes a 1/world slice of every batch and
+    gradients are averaged (batch_size must divide by the world size; the batch top-k of
+    the BatchTopK family is then taken per slice, with k x slice rows). "auto": "data" for a
+    single-run sweep, "runs" otherwise. May change on --resume."""
+    storage_options: dict | None = None
+    """Options of a remote store's filesystem (CLI: --storage-option KEY=VALUE)."""
+    cache_dir: str | None = None
+    """Local chunk cache of a remote store (None: $MASKSAE_CACHE/store-cache); whole shard
+    files are fetched ahead of the stream, so epochs after the first read at local speed
+    when the cache holds the store."""
+    cache_size: str = "20GiB"
+    """Size limit of the chunk cache (e.g. 20GiB, 500MB; least recently used chunks are
+    evicted beyond it)."""
     threads: int | None = None
     """CPU threads for torch during training (None: torch's default). On a busy machine
     fewer threads than cores can be much faster (no oversubscription)."""
@@ -146,9 +167,20 @@ class TrainConfig:
                 'a non-empty list of device names such as ["cuda:0", "cuda:1"] (or unset)',
             ),
         ]
+        checks.append(
+            (
+                self.distributed in DISTRIBUTED_MODES,
+                "distributed",
+                self.distributed,
+                " | ".join(DISTRIBUTED_MODES),
+            )
+        )
         for ok, name, value, expected in checks:
             if not ok:
                 raise ConfigError(f"train.{name} = {value!r} is invalid: expected {expected}")
+        from masksae.storage.cache import parse_size
+
+        parse_size(self.cache_size)  # ConfigError naming the bad size
         if self.devices is not None:
             self.devices = [d.strip() for d in self.devices]
             if self.device != "auto":

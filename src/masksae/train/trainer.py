@@ -11,10 +11,11 @@ the reference's order; see ``_Run._dead_candidates``). b_dec starts at the geome
 of the first batch. ``tests/test_train_reference_equivalence.py`` holds this loop to a
 transcription of the reference's update rule.
 
-Devices: with ``TrainConfig.devices`` the runs are placed round-robin over several devices;
-the batch is read once (on the CPU) and copied to each device, and each device's runs step
-in their own worker thread, so the devices work concurrently (each run's step has host
-syncs that would otherwise serialise them); every run stays on its device's CUDA context. Interrupts: a first Ctrl-C
+Ranks (``torchrun``/``accelerate launch -m masksae train``, or ``--devices``, which spawns
+one local rank per device: see :mod:`masksae.distributed`): with ``TrainConfig.distributed``
+= "runs" each rank trains its share of the sweep (runs i with i % world == rank), reading
+the same deterministic stream; with "data" every run is wrapped in DDP and each rank steps
+on a 1/world slice of every batch (only rank 0 writes files). Interrupts: a first Ctrl-C
 (SIGINT, main thread only) finishes the current step, writes a checkpoint of it and then
 raises KeyboardInterrupt; a KeyboardInterrupt raised between steps (e.g. from ``on_step``)
 does the same, so ``--resume`` continues from exactly where the run stopped. A second
@@ -43,6 +44,7 @@ from masksae import __version__
 from masksae.atomic import atomic_write_json
 from masksae.config import to_dict
 from masksae.devices import resolve_device
+from masksae.distributed import DistContext, describe_failure, raise_first_failure
 from masksae.errors import CheckpointError, ConfigError, MasksaeError, StoreError
 from masksae.train import checkpoint as ckpt
 from masksae.train.config import OPERATIONAL_FIELDS, RunSpec, TrainConfig
@@ -126,19 +128,59 @@ def resolve_sae_configs(runs: Sequence[RunSpec], d_model: int) -> list[Any]:
     return configs
 
 
-def resolve_devices(cfg: TrainConfig) -> list[torch.device]:
-    """The devices of ``cfg`` (``devices``, else ``[device]``), checked to exist."""
-    names = cfg.devices if cfg.devices is not None else [cfg.device]
-    devices = [resolve_device(name) for name in names]
-    for name, device in zip(names, devices, strict=True):
-        if device.type == "cuda" and device.index is not None:
-            count = torch.cuda.device_count()
-            if device.index >= count:
-                raise ConfigError(
-                    f"device {name!r} requested but this machine has {count} CUDA device(s) "
-                    f"(cuda:0 .. cuda:{count - 1}): fix --device/--devices"
-                )
-    return devices
+def resolve_train_device(cfg: TrainConfig, dist: DistContext) -> torch.device:
+    """The device this rank trains on (``device``, made per-rank under a launcher)."""
+    if cfg.devices is not None and len(cfg.devices) > 1:
+        raise ConfigError(
+            f"train.devices = {cfg.devices}: several devices are spawned as ranks by "
+            "`masksae train --devices` (masksae.train.sweep.train_sweep); a Trainer trains "
+            "one rank on one device"
+        )
+    name = cfg.devices[0] if cfg.devices else cfg.device
+    name = dist.device_for(name)
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ConfigError(
+                f"device {name!r} requested but this machine has {count} CUDA device(s) "
+                f"(cuda:0 .. cuda:{count - 1}): fix --device/--devices"
+            )
+    return device
+
+
+def distribution_mode(cfg: TrainConfig, n_runs: int, dist: DistContext) -> str:
+    """ "single" (one rank), "runs" (the sweep's runs spread over the ranks) or "data" (DDP)."""
+    if not dist.distributed:
+        return "single"
+    mode = cfg.distributed
+    if mode == "auto":
+        mode = "data" if n_runs == 1 else "runs"
+    if mode == "data" and cfg.batch_size % dist.world:
+        raise ConfigError(
+            f"train.batch_size = {cfg.batch_size} does not divide over {dist.world} ranks for "
+            f"data-parallel training: use a multiple of {dist.world}"
+        )
+    if mode == "runs" and n_runs < dist.world:
+        log.warning(
+            "%d run(s) over %d ranks: %d rank(s) have nothing to train (set "
+            'distributed = "data" to train each run data-parallel instead)',
+            n_runs,
+            dist.world,
+            dist.world - n_runs,
+        )
+    return mode
+
+
+class _LossModule(torch.nn.Module):
+    """``forward`` = the SAE's training loss, so DDP can wrap it (DDP hooks ``forward``)."""
+
+    def __init__(self, sae: torch.nn.Module) -> None:
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x_BD: torch.Tensor, ctx: Any) -> Any:
+        return self.sae.training_loss(x_BD, ctx)
 
 
 def plan_steps(store: Any, cfg: TrainConfig) -> tuple[int, int]:
@@ -210,6 +252,8 @@ class _Run:
         total_steps: int,
         device: torch.device,
         out_dir: Path,
+        *,
+        data_parallel: bool = False,
     ) -> None:
         from masksae.train.sae import build_sae
 
@@ -226,6 +270,16 @@ class _Run:
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(), lr=self.lr, betas=tuple(train.adam_betas)
         )
+        #: DDP wrapper of the training loss (data-parallel ranks), else None
+        self.loss_module: Any = None
+        if data_parallel:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.loss_module = DistributedDataParallel(
+                _LossModule(self.sae),
+                device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=True,  # buffers (the BatchTopK threshold) follow rank 0
+            )
         schedule = make_schedule(total_steps, train.warmup_steps, train.decay_start_frac)
         self.scheduler = make_scheduler(self.optimizer, schedule)
         F = sae_cfg.d_sae
@@ -234,52 +288,56 @@ class _Run:
         self.dead_mask_F = torch.zeros(F, dtype=torch.bool, device=device)
         #: latents dead once the current batch is counted unless they fire in it
         self.dead_candidates_F = torch.zeros(F, dtype=torch.bool, device=device)
-        #: True when the sweep steps each device's runs in a worker thread
-        self.threaded = False
         self.metrics: MetricsLog | None = None
         self.last_record: dict[str, Any] = {}
         self.bar: Any = None
 
-    # -- RNG isolation: each run draws from its own stream, whatever the others do. With
-    # several devices each device's runs step in a worker thread (one task per device and
-    # step, all awaited before the next step). The CPU generator is process-wide, so there
-    # only runs on the CPU swap it (a CUDA run's step draws nothing from it); a CUDA run
-    # swaps its own device's generator, which no other device's task touches.
-    def _swaps_cpu_rng(self) -> bool:
-        return not self.threaded or self.device.type == "cpu"
-
+    # -- RNG isolation: each run draws from its own stream, whatever the others do.
     def _enter_rng(self) -> None:
-        if self._swaps_cpu_rng():
-            torch.set_rng_state(self.rng_state)
+        torch.set_rng_state(self.rng_state)
         if self.cuda_rng_state is not None:
             torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
 
     def _exit_rng(self) -> None:
-        if self._swaps_cpu_rng():
-            self.rng_state = torch.get_rng_state()
+        self.rng_state = torch.get_rng_state()
         if self.cuda_rng_state is not None:
             self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
 
     def step(
-        self, x_BD: torch.Tensor, step: int, total_steps: int, *, want_metrics: bool
+        self,
+        x_BD: torch.Tensor,
+        step: int,
+        total_steps: int,
+        *,
+        want_metrics: bool,
+        full_x_BD: torch.Tensor | None = None,
     ) -> dict[str, float] | None:
+        """One optimizer step on ``x_BD``; data-parallel ranks pass their slice as ``x_BD``
+        and the whole batch as ``full_x_BD`` (b_dec init, dead-latent token counts)."""
         # kernels (Triton included) launch on the *current* CUDA device: make it the run's
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
         with on_device:
-            return self._step(x_BD, step, total_steps, want_metrics=want_metrics)
+            return self._step(x_BD, step, total_steps, want_metrics=want_metrics, full=full_x_BD)
 
     def _step(
-        self, x_BD: torch.Tensor, step: int, total_steps: int, *, want_metrics: bool
+        self,
+        x_BD: torch.Tensor,
+        step: int,
+        total_steps: int,
+        *,
+        want_metrics: bool,
+        full: torch.Tensor | None = None,
     ) -> dict[str, float] | None:
         from masksae.train.sae.base import StepContext
 
+        full = x_BD if full is None else full
         self._enter_rng()
         try:
             sae = self.sae
             if step == 0:
-                sae.init_from_data(x_BD)
+                sae.init_from_data(full)  # every rank: the same whole batch, the same b_dec
             ctx = StepContext(
-                step, total_steps, self._dead_candidates(step, x_BD.shape[0]), self.train.fused
+                step, total_steps, self._dead_candidates(step, full.shape[0]), self.train.fused
             )
             autocast = (
                 torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -287,7 +345,10 @@ class _Run:
                 else nullcontext()
             )
             with autocast:
-                out = sae.training_loss(x_BD, ctx)
+                if self.loss_module is None:
+                    out = sae.training_loss(x_BD, ctx)
+                else:  # DDP: gradients are averaged over the ranks during backward
+                    out = self.loss_module(x_BD, ctx)
             loss = out.loss
             if not bool(torch.isfinite(loss)):
                 raise TrainingDivergedError(
@@ -306,8 +367,11 @@ class _Run:
             self.scheduler.step()
             sae.normalize_decoder()
             with torch.no_grad():  # no host sync
-                self.tokens_since_fired_F += x_BD.shape[0]
-                self.tokens_since_fired_F.masked_fill_(out.fired_F, 0)
+                fired_F = out.fired_F
+                if self.loss_module is not None:  # fired on any rank's slice
+                    fired_F = _fired_on_any_rank(fired_F)
+                self.tokens_since_fired_F += full.shape[0]
+                self.tokens_since_fired_F.masked_fill_(fired_F, 0)
                 torch.ge(self.tokens_since_fired_F, self.dead_threshold, out=self.dead_mask_F)
             if not want_metrics:
                 return None
@@ -364,6 +428,14 @@ class _Run:
         torch.ge(self.tokens_since_fired_F, self.dead_threshold, out=self.dead_mask_F)
 
 
+def _fired_on_any_rank(fired_F: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    fired = fired_F.to(torch.uint8)
+    dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+    return fired.bool()
+
+
 # ---------------------------------------------------------------------------- the trainer
 class Trainer:
     """Train the SAEs of ``runs`` on ``store`` in one pass, writing under ``out_dir``.
@@ -382,6 +454,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         if not runs:
             raise ConfigError("no SAE to train: the sweep's grid expands to zero runs")
@@ -414,21 +487,31 @@ class Trainer:
                     f"{self.scale}: the store holds NaN/inf or all-zero activations; check it "
                     "with `masksae store verify` or set normalize_activations = false"
                 )
-        self.devices = resolve_devices(cfg)
-        self.device = self.devices[0]
-        #: distinct devices, in order of first use; the batch is copied once to each
-        self.unique_devices = list(dict.fromkeys(self.devices))
-        if len(self.devices) > 1:
+        self.dist = dist or DistContext()
+        """This process's rank (a world of one by default)."""
+        self.device = resolve_train_device(cfg, self.dist)
+        self.mode = distribution_mode(cfg, len(self.runs_spec), self.dist)
+        """"single", "runs" (runs spread over the ranks) or "data" (DDP)."""
+        #: indices of the sweep's runs this rank trains
+        self.local_runs = [
+            i
+            for i in range(len(self.runs_spec))
+            if self.mode != "runs" or i % self.dist.world == self.dist.rank
+        ]
+        #: whether this rank writes run folders (data-parallel: rank 0 only; replicas agree)
+        self.writes = self.mode != "data" or self.dist.is_main
+        if self.dist.distributed and self.dist.is_main:
             log.info(
-                "placing %d run(s) round-robin on %s",
-                len(runs),
-                ", ".join(str(d) for d in self.devices),
+                "%d rank(s), %s: %s",
+                self.dist.world,
+                "each run data-parallel (DDP)" if self.mode == "data" else "runs spread",
+                f"every rank steps on 1/{self.dist.world} of each batch"
+                if self.mode == "data"
+                else f"rank r trains runs i with i % {self.dist.world} == r",
             )
         self._interrupt_requested = False
         #: (last completed step, whether every run is at it): read on KeyboardInterrupt
         self._position: tuple[int, bool] = (0, True)
-        self._pool: Any = None
-        self._groups: list[list[int]] = []
         check_sinks_available(cfg.tensorboard, cfg.wandb)
         self.manifest = self._manifest()
 
@@ -554,12 +637,22 @@ class Trainer:
 
     # -- the loop
     def train(self) -> TrainSummary:
-        lock = self._lock_out_dir()
-        try:
-            self._check_out_dir()
-        except BaseException:
-            self._release_out_dir(lock, remove=True)
-            raise
+        # rank 0 alone locks and checks the output folder (data-parallel replicas and the
+        # other ranks of a spread sweep write their runs under rank 0's lock); every rank
+        # learns the verdict
+        lock = None
+        failure = None
+        if self.dist.is_main:
+            lock = self._lock_out_dir()
+            try:
+                self._check_out_dir()
+            except BaseException as exc:
+                self._release_out_dir(lock, remove=True)
+                if not self.dist.distributed or not isinstance(exc, MasksaeError):
+                    raise
+                failure = describe_failure(exc)
+        if self.dist.distributed:
+            raise_first_failure([self.dist.broadcast(failure)], f"training into {self.out_dir}")
         try:
             return self._train_locked()
         except OSError as exc:  # metrics, sweep.json, publishing: the folder became unusable
@@ -573,7 +666,8 @@ class Trainer:
                 "and rerun the same command with --resume"
             ) from exc
         finally:
-            self._release_out_dir(lock, remove=False)
+            if lock is not None:
+                self._release_out_dir(lock, remove=False)
 
     def _train_locked(self) -> TrainSummary:
         global_rng = torch.get_rng_state()  # runs seed/consume their own; restore the caller's
@@ -591,8 +685,8 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def run_device(self, index: int) -> torch.device:
-        """Device of run ``index`` of the sweep (round-robin over ``devices``)."""
-        return self.devices[index % len(self.devices)]
+        """Device of run ``index`` of the sweep on this rank."""
+        return self.device
 
     def _install_sigint_handler(self) -> Any:
         """First Ctrl-C: finish the step, checkpoint, stop; second: stop at once.
@@ -620,23 +714,36 @@ class Trainer:
         return previous
 
     def _train(self) -> TrainSummary:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
+        if self.writes:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume and self.dist.is_main:
             atomic_write_json(self.out_dir / SWEEP_FILE, self.manifest)
+        self.dist.barrier()  # the sweep file exists before any rank writes a run
         runs = [
-            _Run(spec, sae_cfg, self.cfg, self.total_steps, self.run_device(i), self.out_dir)
-            for i, (spec, sae_cfg) in enumerate(zip(self.runs_spec, self.sae_configs, strict=True))
+            _Run(
+                self.runs_spec[i],
+                self.sae_configs[i],
+                self.cfg,
+                self.total_steps,
+                self.device,
+                self.out_dir,
+                data_parallel=self.mode == "data",
+            )
+            for i in self.local_runs
         ]
         start = self._resume_step(runs) if self.resume else 0
+        if self.mode == "data":
+            start = self.dist.broadcast(start)  # rank 0's checkpoints are the run's
         for run in runs:
-            run.dir.mkdir(parents=True, exist_ok=True)
-            for step in ckpt.list_checkpoints(run.dir):
-                if step > start:  # written by some runs only, before the crash
-                    shutil.rmtree(ckpt.checkpoint_dir(run.dir, step), ignore_errors=True)
-            ckpt.remove_partial_checkpoints(run.dir)  # a kill during a checkpoint write
+            if self.writes:
+                run.dir.mkdir(parents=True, exist_ok=True)
+                for step in ckpt.list_checkpoints(run.dir):
+                    if step > start:  # written by some runs only, before the crash
+                        shutil.rmtree(ckpt.checkpoint_dir(run.dir, step), ignore_errors=True)
+                ckpt.remove_partial_checkpoints(run.dir)  # a kill during a checkpoint write
             if start > 0:
                 self._load_run_state(run, start)
-        if start > 0:
+        if start > 0 and runs:
             log.info(
                 "resuming %d run(s) in %s from step %d of %d",
                 len(runs),
@@ -644,17 +751,27 @@ class Trainer:
                 start,
                 self.total_steps,
             )
+        wall = wait = 0.0
         try:
             self._open_logs(runs, start)
-            wall, wait = self._loop(runs, start)
-            self._finish(runs)
+            if runs:
+                wall, wait = self._loop(runs, start)
+            if self.writes:
+                self._finish(runs)
         finally:
             for run in runs:
                 if run.metrics is not None:
                     run.metrics.close()
                 if run.bar is not None:
                     run.bar.close()
-        results = [RunResult(r.spec.name, r.dir, self.total_steps, r.last_record) for r in runs]
+        mine = [
+            (i, RunResult(r.spec.name, r.dir, self.total_steps, r.last_record))
+            for i, r in zip(self.local_runs, runs, strict=True)
+        ]
+        gathered = self.dist.gather(mine if self.writes else [])
+        self.dist.barrier()  # every run is published before any rank returns
+        by_index = dict(item for part in gathered for item in part)
+        results = [by_index[i] for i in sorted(by_index)]
         summary = TrainSummary(results, self.total_steps, self.total_steps - start, wall, wait)
         log.info(
             "trained %d SAE(s) for %d steps in %.1f s; %.1f%% of the step time waited for data",
@@ -666,6 +783,8 @@ class Trainer:
         return summary
 
     def _open_logs(self, runs: list[_Run], start: int) -> None:
+        if not self.writes:  # a data-parallel replica: rank 0 logs the run
+            return
         for i, run in enumerate(runs):
             jsonl = JsonlLog(run.dir)
             jsonl.truncate_after(start)
@@ -684,7 +803,7 @@ class Trainer:
                     )
                 )
             run.metrics = MetricsLog(sinks)
-            if self.progress:
+            if self.progress and self.dist.is_main:
                 from tqdm.auto import tqdm
 
                 run.bar = tqdm(
@@ -698,9 +817,7 @@ class Trainer:
                 )
 
     def _stream(self, start: int) -> Iterator[torch.Tensor]:
-        # one device: the stream delivers there (pinned + non_blocking for CUDA); several:
-        # batches arrive on the CPU and _place copies them to each device
-        device = self.device if len(self.unique_devices) == 1 else torch.device("cpu")
+        # the stream delivers on the training device (pinned + non_blocking for CUDA)
         kwargs: dict[str, Any] = {}
         if self.cfg.shuffle_buffer_tokens is not None:
             kwargs["shuffle_buffer_tokens"] = self.cfg.shuffle_buffer_tokens
@@ -709,21 +826,35 @@ class Trainer:
             seed=self.cfg.data_seed,
             include_masked=self.cfg.include_masked_positions,
             dtype="float32",
-            device=str(device),
+            device=str(self.device),
             skip_batches=start,
             epochs=self.epochs,
             **kwargs,
         )
 
-    def _place(self, x_BD: torch.Tensor) -> dict[torch.device, torch.Tensor]:
-        """The (scaled) batch on every device of the sweep, read once, copied to each."""
-        if len(self.unique_devices) > 1 and any(d.type == "cuda" for d in self.unique_devices):
-            x_BD = x_BD.pin_memory()  # lets the host->device copies run asynchronously
-        placed: dict[torch.device, torch.Tensor] = {}
-        for device in self.unique_devices:
-            x = x_BD.to(device, non_blocking=True)
-            placed[device] = x * self.scale if self.scale is not None else x
-        return placed
+    def _place(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """The (scaled) batch on the training device."""
+        x = x_BD.to(self.device, non_blocking=True)
+        return x * self.scale if self.scale is not None else x
+
+    def _mean_over_ranks(self, records: list[dict[str, float] | None]) -> list[Any]:
+        """Data-parallel metrics: each value averaged over the ranks' slices."""
+        gathered = self.dist.gather(records)
+        out: list[Any] = []
+        for i, record in enumerate(records):
+            if record is None:
+                out.append(None)
+                continue
+            parts = [g[i] for g in gathered]
+            out.append(
+                {
+                    k: sum(p[k] for p in parts) / len(parts)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    else v
+                    for k, v in record.items()
+                }
+            )
+        return out
 
     def _loop(self, runs: list[_Run], start: int) -> tuple[float, float]:
         """The step loop; on KeyboardInterrupt between steps, checkpoint the last step."""
@@ -738,7 +869,11 @@ class Trainer:
                     "kept; `--resume` continues from it",
                     done + 1,
                 )
-            elif done > start and not all(done in ckpt.list_checkpoints(r.dir) for r in runs):
+            elif (
+                self.writes
+                and done > start
+                and not all(done in ckpt.list_checkpoints(r.dir) for r in runs)
+            ):
                 self._checkpoint(runs, done, complete=done == self.total_steps)
                 log.warning(
                     "interrupted after step %d of %d: checkpoint written; rerun with "
@@ -750,7 +885,6 @@ class Trainer:
 
     def _loop_steps(self, runs: list[_Run], start: int) -> tuple[float, float]:
         cfg, total = self.cfg, self.total_steps
-        self._start_workers(runs)
         stream = self._stream(start)
         wall = wait = 0.0
         win_wall = win_wait = 0.0
@@ -771,18 +905,27 @@ class Trainer:
                 # damaged store read as floats): one reduction, one host sync
                 if not bool(torch.isfinite(x_BD.square().sum(dim=-1)).all()):
                     raise self._bad_input_error(step)
-                placed = self._place(x_BD)
+                x = self._place(x_BD)
                 done = step + 1
                 want = done % cfg.log_every == 0 or done == total
                 self._position = (step, False)
                 try:
-                    records = self._step_runs(runs, placed, step, want)
+                    if self.mode == "data":
+                        rows = x.shape[0] // self.dist.world
+                        mine = x[self.dist.rank * rows : (self.dist.rank + 1) * rows]
+                        records = [
+                            run.step(mine, step, total, want_metrics=want, full_x_BD=x)
+                            for run in runs
+                        ]
+                        if want:
+                            records = self._mean_over_ranks(records)
+                    else:
+                        records = [run.step(x, step, total, want_metrics=want) for run in runs]
                 except TrainingDivergedError as exc:
                     raise self._diverged_error(exc, x_BD, step) from exc
                 self._position = (done, True)
-                for device in self.unique_devices:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 t2 = time.perf_counter()
                 wall += t2 - t0
                 wait += t1 - t0
@@ -801,8 +944,8 @@ class Trainer:
                             "data_wait_frac": win_wait / max(win_wall, 1e-9),
                         }
                         run.last_record = record
-                        assert run.metrics is not None
-                        run.metrics.write(record)
+                        if run.metrics is not None:
+                            run.metrics.write(record)
                         if run.bar is not None:
                             run.bar.set_postfix(
                                 {
@@ -819,63 +962,22 @@ class Trainer:
                 for run in runs:
                     if run.bar is not None:
                         run.bar.update(1)
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
+                if (
+                    cfg.checkpoint_every
+                    and done % cfg.checkpoint_every == 0
+                    and done < total
+                    and self.writes
+                ):
                     self._checkpoint(runs, done, complete=False)
                 if self.on_step is not None:
                     self.on_step(done)
                 if self._interrupt_requested:
                     raise KeyboardInterrupt
         finally:
-            if self._pool is not None:  # let a worker finish its step before anything else
-                self._pool.shutdown(wait=True)
-                self._pool = None
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
         return wall, wait
-
-    def device_groups(self, runs: list[_Run]) -> list[list[int]]:
-        """Indices of ``runs`` per device (one worker thread each when there are several)."""
-        groups: dict[torch.device, list[int]] = {}
-        for i, run in enumerate(runs):
-            groups.setdefault(run.device, []).append(i)
-        return list(groups.values())
-
-    def _start_workers(self, runs: list[_Run]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._groups = self.device_groups(runs)
-        self._pool = None
-        if len(self._groups) > 1:
-            # one thread per device: a device's runs step in order while the other devices
-            # work (the steps' host syncs would otherwise serialise the GPUs)
-            self._pool = ThreadPoolExecutor(len(self._groups), thread_name_prefix="masksae-dev")
-            for run in runs:
-                run.threaded = True
-
-    def _step_runs(
-        self, runs: list[_Run], placed: dict[torch.device, torch.Tensor], step: int, want: bool
-    ) -> list[dict[str, float] | None]:
-        """Step every run on the batch; concurrently per device when there are several."""
-        total = self.total_steps
-
-        def step_group(indices: list[int]) -> list[dict[str, float] | None]:
-            return [
-                runs[i].step(placed[runs[i].device], step, total, want_metrics=want)
-                for i in indices
-            ]
-
-        if self._pool is None:
-            return step_group(list(range(len(runs))))
-        from concurrent.futures import wait
-
-        futures = [self._pool.submit(step_group, group) for group in self._groups]
-        wait(futures)  # every worker is done with this step before any error is raised
-        records: list[dict[str, float] | None] = [None] * len(runs)
-        for group, future in zip(self._groups, futures, strict=True):
-            for i, record in zip(group, future.result(), strict=True):
-                records[i] = record
-        return records
 
     def _meta(self, run: _Run, step: int, complete: bool) -> dict[str, Any]:
         return ckpt.build_meta(
