@@ -20,7 +20,7 @@ CONTEXT ?= 128
 BATCH ?= 8
 DTYPE ?= float32
 DEVICE ?= auto
-# several GPUs: DEVICES=cuda:0,cuda:1 (one harvest worker per device; sweep runs round-robin)
+# several GPUs: DEVICES=cuda:0,cuda:1 (one rank per device, as torchrun would start them)
 DEVICES ?=
 SEED ?= 0
 STORE ?= runs/stores/$(subst :,_,$(subst /,_,$(MODEL)))-L$(LAYER)-p$(MASK_PROB)
@@ -36,7 +36,8 @@ EVAL_CACHE ?= runs/eval-cache
 REPORT_OUT ?= runs/report
 BENCH_ARGS ?=
 
-.PHONY: setup test test-fast demo harvest train evaluate report bench docs lint clean
+.PHONY: setup test test-fast demo harvest train evaluate report bench docs lint clean \
+	gpu-check-distributed
 
 setup: $(STAMP)
 
@@ -77,6 +78,11 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# GPU check of the distributed paths (torchrun harvest and sweeps on CUDA, DDP over NCCL
+# with 2+ GPUs); run on a machine with a CUDA torch in .venv
+gpu-check-distributed: setup
+	bash scripts/gpu_check_distributed.sh
 
 docs: setup
 	$(PY) scripts/gen_config_reference.py

@@ -88,15 +88,16 @@ class DistContext:
     def device_for(self, requested: str) -> str:
         """The device this rank uses for a ``--device`` value.
 
-        ``auto`` and a bare ``cuda`` become ``cuda:<local rank>`` when CUDA is available;
-        an explicit ``cuda:N`` or ``cpu`` is kept.
+        ``auto`` and a bare ``cuda`` become ``cuda:<local rank>`` when CUDA is available
+        (modulo the GPUs visible, so more ranks than GPUs share them); an explicit
+        ``cuda:N`` or ``cpu`` is kept.
         """
         if not self.distributed:
             return requested
         import torch
 
         if requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
+            return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
         if requested == "auto":
             return "cpu"
         return requested
