@@ -30,7 +30,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +107,7 @@ class ChunkCache:
         self._pending: dict[int, Future] = {}
         self._upcoming: set[int] = set()  # the read-ahead window: not evicted
         self._reading: set[int] = set()  # being made local for a reader: not evicted
+        self._held: dict[int, int] = {}  # chunks inside reading() blocks: not evicted
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="masksae-fetch")
         self.fetched_bytes = 0
         """Bytes downloaded by this process (statistics for benchmarks and logs)."""
@@ -172,6 +175,21 @@ class ChunkCache:
         self._ensure(index)
         return self.root / key
 
+    @contextmanager
+    def reading(self, index: int) -> Iterator[Path]:
+        """Chunk ``index`` made local and kept from eviction by this process while the
+        block runs; yields the cache root (a local store holding the chunk)."""
+        with self._lock:
+            self._held[index] = self._held.get(index, 0) + 1
+        try:
+            self._ensure(index)
+            yield self.root
+        finally:
+            with self._lock:
+                self._held[index] -= 1
+                if not self._held[index]:
+                    del self._held[index]
+
     def read_files(self, index: int, keys: list[str]) -> dict[str, bytes]:
         """The bytes of files ``keys`` of chunk ``index`` (fetched first if needed)."""
         for attempt in range(2):
@@ -238,7 +256,8 @@ class ChunkCache:
             total = sum(self._sizes.values())
             if total + incoming <= self.max_bytes:
                 return
-            protected = self._upcoming | self._reading | set(self._pending) | {keep}
+            protected = self._upcoming | self._reading | set(self._held) | set(self._pending)
+            protected.add(keep)
             candidates = [i for i in self._sizes if i not in protected]
 
         def last_used(i: int) -> float:

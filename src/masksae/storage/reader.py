@@ -86,6 +86,7 @@ class ActivationStore:
         self._cache_bytes = int(cache_bytes)
         self._read_ahead = int(read_ahead)
         self._cache: Any = None
+        self._cached_arrays: dict[str, Any] | None = None
 
     @classmethod
     def open(
@@ -404,12 +405,10 @@ class ActivationStore:
         if self.is_remote:
             from masksae.storage.chunkio import array_keys
 
-            keys = [array_keys(index)[name] for name in names]
             if fresh:
-                files = self.fetch_chunk_files(index, keys)
-            else:
-                files = self.chunk_cache().read_files(index, keys)
-            return self.decode_chunk_files(index, files, names)
+                keys = [array_keys(index)[name] for name in names]
+                return self.decode_chunk_files(index, self.fetch_chunk_files(index, keys), names)
+            return self._read_cached(index, names)
         arrays = self._open_arrays()
         out = {}
         for name in names:
@@ -418,6 +417,33 @@ class ActivationStore:
             except Exception as exc:  # noqa: BLE001 - zarr/codec errors: damaged data
                 raise UnreadableChunkError(self, index, name, exc) from exc
         return out
+
+    def _read_cached(self, index: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Chunk ``index`` of a remote store read from the chunk cache, a local zarr store
+        mirroring the layout (opened once). zarr reads an absent file as fill values, so the
+        chunk is held from eviction during the read and checked to be still whole after it
+        (another process sharing the cache folder may evict it); if it is not, it is read
+        again from fetched bytes."""
+        import zarr
+
+        cache = self.chunk_cache()
+        start, stop = self.chunk_bounds(index)
+        with cache.reading(index) as root:
+            if self._cached_arrays is None:
+                group = zarr.open_group(store=str(root), mode="r", zarr_format=3)
+                self._cached_arrays = {name: group[name] for name in ARRAY_NAMES}
+            out = {}
+            for name in names:
+                try:
+                    out[name] = np.asarray(self._cached_arrays[name][start:stop])
+                except Exception as exc:  # noqa: BLE001 - zarr/codec errors: damaged data
+                    raise UnreadableChunkError(self, index, name, exc) from exc
+            if cache.is_cached(index):
+                return out
+        from masksae.storage.chunkio import array_keys
+
+        keys = [array_keys(index)[name] for name in names]
+        return self.decode_chunk_files(index, cache.read_files(index, keys), names)
 
     def activation_views(self, index: int) -> list[np.ndarray] | None:
         """Zero-copy read-only views of chunk ``index``'s activations (inner chunks in
