@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".writer.lock"
 DEFAULT_LEASE_S = 60.0
 """Lifetime of a remote writer lease; renewed every third of it while the writer runs."""
+_TAKEOVER_SETTLE_S = 2.0
 
 
 def new_owner_token() -> str:
@@ -234,9 +235,14 @@ def _acquire_lease(loc: StoreLocation, break_lock: bool, lease_s: float) -> Writ
         log.warning("store %s is already open for writing in this process; reusing its lease", loc)
         held.users += 1
         return held
+    took_over = False
     for _attempt in range(5):
         owner = new_owner_token()
         if loc.create_exclusive(LOCK_FILE, lease_body(owner, lease_s)):
+            if took_over:
+                # a second writer that read the same stale lease may delete ours right after
+                # we created it (deletes are unconditional): settle, then confirm ownership
+                time.sleep(_TAKEOVER_SETTLE_S)
             current = read_lease(loc)
             if current is not None and current.get("owner") == owner:
                 lock = _Lease(loc, owner, lease_s)
@@ -265,6 +271,7 @@ def _acquire_lease(loc: StoreLocation, break_lock: bool, lease_s: float) -> Writ
                 f"dead, wait {remaining:.0f} s or rerun with --break-lock"
             )
         loc.delete(LOCK_FILE)
+        took_over = True
         break_lock = False  # break one lease, not every lease a new writer takes meanwhile
     raise StoreError(
         f"could not take the writer lock of store {loc}: other writers keep taking it; "
