@@ -53,6 +53,10 @@ def test_storage_options_and_urls(tmp_path):
     assert StoreLocation.parse("s3://bucket/").root == "bucket"
     with pytest.raises(StoreError, match="unknownproto"):
         StoreLocation.parse("unknownproto://x/y")
+    # Hub dataset repos resolve to huggingface_hub's filesystem (the Hub itself is not
+    # reachable here: no request is made to parse a URL)
+    hub = StoreLocation.parse("hf://datasets/org/name/stores/x")
+    assert type(hub.fs).__name__ == "HfFileSystem" and hub.root == "datasets/org/name/stores/x"
 
 
 def test_remote_round_trip_stream_and_cache(s3_bucket, tmp_path, data):
