@@ -212,7 +212,7 @@ def _harvest_cmd(out: str, model_dir, corpus, *extra: str) -> list[str]:
         "harvest",
         "--no-progress",
         *("--out", out, "--model", str(model_dir), "--layer", "1"),
-        *("--corpus", str(corpus), "--tokens", "6144", "--mask-prob", "0.3"),
+        *("--corpus", str(corpus), "--tokens", "3072", "--mask-prob", "0.3"),
         *("--context-length", "32", "--batch-size", "4", "--chunk-sequences", "4"),
         *("--device", "cpu", "--seed", "3"),
         *extra,
