@@ -36,8 +36,8 @@ EVAL_CACHE ?= runs/eval-cache
 REPORT_OUT ?= runs/report
 BENCH_ARGS ?=
 
-.PHONY: setup test test-fast demo harvest train evaluate report bench docs lint clean \
-	gpu-check-distributed
+.PHONY: setup test test-fast demo harvest train evaluate report bench bench-peers gpu-check docs \
+	lint clean gpu-check-distributed
 
 setup: $(STAMP)
 
@@ -83,6 +83,17 @@ bench: setup
 # with 2+ GPUs); run on a machine with a CUDA torch in .venv
 gpu-check-distributed: setup
 	bash scripts/gpu_check_distributed.sh
+
+# our step beside dictionary_learning's and sparsify's, unloaded and under background load
+# (the peers go into a separate venv under /tmp, never into .venv)
+bench-peers: setup
+	bash benchmarks/setup_peers.sh
+	$(PY) benchmarks/run_all.py --only bench_peers $(BENCH_ARGS)
+
+# on a GPU machine: sets up its own CUDA Python (.venv-gpu), fits in 8 minutes, writes the
+# GPU section of docs/benchmarks.md (scripts/gpu_check.sh)
+gpu-check:
+	bash scripts/gpu_check.sh
 
 docs: setup
 	$(PY) scripts/gen_config_reference.py

@@ -1,29 +1,59 @@
-"""Training-step throughput: fused sparse MatryoshkaBatchTopK step vs the dense reference.
+"""Training-step throughput: today's fused MatryoshkaBatchTopK step against its floor, its
+pre-issue-14 self, the dense reference, and with each of its optimisations taken out.
 
-One full optimizer step each (forward, backward, parallel-gradient removal, grad clipping,
-Adam, decoder renormalisation) on the same synthetic data from the same initial weights,
-steps of the two paths interleaved so machine load hits both alike. Reports tokens/s, the
-ratio, and how far the two loss curves drift apart. ``main(quick=False)`` prints a table and
-writes ``docs/bench/train_step.md``.
+Every variant runs one full optimizer step (forward, backward, parallel-gradient removal,
+grad clipping, Adam, decoder renormalisation) on the same batches from the same initial
+weights; the variants' steps are interleaved (one step of each in turn), so load from other
+processes on a shared machine hits all alike, and only ratios within this run are compared.
+
+- ``gemm fp32`` / ``gemm bf16``: the encoder's one dense product alone (the floor).
+- ``legacy``: the step before issue 14 (``legacy_step.py``, frozen), foreach Adam.
+- ``fp32`` / ``bf16``: today's step, selection product in fp32 / in bf16 re-ranked in fp32.
+- ``bf16 -X``: today's bf16 step with optimisation X undone (fresh buffers each step,
+  foreach Adam, autograd prefix loss, plain float compare + nonzero, plain sample stride):
+  the ratio to ``bf16`` is that optimisation's own gain.
+- ``dense``: the dense reference path (F 4096 only).
+- ``+auxk``: with a quarter of the latents dead (AuxK on).
+
+Activations: real ones from the store named by ``MASKSAE_BENCH_STORE`` (scaled like training,
+E||x||^2 = d), else synthetic sparse codes. ``main(quick=False)`` writes
+``docs/bench/train_step.md``.
 """
 
 from __future__ import annotations
 
+from masksae.threads import apply_thread_env_defaults
+
+apply_thread_env_defaults()  # as the CLI does, before torch starts OpenMP
+
+import contextlib
 import logging
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from masksae.train.sae import MatryoshkaBatchTopKConfig, StepContext, build_sae
+import legacy_step
+from masksae.train.kernels import prefix as prefix_mod
+from masksae.train.kernels.workspace import Workspace, release_workspace, workspace
+from masksae.train.sae import MatryoshkaBatchTopKConfig, StepContext, build_sae, topk_family
+from masksae.train.sae import base as base_mod
+from masksae.train.sae import batch_topk as batch_topk_mod
+from masksae.train.sae import metrics as metrics_mod
+from masksae.train.sae import selection as selection_mod
+from masksae.train.sae.refine import RefineStats
+from masksae.train.sae.selection import batch_topk_select
+from masksae.train.trainer import make_adam
 
 log = logging.getLogger(__name__)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bench" / "train_step.md"
 
 
+# ---------------------------------------------------------------------------- data
 def synthetic_batches(n: int, batch: int, d: int, seed: int = 0) -> list[torch.Tensor]:
     """Activation-like data: sparse non-negative codes over a hidden dictionary + noise."""
     g = torch.Generator().manual_seed(seed)
@@ -36,47 +66,233 @@ def synthetic_batches(n: int, batch: int, d: int, seed: int = 0) -> list[torch.T
     return out
 
 
-def _step(sae, opt, x, step, total, fused) -> float:
-    out = sae.training_loss(x, StepContext(step, total, None, fused))
-    out.loss.backward()
-    sae.remove_parallel_decoder_grad()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sae.normalize_decoder()
-    return out.loss.item()
+def store_batches(path: str, n: int, batch: int) -> list[torch.Tensor]:
+    """``n`` shuffled batches of a real store, scaled as training scales them."""
+    from masksae.storage import ActivationStore
+
+    store = ActivationStore.open(path)
+    scale = store.norm_scale()
+    stream = store.stream(batch, seed=0, dtype="float32", epochs=1000)
+    try:
+        return [next(stream) * scale for _ in range(n)]
+    finally:
+        getattr(stream, "close", lambda: None)()
+
+
+def batches(n: int, batch: int, d: int) -> tuple[list[torch.Tensor], str]:
+    path = os.environ.get("MASKSAE_BENCH_STORE")
+    if path:
+        data = store_batches(path, n, batch)
+        return data, f"real activations from {path} (d {data[0].shape[1]})"
+    return synthetic_batches(n, batch, d), "synthetic sparse codes"
+
+
+# ---------------------------------------------------------------------------- ablations
+def _autograd_prefix(x_BD, b_dec_D, parts_BGD):
+    x_hat_BD = b_dec_D.expand_as(x_BD)
+    errs = []
+    for part_BD in parts_BGD.unbind(1):
+        x_hat_BD = x_hat_BD + part_BD
+        errs.append((x_BD - x_hat_BD).pow(2).sum(-1))
+    return torch.stack(errs, 1), (x_BD - x_hat_BD).detach()
+
+
+WORKSPACE_USERS = (topk_family, batch_topk_mod, base_mod, metrics_mod, prefix_mod)
+
+
+def _plain_nonzero(mask):
+    return mask.nonzero().squeeze(1)
+
+
+@contextlib.contextmanager
+def patched(obj, name, value) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "bf16 -buffers": lambda: _fresh_buffers(),
+    "bf16 -prefix": lambda: patched(topk_family, "prefix_squared_errors", _autograd_prefix),
+    "bf16 -scan": lambda: _plain_scan(),
+    "bf16 -stride": lambda: patched(
+        selection_mod, "sample_stride", lambda n, _f: max(1, n // selection_mod._SAMPLE)
+    ),
+}
+
+
+@contextlib.contextmanager
+def _fresh_buffers() -> Iterator[None]:
+    # every call for a scratch buffer gets a new one, as before issue 14 (and the thread's
+    # shared workspace, which the other variants use, is left alone)
+    with contextlib.ExitStack() as stack:
+        for module in WORKSPACE_USERS:
+            stack.enter_context(patched(module, "workspace", Workspace))
+        yield
+
+
+@contextlib.contextmanager
+def _plain_scan() -> Iterator[None]:
+    with patched(selection_mod, "_nonzero", _plain_nonzero):
+        with patched(selection_mod, "_SAME_WIDTH_INT", {}):
+            yield
+
+
+def _legacy_remove_parallel(sae) -> None:
+    with torch.no_grad():
+        grad_FD = sae.W_dec.grad
+        unit_FD = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        grad_FD -= (grad_FD * unit_FD).sum(dim=-1, keepdim=True) * unit_FD
+
+
+# ---------------------------------------------------------------------------- variants
+class Variant:
+    """One way of running the step, with its own SAE (same init) and optimizer."""
+
+    def __init__(self, name: str, d: int, f: int, k: int, x0: torch.Tensor) -> None:
+        self.name = name
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.refine = RefineStats()
+        torch.manual_seed(0)
+        self.sae = build_sae(MatryoshkaBatchTopKConfig(d_in=d, d_sae=f, k=k))
+        self.sae.init_from_data(x0)
+        self.dead = None
+        if "auxk" in name:
+            self.dead = torch.zeros(f, dtype=torch.bool)
+            self.dead[torch.randperm(f, generator=torch.Generator().manual_seed(1))[: f // 4]] = (
+                True
+            )
+        foreach = name == "legacy" or name == "bf16 -adam"
+        self.opt = (
+            torch.optim.Adam(self.sae.parameters(), lr=4e-4, foreach=True)
+            if foreach
+            else make_adam(self.sae.parameters(), 4e-4, (0.9, 0.999), torch.device("cpu"))
+        )
+        self.select_dtype = "float32" if name.startswith(("fp32", "dense")) else "bfloat16"
+        if name.startswith("gemm"):
+            W = self.sae.W_enc.detach()
+            self.W_lp = torch.cat([W.t(), self.sae.b_enc.detach()[:, None]], 1).bfloat16()
+            self.out32 = torch.empty(x0.shape[0], f)
+            self.out16 = torch.empty(x0.shape[0], f, dtype=torch.bfloat16)
+
+    def step(self, x: torch.Tensor, i: int, total: int) -> None:
+        t0 = time.perf_counter()
+        loss = self._step(x, i, total)
+        self.times.append(time.perf_counter() - t0)
+        self.losses.append(loss)
+
+    def _step(self, x: torch.Tensor, i: int, total: int) -> float:
+        sae = self.sae
+        if self.name == "gemm fp32":
+            torch.mm(x, sae.W_enc.detach(), out=self.out32)
+            return float("nan")
+        if self.name == "gemm bf16":
+            x_lp = torch.cat([x, torch.ones(x.shape[0], 1)], 1).bfloat16()
+            torch.mm(x_lp, self.W_lp.t(), out=self.out16)
+            return float("nan")
+        if self.name == "legacy":
+            loss = legacy_step.training_loss(sae, x)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _legacy_remove_parallel(sae)
+        else:
+            ablation = ABLATIONS.get(self.name, contextlib.nullcontext)
+            with ablation():
+                ctx = StepContext(i, total, self.dead, self.name != "dense", self.select_dtype)
+                out = sae.training_loss(x, ctx)
+                loss = out.loss
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sae.remove_parallel_decoder_grad()
+            stats = getattr(sae, "last_refine_stats", None)
+            if stats is not None:
+                self.refine.entries += stats.entries
+                self.refine.widened += stats.widened
+                self.refine.dense_rows += stats.dense_rows
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.opt.step()
+        sae.normalize_decoder()
+        return loss.item()
+
+
+def selection_agreement(x: torch.Tensor, d: int, f: int, k: int) -> dict:
+    """Fraction of the fp32 selection that a plain bf16 selection, and the re-ranked one,
+    choose differently (fresh SAE, first batch)."""
+    torch.manual_seed(0)
+    sae = build_sae(MatryoshkaBatchTopKConfig(d_in=d, d_sae=f, k=k))
+    sae.init_from_data(x)
+    with torch.no_grad():
+        pre32 = sae.pre_activations(x)
+        ref = batch_topk_select(pre32, k * x.shape[0])
+        pre16, refine = sae.selection_scores(x, "bfloat16")
+        plain = batch_topk_select(pre16.clone(), k * x.shape[0])
+        reranked = batch_topk_select(pre16, k * x.shape[0], refine)
+
+    def differ(sel) -> float:
+        a = set((ref.rows_N * f + ref.lat_N).tolist())
+        b = set((sel.rows_N * f + sel.lat_N).tolist())
+        return len(a - b) / len(a)
+
+    return {"plain_bf16": differ(plain), "reranked": differ(reranked), "stats": refine.stats}
 
 
 def measure(d: int, f: int, batch: int, k: int, steps: int, warmup: int) -> dict:
-    """Time both paths on the same data; per-step medians after ``warmup`` steps."""
-    data = synthetic_batches(steps, batch, d)
-    saes, opts = {}, {}
-    for fused in (True, False):
-        torch.manual_seed(0)
-        saes[fused] = build_sae(MatryoshkaBatchTopKConfig(d_in=d, d_sae=f, k=k))
-        saes[fused].init_from_data(data[0])
-        opts[fused] = torch.optim.Adam(saes[fused].parameters(), lr=4e-4, betas=(0.9, 0.999))
-    times: dict[bool, list[float]] = {True: [], False: []}
-    losses: dict[bool, list[float]] = {True: [], False: []}
+    data, source = batches(steps, batch, d)
+    d = data[0].shape[1]
+    names = [
+        "gemm fp32",
+        "gemm bf16",
+        "legacy",
+        "fp32",
+        "bf16",
+        "bf16 -buffers",
+        "bf16 -adam",
+        "bf16 -prefix",
+        "bf16 -scan",
+        "bf16 -stride",
+        "fp32 +auxk",
+        "bf16 +auxk",
+    ]
+    if f <= 4096:
+        names.append("dense")
+    variants = [Variant(n, d, f, k, data[0]) for n in names]
     for i, x in enumerate(data):
-        for fused in (True, False):
-            t0 = time.perf_counter()
-            losses[fused].append(_step(saes[fused], opts[fused], x, i, steps, fused))
-            if i >= warmup:
-                times[fused].append(time.perf_counter() - t0)
-    t_fused, t_dense = statistics.median(times[True]), statistics.median(times[False])
-    rel_diff = max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False], strict=True))
+        for v in variants:
+            v.step(x, i, steps)
+    release_workspace()
+    med = {v.name: statistics.median(v.times[warmup:]) for v in variants}
+    losses = {v.name: v.losses for v in variants}
+
+    def drift(a: str, b: str) -> float:
+        return max(abs(p - q) / abs(q) for p, q in zip(losses[a], losses[b], strict=True))
+
+    agreement = selection_agreement(data[0], d, f, k)
+    refine = next(v.refine for v in variants if v.name == "bf16")
+    n_steps = len(data)
     return {
+        "d": d,
+        "f": f,
         "k": k,
-        "fused_tokens_per_s": batch / t_fused,
-        "dense_tokens_per_s": batch / t_dense,
-        "speedup": t_dense / t_fused,
-        "fused_step_ms": 1e3 * t_fused,
-        "dense_step_ms": 1e3 * t_dense,
-        "loss_first": losses[False][0],
-        "loss_last_fused": losses[True][-1],
-        "loss_last_dense": losses[False][-1],
-        "max_rel_loss_diff": rel_diff,
+        "batch": batch,
+        "source": source,
+        "ms": {n: 1e3 * t for n, t in med.items()},
+        "tokens_per_s": {n: batch / t for n, t in med.items()},
+        "loss_drift": {
+            "fp32 vs legacy": drift("fp32", "legacy"),
+            "bf16 vs fp32": drift("bf16", "fp32"),
+            "bf16 +auxk vs fp32 +auxk": drift("bf16 +auxk", "fp32 +auxk"),
+        },
+        "agreement": {k2: v for k2, v in agreement.items() if k2 != "stats"},
+        "refine_per_step": {
+            "entries": refine.entries / n_steps,
+            "widened": refine.widened / n_steps,
+            "dense_rows": refine.dense_rows / n_steps,
+        },
+        "workspace_mb": workspace().nbytes() / 2**20,
     }
 
 
@@ -85,49 +301,72 @@ def machine() -> str:
     return (
         f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '<unset>')}, "
         f"load average {load:.1f} at start"
     )
 
 
-def main(quick: bool = False) -> dict:
-    d, f, batch, steps, warmup = (128, 1024, 256, 8, 2) if quick else (576, 4096, 2048, 20, 3)
-    where = machine()
-    rows = [measure(d, f, batch, k, steps, warmup) for k in (20, 160)]
-    lines = [
-        "# Training step: fused sparse vs dense MatryoshkaBatchTopK",
+def table(r: dict) -> list[str]:
+    ms = r["ms"]
+    gemm = ms["gemm fp32"]
+    rows = [
+        f"F {r['f']} (d {r['d']}, batch {r['batch']}, k {r['k']}; {r['source']}):",
         "",
-        f"d_model {d}, dictionary {f}, batch {batch}, {steps} steps per path (median of the "
-        f"last {steps - warmup}), full step = forward + backward + parallel-grad removal + "
-        "clip + Adam + decoder renorm. Same data and initial weights; steps interleaved.",
+        "| variant | ms/step | tok/s | vs legacy | step / fp32 GEMM | own gain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in ms.items():
+        own = ""
+        if name.startswith("bf16 -"):
+            own = f"{t / ms['bf16']:.2f}x"
+        elif name == "bf16":
+            own = f"{ms['fp32'] / t:.2f}x (vs fp32 selection)"
+        elif name == "fp32":
+            own = f"{ms['legacy'] / t:.2f}x (vs legacy)"
+        rows.append(
+            f"| {name} | {t:.1f} | {r['tokens_per_s'][name]:,.0f} | {ms['legacy'] / t:.2f}x | "
+            f"{t / gemm:.2f} | {own} |"
+        )
+    a, d = r["agreement"], r["loss_drift"]
+    rp = r["refine_per_step"]
+    rows += [
+        "",
+        f"Selection vs fp32 at step 0: plain bf16 differs on {100 * a['plain_bf16']:.2f}% of "
+        f"the entries, re-ranked bf16 on {100 * a['reranked']:.2f}%. Re-ranking per step: "
+        f"{rp['entries']:,.0f} entries recomputed in fp32, {rp['widened']:.2f} widenings, "
+        f"{rp['dense_rows']:.1f} rows recomputed densely. Max relative loss difference over "
+        f"the run: fp32 vs legacy {d['fp32 vs legacy']:.1e}, bf16 vs fp32 "
+        f"{d['bf16 vs fp32']:.1e} (with AuxK {d['bf16 +auxk vs fp32 +auxk']:.1e}). "
+        f"Scratch buffers held: {r['workspace_mb']:.0f} MB.",
+        "",
+    ]
+    return rows
+
+
+def main(quick: bool = False) -> dict:
+    if quick:
+        configs = [(128, 1024, 256, 8, 6, 2)]
+    else:
+        configs = [(576, 4096, 2048, 20, 16, 3), (576, 16384, 2048, 20, 8, 2)]
+    where = machine()
+    results = [measure(d, f, b, k, s, w) for d, f, b, k, s, w in configs]
+    lines = [
+        "# Training step: fused MatryoshkaBatchTopK, variants interleaved in one process",
+        "",
+        "Full step = forward + backward + parallel-grad removal + clip + Adam + decoder renorm;",
+        "same batches and initial weights for every variant; one step of each in turn; medians",
+        "after warm-up. `own gain` = time with that optimisation undone / time of `bf16`.",
         f"Machine: {where}.",
         "",
-        "| k | fused tok/s | dense tok/s | speedup | fused ms/step | dense ms/step | "
-        "loss step 0 | last loss fused / dense | max rel. loss diff |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['k']} | {r['fused_tokens_per_s']:.0f} | {r['dense_tokens_per_s']:.0f} | "
-            f"{r['speedup']:.2f}x | {r['fused_step_ms']:.0f} | {r['dense_step_ms']:.0f} | "
-            f"{r['loss_first']:.4g} | {r['loss_last_fused']:.4g} / {r['loss_last_dense']:.4g} | "
-            f"{r['max_rel_loss_diff']:.1e} |"
-        )
-    lines += [
-        "",
-        "Where the fused step's time goes (torch profiler, 1 thread, k=20): the dense encoder",
-        "matmul (2*D*F FLOPs/token, the floor) is ~35-40%; the rest is O(B*F) elementwise work",
-        "(ReLU, batch top-k candidate filter) and Adam over the 2*D*F weights, which both paths",
-        "pay. At k=160 the sparse decode / SDDMM / per-latent gathers grow 8x (N = k*B entries)",
-        "and the ratio falls to ~2.4x; the dense path pays 4 more [B,D]x[D,F] products at any k.",
-        "Run with OMP_NUM_THREADS=1 on a shared 2-core machine: with 2 threads under load, OpenMP",
-        "spin-waits made timings erratic for both paths.",
-    ]
-    text = "\n".join(lines) + "\n"
+    for r in results:
+        lines += table(r)
+    text = "\n".join(lines)
     print(text)
     if not quick:
         DOC.parent.mkdir(parents=True, exist_ok=True)
         DOC.write_text(text, encoding="utf-8")
-    return {"machine": where, "quick": quick, "rows": rows}
+    return {"machine": where, "quick": quick, "results": results}
 
 
 if __name__ == "__main__":

@@ -17,13 +17,20 @@ import time
 import traceback
 from pathlib import Path
 
+from masksae.threads import apply_thread_env_defaults
+
+# what the CLI runs with (before any benchmark imports torch)
+apply_thread_env_defaults()
+
 HERE = Path(__file__).resolve().parent
 ORDER = (
     "bench_store",
     "bench_harvest",
     "bench_train_step",
+    "bench_peers",
     "bench_sweep",
     "bench_evaluate",
+    "bench_downstream",
     "bench_scaleout",
 )
 

@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CLI's OpenMP defaults, before torch is imported: a shared CI box stays usable
+from masksae.threads import apply_thread_env_defaults  # noqa: E402
+
+apply_thread_env_defaults()
 
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -97,64 +97,110 @@ def test_zero_reconstruction_recovers_nothing_and_baseline_reuse(tiny_lm, batch)
     assert half["kl_div_sae"] > 0
 
 
-class _CountingLM:
-    """Wraps the tiny LM, counting full forward passes."""
+@pytest.fixture(scope="module")
+def deep_lm():
+    """A 4-block tiny Llama: resuming after block 1 leaves blocks 2 and 3 to run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return SimpleNamespace(
+        model=model,
+        model_id="tiny-llama-4",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        d_model=16,
+        n_layers=4,
+    )
+
+
+class BlockRuns:
+    """Counts how often each block really computes (its MLP runs; a block skipped by
+    resume_after_layer does not reach it)."""
 
     def __init__(self, lm):
-        self.__dict__.update(lm.__dict__)
-        self.calls = 0
-        inner = lm.model
+        self.runs = [0] * lm.n_layers
+        self.handles = [
+            block.mlp.register_forward_hook(self._hook(i))
+            for i, block in enumerate(models.get_blocks(lm.model))
+        ]
 
-        def model(**kw):
-            self.calls += 1
-            return inner(**kw)
+    def _hook(self, i):
+        def hook(*_):
+            self.runs[i] += 1
 
-        self.model = model
-        self._inner = inner
+        return hook
+
+    def take(self):
+        runs, self.runs = self.runs, [0] * len(self.runs)
+        return runs
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
 
 
-def test_clean_cache_skips_clean_forward_and_is_exact(tiny_lm, batch, monkeypatch):
+def test_cached_clean_pass_and_resumed_passes_are_exact(deep_lm, batch, monkeypatch):
+    from contextlib import nullcontext
+
     from masksae.evaluate import downstream as ds_mod
 
     ids, attn, keep = batch
-    # splice_resid_post hooks the real module: give it the real model
-    monkeypatch.setattr("masksae.models.splice_resid_post", _splice_on_inner(ds_mod), raising=True)
+    layer = 1
     cfg = DownstreamConfig(n_sequences=5, batch_size=2)  # batches of 2, 2, 1 sequences
-    lm = _CountingLM(tiny_lm)
-    plain = downstream_metrics(lm, HalfSAE(16), 1, ids, attn, keep, cfg)
-    assert lm.calls == 3 * 3  # clean + spliced + zero per batch
-    one_batch = 2 * ids.shape[1] * 64 * 4  # [2, T, V] float32 bytes
-    cache = ds_mod.CleanCache(one_batch)  # room for the first batch only
-    lm.calls = 0
-    first = downstream_metrics(
-        lm, HalfSAE(16), 1, ids, attn, keep, cfg, baseline=plain["baseline"], clean_cache=cache
-    )
-    assert lm.calls == 3 * 2 and first["clean_forward_cached_sequences"] == 0
-    assert cache.used_bytes == one_batch
-    lm.calls = 0
-    second = downstream_metrics(
-        lm, IdentitySAE(16), 1, ids, attn, keep, cfg, baseline=plain["baseline"], clean_cache=cache
-    )
-    assert lm.calls == 3 * 2 - 1  # the cached batch skipped its clean forward
-    assert second["clean_forward_cached_sequences"] == 2
-    assert second["ce_loss_clean"] == first["ce_loss_clean"] == plain["ce_loss_clean"]
-    assert second["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
-    assert second["kl_div_sae"] == pytest.approx(0.0, abs=1e-6)
-    for key in ("ce_loss_sae", "kl_div_sae", "ce_loss_recovered"):
-        assert first[key] == pytest.approx(plain[key], rel=1e-6)
+    counter = BlockRuns(deep_lm)
+    try:
+        # reference: every pass from the embeddings (resuming disabled)
+        with monkeypatch.context() as m:
+            m.setattr("masksae.models.resume_after_layer", lambda *a, **k: nullcontext())
+            full = downstream_metrics(deep_lm, HalfSAE(16), layer, ids, attn, keep, cfg)
+        assert counter.take() == [9, 9, 9, 9]  # clean + spliced + zero per batch
+        plain = downstream_metrics(deep_lm, HalfSAE(16), layer, ids, attn, keep, cfg)
+        # the spliced and zero passes start after the hooked block
+        assert counter.take() == [3, 3, 9, 9]
+        assert plain["resumed_after_layer_sequences"] == 5
+        for key in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "kl_div_sae", "kl_div_zero"):
+            assert plain[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+
+        one_batch = 2 * ids.shape[1] * 64 * 4  # [2, T, V] float32 log-probs
+        resid_bytes = ids.numel() * 16 * 4  # every batch's [B, T, D] residual
+        cache = ds_mod.CleanCache(one_batch + resid_bytes)  # log-probs of one batch only
+        base = plain["baseline"]
+        first = downstream_metrics(
+            deep_lm, HalfSAE(16), layer, ids, attn, keep, cfg, baseline=base, clean_cache=cache
+        )
+        assert counter.take() == [3, 3, 6, 6]  # clean + resumed spliced (no zero pass)
+        assert cache.used_bytes == one_batch + resid_bytes
+        assert first["clean_forward_cached_sequences"] == 0
+        second = downstream_metrics(
+            deep_lm, IdentitySAE(16), layer, ids, attn, keep, cfg, baseline=base, clean_cache=cache
+        )
+        # the first batch's clean pass is skipped; the others still run theirs
+        assert counter.take() == [2, 2, 5, 5]
+        assert second["clean_forward_cached_sequences"] == 2
+        assert second["ce_loss_clean"] == first["ce_loss_clean"] == plain["ce_loss_clean"]
+        assert second["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+        assert second["kl_div_sae"] == pytest.approx(0.0, abs=1e-6)
+        for key in ("ce_loss_sae", "kl_div_sae", "ce_loss_recovered"):
+            assert first[key] == pytest.approx(plain[key], rel=1e-6)
+        # log-probs cached but not the residual: blocks 0..layer run once to get it
+        lp_only = ds_mod.CleanCache(one_batch)
+        lp_only.put(0, cache.get(0))
+        third = downstream_metrics(
+            deep_lm, HalfSAE(16), layer, ids, attn, keep, cfg, baseline=base, clean_cache=lp_only
+        )
+        assert counter.take() == [3, 3, 5, 5]
+        assert third["ce_loss_sae"] == pytest.approx(plain["ce_loss_sae"], rel=1e-6)
+    finally:
+        counter.close()
     with pytest.raises(ConfigError):
         DownstreamConfig(clean_cache_mb=-1)
-
-
-def _splice_on_inner(ds_mod):
-    from masksae.models import splice_resid_post as real
-
-    def splice(lm, layer, fn):
-        inner = getattr(lm, "_inner", None)
-        if inner is None:
-            return real(lm, layer, fn)
-        from types import SimpleNamespace
-
-        return real(SimpleNamespace(**{**lm.__dict__, "model": inner}), layer, fn)
-
-    return splice

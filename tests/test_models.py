@@ -7,9 +7,12 @@ import torch
 
 from masksae.errors import ModelError
 from masksae.models import (
+    can_resume,
     capture_resid_post,
     get_blocks,
     load_model,
+    record_resid_post,
+    resume_after_layer,
     splice_resid_post,
     validate_layer,
 )
@@ -120,6 +123,43 @@ def test_splice_identity_and_zero(tiny_lm):
     assert torch.equal(base, same)
     assert not torch.allclose(base, zeroed, atol=1e-3)
     assert torch.equal(base, after)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_resume_after_layer_equals_the_full_pass(tiny_lm, layer):
+    ids = torch.randint(
+        4, len(tiny_lm.tokenizer), (2, 9), generator=torch.Generator().manual_seed(2)
+    )
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0  # padding: the model's own mask code still runs
+
+    def halve(h):
+        return 0.5 * h
+
+    with torch.no_grad():
+        with record_resid_post(tiny_lm, layer) as rec:
+            clean = tiny_lm.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        assert can_resume(rec)
+        with splice_resid_post(tiny_lm, layer, halve):
+            full = tiny_lm.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        calls = []
+        handle = get_blocks(tiny_lm.model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            with resume_after_layer(tiny_lm, layer, rec.hidden, rec.tail):
+                same = tiny_lm.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                with splice_resid_post(tiny_lm, layer, halve):
+                    resumed = tiny_lm.model(
+                        input_ids=ids, attention_mask=attn, use_cache=False
+                    ).logits
+        finally:
+            handle.remove()
+        after = tiny_lm.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    assert torch.allclose(same, clean, atol=1e-5)
+    assert torch.allclose(resumed, full, atol=1e-5)
+    assert not torch.allclose(resumed, clean, atol=1e-3)
+    assert len(calls) == 2  # block 0 was called (and passed through), not computed
+    assert torch.equal(after, clean)  # the blocks' own forwards are back
+    assert all("forward" not in block.__dict__ for block in get_blocks(tiny_lm.model))
 
 
 def test_splice_sees_captured_activation(tiny_lm):

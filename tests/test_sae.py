@@ -417,3 +417,17 @@ def test_configs_construct_directly():
     assert ReLUConfig(d_in=4, d_sae=8).architecture == "relu"
     assert JumpReLUConfig(d_in=4, d_sae=8).architecture == "jumprelu"
     assert math.isclose(TopKConfig(d_in=4, d_sae=8, k=2).auxk_alpha, 1 / 32)
+
+
+def test_remove_parallel_decoder_grad_matches_the_reference_rule():
+    # dictionary_learning: g <- g - (g . u) u with u = row / (|row| + 1e-6) (rows not unit here)
+    sae = make("batch_topk")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(F, 1, generator=g) + 0.5)
+    grad = torch.randn(sae.W_dec.shape, generator=g)
+    sae.W_dec.grad = grad.clone()
+    sae.remove_parallel_decoder_grad()
+    unit = sae.W_dec.detach() / (sae.W_dec.detach().norm(dim=-1, keepdim=True) + 1e-6)
+    expected = grad - (grad * unit).sum(-1, keepdim=True) * unit
+    assert torch.allclose(sae.W_dec.grad, expected, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Training under bf16 autocast (``TrainConfig.autocast_bf16``): it learns, and the fused
-sparse path agrees with the dense reference within bf16 tolerance for a full step."""
+"""Training under bf16 autocast (``TrainConfig.autocast_bf16``): it learns; the dense path
+agrees with fp32 within bf16 tolerance for a full step, and the fused path (bf16 selection,
+fp32 compute) is the fp32 step."""
 
 from __future__ import annotations
 
@@ -92,16 +93,19 @@ def test_fused_matches_dense_for_a_bf16_step(store, tmp_path, arch):
     fp32 = one_step("fp32", fused=False, autocast_bf16=False)
     f_rec = read_metrics(tmp_path / "fused" / "r")[0]
     d_rec = read_metrics(tmp_path / "dense" / "r")[0]
+    p_rec = read_metrics(tmp_path / "fp32" / "r")[0]
     assert f_rec["l0"] == d_rec["l0"] == 3.0
     assert f_rec["loss"] == pytest.approx(d_rec["loss"], rel=2e-2)
     assert f_rec["fvu"] == pytest.approx(d_rec["fvu"], rel=2e-2)
+    # the fused path selects in bf16 but computes in fp32: it is the fp32 step
+    assert f_rec["loss"] == pytest.approx(p_rec["loss"], rel=1e-5)
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        step_fp32 = fp32[key] - init[key]
         step_dense = dense[key] - init[key]
         assert step_dense.norm() > 0, key
         # bf16 vs fp32 on the same step: the bf16 tolerance of this update (Adam's first step
         # is ~lr * sign(grad), so rounding flips the sign of the smallest gradients)
-        tol = (dense[key] - fp32[key]).norm() / (fp32[key] - init[key]).norm()
+        tol = (dense[key] - fp32[key]).norm() / step_fp32.norm()
         assert tol < 0.35, (key, tol.item())
-        # fused vs dense (both bf16): no further apart than bf16 is from fp32
-        rel = (fused[key] - dense[key]).norm() / step_dense.norm()
-        assert rel <= max(tol, 1e-5) and rel < 0.2, (key, rel.item(), tol.item())
+        rel = (fused[key] - fp32[key]).norm() / step_fp32.norm()
+        assert rel < 1e-3, (key, rel.item(), tol.item())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,11 @@ class DownstreamConfig:
     batch_size: int = 8
     """Sequences per LLM forward pass."""
     clean_cache_mb: int = 1024
-    """Memory (MiB) for keeping the clean forward's log-probs between checkpoints of one
-    run (exact float32, on CPU): later checkpoints skip the clean forward for the batches
-    that fit. 0 disables it. The full distribution is kept because exact KL needs it."""
+    """Memory (MiB) for keeping the clean forward's results between checkpoints of one run
+    (on CPU): the residual stream at the SAE's layer (small: later checkpoints run only the
+    blocks after it) and the exact float32 log-probs (large: later checkpoints skip the
+    clean forward for the batches that fit). 0 disables it. The full distribution is kept
+    because exact KL needs it."""
 
     def __post_init__(self) -> None:
         if self.n_sequences < 1 or self.batch_size < 1:
@@ -52,21 +55,37 @@ class DownstreamConfig:
 
 
 class CleanCache:
-    """The clean forward's log-probs per batch, kept in memory within a byte budget.
+    """The clean forward's results per batch, kept in memory within a byte budget: the
+    log-probs, and the hooked block's output (the residual stream at the SAE's layer).
 
-    One instance serves one evaluation set (the caller keys instances by data); batches are
-    stored in the order they are first computed until the budget is full.
+    One instance serves one evaluation set and layer (the caller keys instances by data);
+    batches are stored in the order they are first computed until the budget is full. The
+    residual (B x T x D) is stored before the log-probs (B x T x V, ~85x larger for
+    SmolLM2), so it is kept for every batch long after the log-probs stop fitting.
     """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self._batches: dict[int, Tensor] = {}
+        self._resid: dict[int, tuple[Tensor, tuple[Any, ...] | None]] = {}
         self._full_logged = False
 
     def get(self, start: int) -> Tensor | None:
         """Log-probs [B, T, V] of the batch starting at sequence ``start``, if kept."""
         return self._batches.get(start)
+
+    def get_resid(self, start: int) -> tuple[Tensor, tuple[Any, ...] | None] | None:
+        """(block output hidden [B, T, D], tuple tail) of the batch at ``start``, if kept."""
+        return self._resid.get(start)
+
+    def put_resid(self, start: int, hidden_BTD: Tensor, tail: tuple[Any, ...] | None) -> None:
+        """Keep a CPU copy of the hooked block's output if it fits the budget."""
+        size = hidden_BTD.numel() * hidden_BTD.element_size()
+        if start in self._resid or self.used_bytes + size > self.budget_bytes:
+            return
+        self._resid[start] = (hidden_BTD.detach().to("cpu").clone(), tail)
+        self.used_bytes += size
 
     def put(self, start: int, lp_BTV: Tensor) -> None:
         """Keep a CPU float32 copy of ``lp_BTV`` if it fits the budget."""
@@ -112,7 +131,11 @@ def _splice_fn(keep_BT: Tensor, replace: Callable[[Tensor], Tensor]) -> Callable
 
 
 def _logprobs(lm: Any, ids_BT: Tensor, attn_BT: Tensor) -> Tensor:
-    out = lm.model(input_ids=ids_BT.to(lm.device), attention_mask=attn_BT.to(lm.device))
+    # no KV cache: a pass that resumes after a layer must not depend on the skipped blocks'
+    # cache entries
+    out = lm.model(
+        input_ids=ids_BT.to(lm.device), attention_mask=attn_BT.to(lm.device), use_cache=False
+    )
     return F.log_softmax(out.logits.float(), dim=-1)
 
 
@@ -158,7 +181,13 @@ def downstream_metrics(
     per evaluation set, reused across checkpoints) keeps the clean forward's log-probs so a
     later call skips that forward for the batches it holds.
     """
-    from masksae.models import splice_resid_post
+    from masksae.models import (
+        can_resume,
+        capture_resid_post,
+        record_resid_post,
+        resume_after_layer,
+        splice_resid_post,
+    )
 
     cfg = cfg or DownstreamConfig()
     n_seq = min(cfg.n_sequences, input_ids_ST.shape[0])
@@ -166,7 +195,7 @@ def downstream_metrics(
         raise ConfigError("downstream metrics need at least one evaluation sequence, got 0")
     sums = _Sums()
     need_zero = baseline is None
-    n_clean_cached = 0
+    n_clean_cached = n_resumed = 0
 
     def reconstruct(h_BTD: Tensor) -> Tensor:
         shape = h_BTD.shape
@@ -185,21 +214,42 @@ def downstream_metrics(
         target = ids[:, 1:].to(lm.device)
 
         clean = clean_cache.get(start) if clean_cache is not None else None
+        resid = clean_cache.get_resid(start) if clean_cache is not None else None
         if clean is not None:
             clean = clean.to(lm.device)
             n_clean_cached += ids.shape[0]
+            if resid is None:  # the residual alone: blocks 0..layer only
+                with record_resid_post(lm, layer) as rec:
+                    capture_resid_post(lm, ids, attn, layer)
+                resid = (rec.hidden, rec.tail) if can_resume(rec) else None
         else:
-            clean = _logprobs(lm, ids, attn)
+            with record_resid_post(lm, layer) as rec:
+                clean = _logprobs(lm, ids, attn)
+            if can_resume(rec):
+                assert rec.hidden is not None
+                resid = (rec.hidden, rec.tail)
             if clean_cache is not None:
+                if resid is not None:
+                    clean_cache.put_resid(start, *resid)
                 clean_cache.put(start, clean)
-        with splice_resid_post(lm, layer, _splice_fn(keep, reconstruct)):
+
+        def resumed(resid: tuple[Tensor, Any] | None = resid) -> Any:
+            # the spliced and zero-ablated passes differ from the clean one only after the
+            # hooked block: start them there from its recorded output
+            if resid is None:
+                return nullcontext()
+            return resume_after_layer(lm, layer, resid[0], resid[1])
+
+        if resid is not None:
+            n_resumed += ids.shape[0]
+        with resumed(), splice_resid_post(lm, layer, _splice_fn(keep, reconstruct)):
             spliced = _logprobs(lm, ids, attn)
         sums.ce_clean += _nll(clean, target, count_BT)
         sums.ce_sae += _nll(spliced, target, count_BT)
         sums.kl_sae += _kl(clean, spliced, count_BT)
         del spliced
         if need_zero:
-            with splice_resid_post(lm, layer, _splice_fn(keep, torch.zeros_like)):
+            with resumed(), splice_resid_post(lm, layer, _splice_fn(keep, torch.zeros_like)):
                 zero = _logprobs(lm, ids, attn)
             sums.ce_zero += _nll(zero, target, count_BT)
             sums.kl_zero += _kl(clean, zero, count_BT)
@@ -231,4 +281,5 @@ def downstream_metrics(
         "kl_div_score": (kl_zero - kl_sae) / kl_zero if kl_zero != 0 else float("nan"),
         "baseline": {"ce_loss_zero": ce_zero, "kl_div_zero": kl_zero},
         "clean_forward_cached_sequences": n_clean_cached,
+        "resumed_after_layer_sequences": n_resumed,
     }

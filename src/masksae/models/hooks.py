@@ -198,3 +198,73 @@ def splice_resid_post(
         yield
     finally:
         handle.remove()
+
+
+class BlockOutputRecorder:
+    """What block ``layer`` returned in a forward pass (see :func:`record_resid_post`)."""
+
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None
+        """The block's output hidden state [B, T, D] (None until the block ran)."""
+        self.tail: tuple[Any, ...] | None = None
+        """The rest of a tuple output (None: the block returns a bare tensor)."""
+
+
+@contextmanager
+def record_resid_post(lm: LoadedModel, layer: int) -> Iterator[BlockOutputRecorder]:
+    """Within the context, every forward pass records block ``layer``'s output (the pass
+    runs to the end; see ``capture_resid_post`` to stop there)."""
+    validate_layer(lm, layer)
+    recorder = BlockOutputRecorder()
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        recorder.hidden = _hidden_of(output)
+        recorder.tail = tuple(output[1:]) if isinstance(output, (tuple, list)) else None
+
+    handle = get_blocks(lm.model)[layer].register_forward_hook(hook)
+    try:
+        yield recorder
+    finally:
+        handle.remove()
+
+
+def can_resume(recorder: BlockOutputRecorder) -> bool:
+    """True when a recorded output can stand in for the blocks (no cache tensors in a tuple
+    output: those would belong to the recorded pass)."""
+    tail = recorder.tail or ()
+    return recorder.hidden is not None and all(not torch.is_tensor(t) for t in tail)
+
+
+@contextmanager
+def resume_after_layer(
+    lm: LoadedModel, layer: int, hidden_BTD: torch.Tensor, tail: tuple[Any, ...] | None = None
+) -> Iterator[None]:
+    """Within the context a forward pass skips blocks 0..``layer``: block ``layer`` returns
+    ``hidden_BTD`` (its output recorded by :func:`record_resid_post` on *the same inputs*) and
+    the blocks before it pass their input through unchanged, so only the later blocks, the
+    final norm and the LM head compute. Forward hooks on block ``layer`` (a splice) still
+    apply. Embeddings, masks and position tables are still built by the model's own code."""
+    validate_layer(lm, layer)
+    blocks = get_blocks(lm.model)
+
+    def wrap(hidden: torch.Tensor) -> Any:
+        return hidden if tail is None else (hidden, *tail)
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        return wrap(args[0] if args else kwargs["hidden_states"])
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        like = args[0] if args else kwargs["hidden_states"]
+        return wrap(hidden_BTD.to(device=like.device, dtype=like.dtype))
+
+    saved = [block.__dict__.get("forward") for block in blocks[: layer + 1]]
+    for i, block in enumerate(blocks[: layer + 1]):
+        block.forward = recorded if i == layer else passthrough  # instance attribute wins
+    try:
+        yield
+    finally:
+        for block, previous in zip(blocks[: layer + 1], saved, strict=True):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous

@@ -49,6 +49,8 @@ OPERATIONAL_FIELDS = frozenset(
 )
 #: values of TrainConfig.distributed
 DISTRIBUTED_MODES = ("auto", "runs", "data")
+#: values of TrainConfig.select_dtype
+SELECT_DTYPES = ("auto", "float32", "bfloat16")
 #: grid keys handled by the trainer rather than the SAE config.
 RUN_KEYS = ("lr", "seed")
 
@@ -123,6 +125,13 @@ class TrainConfig:
     """Metrics (JSONL, progress bar, optional TensorBoard/W&B) every N steps."""
     fused: bool = True
     """Use the SAE's fused sparse kernel (StepContext.fused); False uses the dense path."""
+    select_dtype: str = "auto"
+    """Precision of the fused TopK-family step's one dense product, which only chooses the
+    top-k: "float32"; "bfloat16" (choose on a bf16 product, then re-rank the candidates on
+    their fp32 values and compute everything after in fp32, so the selection equals the fp32
+    one barring a bf16 error beyond twice the largest seen among the candidates); "auto":
+    bfloat16 where the device multiplies bf16 natively (CUDA with bf16, CPUs with AMX or
+    AVX512-BF16), float32 elsewhere (measured in docs/benchmarks.md)."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
     wandb: bool = False
@@ -156,6 +165,12 @@ class TrainConfig:
             (self.log_every >= 1, "log_every", self.log_every, ">= 1"),
             (self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or unset"),
             (
+                self.select_dtype in SELECT_DTYPES,
+                "select_dtype",
+                self.select_dtype,
+                " | ".join(SELECT_DTYPES),
+            ),
+            (
                 self.devices is None
                 or (
                     isinstance(self.devices, list)
@@ -188,6 +203,16 @@ class TrainConfig:
                     f"train.device = {self.device!r} and train.devices = {self.devices!r} are "
                     "both set: use devices alone to spread a sweep over several devices"
                 )
+
+
+def resolve_select_dtype(name: str, device: Any) -> str:
+    """ "float32" or "bfloat16" for ``TrainConfig.select_dtype`` on ``device`` ("auto": bf16
+    where the device multiplies bf16 natively)."""
+    if name != "auto":
+        return name
+    from masksae.devices import native_bf16_matmul
+
+    return "bfloat16" if native_bf16_matmul(device) else "float32"
 
 
 def default_lr(d_sae: int) -> float:

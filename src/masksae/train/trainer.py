@@ -47,7 +47,12 @@ from masksae.devices import resolve_device
 from masksae.distributed import DistContext, describe_failure, raise_first_failure
 from masksae.errors import CheckpointError, ConfigError, MasksaeError, StoreError
 from masksae.train import checkpoint as ckpt
-from masksae.train.config import OPERATIONAL_FIELDS, RunSpec, TrainConfig
+from masksae.train.config import (
+    OPERATIONAL_FIELDS,
+    RunSpec,
+    TrainConfig,
+    resolve_select_dtype,
+)
 from masksae.train.metrics_log import (
     JsonlLog,
     MetricsLog,
@@ -240,6 +245,21 @@ def sweep_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+def make_adam(
+    params: Any, lr: float, betas: tuple[float, float], device: torch.device
+) -> torch.optim.Adam:
+    """Adam, fused (one multithreaded kernel per parameter, no temporaries) where this torch
+    has it for ``device``: measured 4x faster than the default foreach Adam on the CPU at
+    F 4096 and 16384 (docs/benchmarks.md); the foreach implementation elsewhere."""
+    params = list(params)
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # torch without fused Adam here
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
 # ---------------------------------------------------------------------------- per-run state
 class _Run:
     """One SAE of the sweep with its optimizer, schedule, RNG and dead counters."""
@@ -267,9 +287,9 @@ class _Run:
         self.sae = build_sae(sae_cfg).to(device)
         self.rng_state = torch.get_rng_state()
         self.cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.optimizer = torch.optim.Adam(
-            self.sae.parameters(), lr=self.lr, betas=tuple(train.adam_betas)
-        )
+        self.optimizer = make_adam(self.sae.parameters(), self.lr, tuple(train.adam_betas), device)
+        #: "float32" or "bfloat16": the fused step's selection product on this device
+        self.select_dtype = resolve_select_dtype(train.select_dtype, device)
         #: DDP wrapper of the training loss (data-parallel ranks), else None
         self.loss_module: Any = None
         if data_parallel:
@@ -337,7 +357,11 @@ class _Run:
             if step == 0:
                 sae.init_from_data(full)  # every rank: the same whole batch, the same b_dec
             ctx = StepContext(
-                step, total_steps, self._dead_candidates(step, full.shape[0]), self.train.fused
+                step,
+                total_steps,
+                self._dead_candidates(step, full.shape[0]),
+                self.train.fused,
+                self.select_dtype,
             )
             autocast = (
                 torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -679,6 +703,9 @@ class Trainer:
         try:
             return self._train()
         finally:
+            from masksae.train.kernels.workspace import release_workspace
+
+            release_workspace()  # the fused step's scratch buffers (worker threads' die with them)
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
             torch.set_rng_state(global_rng)
@@ -731,6 +758,9 @@ class Trainer:
             )
             for i in self.local_runs
         ]
+        if self.cfg.fused:
+            chosen = sorted({f"{r.select_dtype} on {r.device}" for r in runs})
+            log.info("fused step: selection product in %s", ", ".join(chosen))
         start = self._resume_step(runs) if self.resume else 0
         if self.mode == "data":
             start = self.dist.broadcast(start)  # rank 0's checkpoints are the run's

@@ -45,10 +45,13 @@ class _SelectedPreacts(Function):
             grad_W_enc_FD = segment_gather_sum(
                 plan.lat_offsets, plan.rows_N[perm], g_N[perm], xin_BD
             )
-            grad_W_enc = grad_W_enc_FD.t().contiguous().to(W_enc_DF.dtype)
+            # W_enc is stored latent-major (strides (1, D), see SparseAutoencoder): the [F, D]
+            # gradient transposed is already laid out like it, so autograd keeps it as .grad
+            # without the two transposing copies a contiguous [D, F] gradient would cost
+            grad_W_enc = grad_W_enc_FD.t().to(W_enc_DF.dtype)
             grad_x = grad_b_dec = None
             if ctx.needs_input_grad[1]:
-                W_enc_FD = W_enc_DF.t().contiguous()
+                W_enc_FD = W_enc_DF.detach().t().contiguous()
                 grad_x = segment_gather_sum(plan.row_offsets, plan.lat_N, g_N, W_enc_FD).to(
                     x_BD.dtype
                 )
@@ -64,7 +67,11 @@ class _SparseDecode(Function):
         ctx.save_for_backward(vals_N, W_dec_FD)
         ctx.plan = plan
         with _no_autocast(vals_N):
-            out = segment_gather_sum(plan.bag_offsets, plan.lat_N, vals_N, W_dec_FD)
+            # detached: embedding_bag on a table that requires grad takes its slower
+            # training variant (offset2bag bookkeeping) even under no_grad
+            out = segment_gather_sum(
+                plan.bag_offsets, plan.lat_N, vals_N.detach(), W_dec_FD.detach()
+            )
         return out.to(torch.promote_types(vals_N.dtype, W_dec_FD.dtype))
 
     @staticmethod

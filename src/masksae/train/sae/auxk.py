@@ -6,8 +6,13 @@ TopK-family architecture (Gao et al. 2024; dictionary_learning's get_auxiliary_l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from masksae.train.sae.refine import ExactPreacts
 
 from masksae.train.sae.selection import Selection, topk_select
 
@@ -18,16 +23,32 @@ def auxk_size(d_in: int, n_dead: int) -> int:
 
 
 @torch.no_grad()
-def auxk_select(post_BF: Tensor, dead_mask_F: Tensor | None, d_in: int) -> Selection | None:
-    """Per token, the top k_aux post-ReLU activations among dead latents; None if none dead."""
+def auxk_select(
+    post_BF: Tensor,
+    dead_mask_F: Tensor | None,
+    d_in: int,
+    *,
+    refine: ExactPreacts | None = None,
+    in_place: bool = False,
+) -> Selection | None:
+    """Per token, the top k_aux post-ReLU activations among dead latents; None if none dead.
+
+    ``post_BF`` may also be raw pre-activations (same choice, values after the ReLU);
+    ``in_place`` masks it in place instead of allocating a masked copy (the fused step's
+    scratch buffer); ``refine``: it is bf16, re-rank on fp32 values.
+    """
     if dead_mask_F is None:
         return None
     n_dead = int(dead_mask_F.sum())
     k_aux = auxk_size(d_in, n_dead)
     if k_aux == 0:
         return None
-    score_BF = torch.where(dead_mask_F.to(post_BF.device)[None, :], post_BF, -torch.inf)
-    return topk_select(score_BF, k_aux, values_BF=post_BF)
+    dead_F = dead_mask_F.to(post_BF.device)
+    if in_place:
+        score_BF = post_BF.masked_fill_(~dead_F[None, :], -torch.inf)
+        return topk_select(score_BF, k_aux, refine=refine)
+    score_BF = torch.where(dead_F[None, :], post_BF, -torch.inf)
+    return topk_select(score_BF, k_aux, values_BF=post_BF, refine=refine)
 
 
 def normalized_auxk_loss(residual_BD: Tensor, aux_recon_BD: Tensor) -> Tensor:

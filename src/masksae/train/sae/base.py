@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from masksae.errors import ConfigError
+from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.geometric_median import geometric_median
 
 _FP32_EPS = torch.finfo(torch.float32).eps
@@ -83,6 +84,9 @@ class StepContext(NamedTuple):
     count the batch, reset the latents that fired, then mask. None = none can be dead."""
     fused: bool = True
     """Use the fused sparse kernels (TopK family); False runs the dense reference path."""
+    select_dtype: str = "float32"
+    """Precision of the fused path's selection product (TopK family): "float32", or
+    "bfloat16" (choose in bf16, re-rank the candidates in fp32; ``train.sae.refine``)."""
 
 
 class StepOutput(NamedTuple):
@@ -120,6 +124,10 @@ class SparseAutoencoder(nn.Module):
         # dictionary_learning init: random unit decoder rows, encoder = decoder transpose.
         W_dec_FD = torch.randn(F, D)
         W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True)
+        # W_enc is [D, F] but stored latent-major (strides (1, D)): the fused kernels read and
+        # write it per latent, and transposing copies of [D, F] cost as much as the sparse
+        # kernels themselves on CPU. clone() keeps the transposed view's layout; checkpoints
+        # save contiguous copies, and load_state_dict copies into this layout.
         self.W_enc = nn.Parameter(W_dec_FD.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.W_dec = nn.Parameter(W_dec_FD)
@@ -166,8 +174,16 @@ class SparseAutoencoder(nn.Module):
         grad_FD = self.W_dec.grad
         if grad_FD is None:
             return
-        unit_FD = self.W_dec / (self.W_dec.norm(dim=-1, keepdim=True) + 1e-6)
-        grad_FD -= (grad_FD * unit_FD).sum(dim=-1, keepdim=True) * unit_FD
+        W_FD = self.W_dec
+        # g -= (g . u) u with u = w / (|w| + 1e-6), computed as g -= (g . w) / (|w| + 1e-6)^2 w
+        # in three passes and one reused [F, D] buffer: the form with unit rows made three
+        # fresh [F, D] temporaries (page faults on CPU); equal to fp32 rounding
+        denom_F = torch.linalg.vector_norm(W_FD, dim=-1).add_(1e-6).square_()
+        prod_FD = workspace().get(
+            "decoder_grad_prod", tuple(W_FD.shape), grad_FD.dtype, W_FD.device
+        )
+        coef_F1 = torch.mul(grad_FD, W_FD, out=prod_FD).sum(dim=-1, keepdim=True)
+        grad_FD.addcmul_(coef_F1.div_(denom_F[:, None]).to(W_FD.dtype), W_FD, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.base import StepContext, check_non_negative, check_unit_interval
+from masksae.train.sae.refine import ExactPreacts
 from masksae.train.sae.registry import register
 from masksae.train.sae.selection import Selection, batch_topk_select
 from masksae.train.sae.threshold import update_threshold_ema
@@ -50,8 +52,11 @@ class BatchTopKSAE(TopKFamilySAE):
         # -1 = not learned yet; saved with the weights (state_dict) and exported.
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
 
-    def select(self, post_BF: Tensor) -> Selection:
-        return batch_topk_select(post_BF, self.cfg.k * post_BF.shape[0])
+    def select(self, score_BF: Tensor, refine: ExactPreacts | None = None) -> Selection:
+        B, F = score_BF.shape
+        # the candidate comparison writes into a reused [B * F] mask (no fresh 8-33 MB map)
+        mask = workspace().get("candidate_mask", (B * F,), torch.bool, score_BF.device)
+        return batch_topk_select(score_BF, self.cfg.k * B, refine, mask)
 
     def update_threshold(self, sel: Selection, ctx: StepContext) -> None:
         if ctx.step >= self.cfg.threshold_start_step:

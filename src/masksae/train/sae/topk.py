@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from masksae.train.sae.refine import ExactPreacts
 from masksae.train.sae.registry import register
 from masksae.train.sae.selection import Selection, topk_select
 from masksae.train.sae.topk_family import TopKConfig, TopKFamilySAE
@@ -18,8 +19,8 @@ class TopKSAE(TopKFamilySAE):
 
     config_class = TopKConfig
 
-    def select(self, post_BF: Tensor) -> Selection:
-        return topk_select(post_BF, self.cfg.k)
+    def select(self, score_BF: Tensor, refine: ExactPreacts | None = None) -> Selection:
+        return topk_select(score_BF, self.cfg.k, refine=refine)
 
     def encode(self, x_BD: Tensor) -> Tensor:
         post_BF = self.post_relu(x_BD)

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from masksae.errors import ConfigError
 from masksae.train.kernels import make_plan, selected_preacts, sparse_decode
+from masksae.train.kernels.prefix import prefix_squared_errors
+from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.auxk import auxk_select, normalized_auxk_loss
 from masksae.train.sae.base import (
     SAEConfig,
@@ -24,7 +26,8 @@ from masksae.train.sae.base import (
     StepOutput,
     check_non_negative,
 )
-from masksae.train.sae.metrics import recon_metrics
+from masksae.train.sae.metrics import recon_metrics_from_errors
+from masksae.train.sae.refine import ExactPreacts
 from masksae.train.sae.selection import Selection, fired_latents, selection_mask
 
 
@@ -73,8 +76,10 @@ class TopKFamilySAE(SparseAutoencoder):
         """Weight w_i of prefix i in the loss mean_i(w_i * L_i)."""
         return [1.0]
 
-    def select(self, post_BF: Tensor) -> Selection:
-        """Training-time selection from post-ReLU activations (no grad)."""
+    def select(self, score_BF: Tensor, refine: ExactPreacts | None = None) -> Selection:
+        """Training-time selection (no grad) from post-ReLU activations or raw
+        pre-activations (same entries; values come back after the ReLU). ``refine``: the
+        scores are bf16, re-rank on fp32 values (``masksae.train.sae.refine``)."""
         raise NotImplementedError
 
     def update_threshold(self, sel: Selection, ctx: StepContext) -> None:
@@ -102,13 +107,58 @@ class TopKFamilySAE(SparseAutoencoder):
         return torch.stack([f @ W for f, W in groups], dim=1)
 
     # ---- training ------------------------------------------------------------------------
+    def selection_scores(
+        self, x_BD: Tensor, select_dtype: str = "float32"
+    ) -> tuple[Tensor, ExactPreacts | None]:
+        """Pre-activations [B, F] to select from (no grad), written into this thread's reused
+        buffer, and the fp32 re-ranker when they were computed in bf16 (None otherwise).
+
+        bf16 when ``select_dtype`` is "bfloat16", when bf16 autocast is on, or when the
+        weights are bf16; re-ranked only when the weights themselves are more precise.
+        The buffer is overwritten by the next step of any SAE on this thread.
+        """
+        B, Fdim = x_BD.shape[0], self.cfg.d_sae
+        W_enc, b_enc = self.W_enc.detach(), self.b_enc.detach()
+        ws = workspace()
+        low = select_dtype == "bfloat16" or _autocast_bf16(x_BD.device.type)
+        with torch.no_grad(), torch.autocast(device_type=x_BD.device.type, enabled=False):
+            xin_BD = x_BD.to(W_enc.dtype)
+            if self.subtract_b_dec_from_input:
+                xin_BD = xin_BD - self.b_dec.detach()
+            if not low or W_enc.dtype == torch.bfloat16:
+                pre_BF = ws.get("preacts", (B, Fdim), W_enc.dtype, x_BD.device)
+                if W_enc.dtype == torch.float32:
+                    torch.addmm(b_enc, xin_BD, W_enc, out=pre_BF)
+                else:  # round as pre_activations does, so ties break as on the dense path
+                    torch.mm(xin_BD, W_enc, out=pre_BF).add_(b_enc)
+                return pre_BF, None
+            # bf16 copies with the bias folded in as one more input column ([x, 1] @ [W; b]):
+            # addmm's separate bias pass over [B, F] cost a third of the bf16 product. The
+            # width is padded to a multiple of 16 with zeros (the GEMM's preferred blocking).
+            D = xin_BD.shape[1]
+            K = (D + 1 + 15) // 16 * 16
+            lp, dev = torch.bfloat16, x_BD.device
+            W_lp_FK = ws.get("W_enc_lowp", (Fdim, K), lp, dev)
+            W_lp_FK[:, :D].copy_(W_enc.t())  # a plain copy: W_enc is stored latent-major
+            W_lp_FK[:, D].copy_(b_enc)
+            W_lp_FK[:, D + 1 :].zero_()
+            x_lp_BK = ws.get("x_lowp", (B, K), lp, dev)
+            x_lp_BK[:, :D].copy_(xin_BD)
+            x_lp_BK[:, D] = 1
+            x_lp_BK[:, D + 1 :].zero_()
+            pre_BF = ws.get("preacts", (B, Fdim), lp, dev)
+            torch.mm(x_lp_BK, W_lp_FK.t(), out=pre_BF)
+            return pre_BF, ExactPreacts(xin_BD, W_enc, b_enc)
+
     def training_loss(self, x_BD: Tensor, ctx: StepContext) -> StepOutput:
         B, Fdim = x_BD.shape[0], self.cfg.d_sae
         G = len(self.group_sizes)
+        refine: ExactPreacts | None = None
         if ctx.fused:
-            with torch.no_grad():
-                post_BF = self.post_relu(x_BD)
-            sel = self.select(post_BF)
+            # the [B, F] scores live in a reused buffer; nothing of them reaches autograd
+            post_BF, refine = self.selection_scores(x_BD, ctx.select_dtype)
+            sel = self.select(post_BF, refine)
+            self.last_refine_stats = None if refine is None else refine.stats
             plan = make_plan(
                 sel.rows_N,
                 sel.lat_N,
@@ -134,14 +184,21 @@ class TopKFamilySAE(SparseAutoencoder):
             parts_BGD = self._decode_groups_dense(f_BF)
         self.update_threshold(sel, ctx)
 
-        # Prefix sums as explicit adds: a strided cumsum over the short G axis (and its
-        # flip-cumsum-flip backward) cost more than the sparse decoder itself on CPU.
-        x_hat_BD = self.b_dec.expand_as(parts_BGD[:, 0])
-        err_list = []
-        for i in range(G):
-            x_hat_BD = x_hat_BD + parts_BGD[:, i]
-            err_list.append((x_BD.float() - x_hat_BD.float()).pow(2).sum(dim=-1))
-        err_BG = torch.stack(err_list, dim=1)
+        if ctx.fused:
+            # one residual updated in place per group, custom backward (kernels/prefix.py)
+            err_BG, resid_BD = prefix_squared_errors(x_BD, self.b_dec, parts_BGD)
+            x_hat_BD = x_BD.float() - resid_BD
+        else:
+            # the reference: prefix sums as explicit autograd adds over unbind(1) views
+            # (indexing parts[:, i] would make each backward zero-fill a [B, G, D] gradient)
+            x32_BD = x_BD.float()
+            x_hat_BD = self.b_dec.expand_as(x_BD)
+            err_list = []
+            for part_BD in parts_BGD.unbind(1):
+                x_hat_BD = x_hat_BD + part_BD
+                err_list.append((x32_BD - x_hat_BD.float()).pow(2).sum(dim=-1))
+            err_BG = torch.stack(err_list, dim=1)
+            resid_BD = x32_BD - x_hat_BD.detach().float()
         weights_G = torch.tensor(self.group_weights, dtype=err_BG.dtype, device=err_BG.device)
         recon_loss = (err_BG.mean(dim=0) * weights_G).mean()
 
@@ -149,11 +206,11 @@ class TopKFamilySAE(SparseAutoencoder):
         # dead = would be dead after this batch's tokens and did not fire in it (the
         # reference's order: count the batch, reset the latents that fired, then mask)
         dead_mask_F = None if ctx.dead_mask_F is None else ctx.dead_mask_F & ~fired_F
-        auxk_loss = self._auxk_loss(x_BD, x_hat_BD, post_BF, dead_mask_F, ctx.fused)
+        auxk_loss = self._auxk_loss(x_BD, resid_BD, post_BF, dead_mask_F, ctx.fused, refine)
         loss = recon_loss + self.cfg.auxk_alpha * auxk_loss
 
         l0 = (sel.vals_N != 0).sum().float() / B
-        metrics = recon_metrics(x_BD, x_hat_BD, l0)
+        metrics = recon_metrics_from_errors(x_BD, err_BG[:, -1], l0)
         metrics["recon_loss"] = recon_loss.detach()
         metrics["auxk_loss"] = auxk_loss.detach()
         if G > 1:
@@ -165,16 +222,20 @@ class TopKFamilySAE(SparseAutoencoder):
     def _auxk_loss(
         self,
         x_BD: Tensor,
-        x_hat_BD: Tensor,
+        resid_BD: Tensor,
         post_BF: Tensor,
         dead_mask_F: Tensor | None,
         fused: bool,
+        refine: ExactPreacts | None = None,
     ) -> Tensor:
-        aux = auxk_select(post_BF.detach(), dead_mask_F, self.cfg.d_in)
+        # fused: post_BF is the step's scratch score buffer, masked in place (its last use)
+        aux = auxk_select(
+            post_BF.detach(), dead_mask_F, self.cfg.d_in, refine=refine, in_place=fused
+        )
         if aux is None:
             return torch.zeros((), dtype=torch.float32, device=x_BD.device)
         B, Fdim = post_BF.shape
-        residual_BD = (x_BD - x_hat_BD).detach()
+        residual_BD = resid_BD.detach()  # x - x_hat
         if fused:
             plan = make_plan(aux.rows_N, aux.lat_N, n_rows=B, n_latents=Fdim)
             vals_N = selected_preacts(
@@ -191,3 +252,19 @@ class TopKFamilySAE(SparseAutoencoder):
             aux_f_BF = post_BF * selection_mask(aux, (B, Fdim))
             aux_recon_BD = aux_f_BF @ self.W_dec
         return normalized_auxk_loss(residual_BD, aux_recon_BD)
+
+
+def _autocast_bf16(device_type: str) -> bool:
+    """True inside a bf16 autocast region for ``device_type``."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument (CUDA) / has a CPU twin
+        enabled = (
+            torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        )
+    if not enabled:
+        return False
+    try:
+        return torch.get_autocast_dtype(device_type) == torch.bfloat16
+    except (AttributeError, TypeError):
+        return True
