@@ -108,8 +108,6 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def start_slow_train(store: Path, out: Path, delay: float) -> subprocess.Popen:
-    # delay: seconds added to every step; the test interrupts after ~6 of the 24 steps, so
-    # 0.5 s leaves ~9 s for a test process starved by a loaded CI machine to send the signal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-c", SLOW_CLI, str(delay), *train_args(store, out)],
@@ -136,7 +134,7 @@ def wait_for_checkpoint_and_progress(proc: subprocess.Popen, run_dir: Path, time
 
 def test_sigkill_then_resume_is_bit_exact(store_path, reference, tmp_path):
     out = tmp_path / "out"
-    proc = start_slow_train(store_path, out, delay=0.5)
+    proc = start_slow_train(store_path, out, delay=0.15)
     try:
         ckpt_step = wait_for_checkpoint_and_progress(proc, out / RUN)
         proc.send_signal(signal.SIGKILL)
@@ -162,7 +160,7 @@ def test_sigint_checkpoints_the_current_step_then_resume_is_bit_exact(
     store_path, reference, tmp_path
 ):
     out = tmp_path / "out"
-    proc = start_slow_train(store_path, out, delay=0.5)
+    proc = start_slow_train(store_path, out, delay=0.15)
     try:
         wait_for_checkpoint_and_progress(proc, out / RUN)
         proc.send_signal(signal.SIGINT)
