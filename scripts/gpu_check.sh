@@ -61,4 +61,14 @@ if [ -z "$BUDGET_S" ]; then
   [ "$BUDGET_S" -lt 120 ] && BUDGET_S=120
 fi
 say "running the checks (budget ${BUDGET_S} s)"
-exec "$PY" scripts/gpu_check.py --budget-s "$BUDGET_S" "$@"
+rc=0
+"$PY" scripts/gpu_check.py --budget-s "$BUDGET_S" "$@" || rc=$?
+# the distributed paths (torchrun harvest and sweep, DDP with 2+ GPUs) with what is left
+LEFT=$(( 480 - ($(date +%s) - START) ))
+if [ "$LEFT" -ge 60 ]; then
+  say "distributed checks (${LEFT} s left)"
+  PY="$PY" timeout "$LEFT" bash scripts/gpu_check_distributed.sh >&2 || { say "distributed checks failed or ran out of time"; rc=1; }
+else
+  say "distributed checks skipped: ${LEFT} s left of the 8 minutes"
+fi
+exit "$rc"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the distributed paths (issue 10): run on a CUDA machine after `make setup`
-# with a CUDA torch in .venv. Called by `make gpu-check-distributed`.
+# with a CUDA torch in .venv (or PY=<python with CUDA torch>). Called by
+# `make gpu-check-distributed` and at the end of `make gpu-check` (scripts/gpu_check.sh).
 #
 #  1. harvest with torchrun on 2 ranks (both on GPU 0 when there is one GPU: the harvest
 #     only uses gloo for control messages) == single-process CUDA harvest (same store
@@ -11,7 +12,8 @@
 # Prints PASS/FAIL lines; exits non-zero on the first failure.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
+TORCHRUN=${TORCHRUN:-$(dirname "$PY")/torchrun}
+MASKSAE=${MASKSAE:-$(dirname "$PY")/masksae}
 WORK=$(mktemp -d /tmp/masksae-gpu-dist.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 export OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -32,7 +34,7 @@ PYEOF
 H=(harvest --no-progress --model "$WORK/model" --layer 2 --corpus "$WORK/corpus.txt"
    --tokens 16384 --context-length 64 --batch-size 8 --chunk-sequences 16 --mask-prob 0.3
    --dtype bfloat16 --device cuda --seed 1)
-.venv/bin/masksae "${H[@]}" --out "$WORK/single"
+"$MASKSAE" "${H[@]}" --out "$WORK/single"
 $TORCHRUN --standalone --nproc-per-node 2 -m masksae "${H[@]}" --out "$WORK/ranks"
 $PY - "$WORK" <<'PYEOF'
 import sys
@@ -58,7 +60,7 @@ d_sae = 512
 k = [8, 16, 32]
 TOML
 T=(train --no-progress --store "$WORK/single" --config "$WORK/sweep.toml")
-.venv/bin/masksae "${T[@]}" --out "$WORK/sae-one" --device cuda
+"$MASKSAE" "${T[@]}" --out "$WORK/sae-one" --device cuda
 $TORCHRUN --standalone --nproc-per-node 2 -m masksae "${T[@]}" --out "$WORK/sae-ranks" --device cuda --distributed runs
 $PY - "$WORK" <<'PYEOF'
 import sys
@@ -87,7 +89,7 @@ d_sae = 512
 k = 16
 TOML
   D=(train --no-progress --store "$WORK/single" --config "$WORK/one.toml")
-  .venv/bin/masksae "${D[@]}" --out "$WORK/ddp-one" --device cuda
+  "$MASKSAE" "${D[@]}" --out "$WORK/ddp-one" --device cuda
   $TORCHRUN --standalone --nproc-per-node 2 -m masksae "${D[@]}" --out "$WORK/ddp-two" --device cuda --distributed data
   $PY - "$WORK" <<'PYEOF'
 import sys
