@@ -172,7 +172,6 @@ def tiny_lm(tokenizer, vocab):
         revision="test",
         n_layers=2,
         d_model=d,
-        prepend_bos=False,
     )
 
 
@@ -194,9 +193,23 @@ def test_run_end_to_end_with_cache(tiny_lm, tmp_path: Path, caplog) -> None:
         assert first["probe_f1"][letter] > 0.6
         assert 0.0 <= row["full_absorption_rate"] <= 1.0 and 0.0 <= row["fractional"] <= 1.0
         assert row["n_true_positives"] >= 1 and 1 <= len(row["main_latents"]) <= cfg.max_k
-    score = first["mean_full_absorption_score"]
+        assert sum(c for _, c in row["absorbing_latents"]) == row["n_full_absorption"]
+        assert len(row["k_sparse_latents"]) == cfg.max_k
+    # fewer than 20 eligible letters: SAEBench gives no score; ours is the labelled extra
+    for key in ("mean_full_absorption_score", "absorption_paper_convention", "n_true_positives"):
+        assert first[key] is None
+    extra = first["all_eligible_letters"]
+    assert extra["rule"].startswith("masksae (not SAEBench)")
+    score = extra["mean_full_absorption_score"]
     assert 0.0 <= score <= 1.0
-    assert first["absorption_paper_convention"] == pytest.approx(100 * (1 - score))
+    assert extra["absorption_paper_convention"] == pytest.approx(100 * (1 - score))
+    assert extra["n_true_positives"] == first["n_words"]["true_positives"]
+    assert extra["absorption_paper_convention_se"] == pytest.approx(
+        100 * extra["mean_full_absorption_score_se"]
+    )
+    assert first["se_kind"].startswith("binomial")
+    assert first["settings"]["bos"]["bos_token_id"] == tiny_lm.tokenizer.bos_token_id
+    assert first["settings"]["prompt_format"]["probe_prompts_start_with_separator"]
     assert set(first["timings_s"]) >= {
         "vocab_prompts",
         "llm_activations",
@@ -228,7 +241,51 @@ def test_run_end_to_end_with_cache(tiny_lm, tmp_path: Path, caplog) -> None:
     assert none["cache_hit"] and none["n_eligible_letters"] == 0
     assert none["mean_full_absorption_score"] is None
     assert none["absorption_paper_convention"] is None and none["per_letter"] == {}
+    assert none["all_eligible_letters"]["mean_full_absorption_score"] is None
     assert any("no letter" in w for w in none["warnings"])
+
+    # the BOS policy and the prompt layout are part of the key: no stale entry is reused
+    no_bos = run(
+        sae,
+        tiny_lm,
+        0,
+        AbsorptionConfig(**{**cfg.__dict__, "prepend_bos": False}),
+        cache_dir=tmp_path,
+    )
+    assert not no_bos["cache_hit"] and no_bos["settings"]["bos"]["source"] == "disabled"
+    assert len(list(tmp_path.glob("absorption-*.npz"))) == 3
+
+
+def test_cache_key_names_bos_and_prompt_format(tiny_lm, tmp_path: Path) -> None:
+    """An entry written under another BOS token or prompt layout (e.g. by the code before
+    the SAEBench fixes: cache version 1, no BOS, probe prompts without the separator) has
+    another key, so it is never read back."""
+    from masksae.evaluate.absorption import cache
+    from masksae.evaluate.absorption.prompts import resolve_bos
+
+    cfg = AbsorptionConfig(max_words_per_letter=6)
+    bos = resolve_bos(tiny_lm.tokenizer, True)
+    key = cache.cache_key(tiny_lm, 0, cfg, bos)
+    assert key["version"] == 2 and key["bos"]["bos_token_id"] == tiny_lm.tokenizer.bos_token_id
+    assert key["prompt_format"]["probe_prompts_start_with_separator"] is True
+    assert cache.cache_key(tiny_lm, 0, cfg, resolve_bos(tiny_lm.tokenizer, False)) != key
+    stale = {**key, "version": 1, "prompt_format": None}
+    stage = cache.LLMStage(
+        train_words=["a"],
+        test_words=["b"],
+        x_train_ND=torch.zeros(1, 2),
+        y_train_N=torch.zeros(1, dtype=torch.long),
+        x_test_ND=torch.zeros(1, 2),
+        y_test_N=torch.ones(1, dtype=torch.long),
+        probe_W_CD=torch.zeros(26, 2),
+        probe_b_C=torch.zeros(26),
+        abs_words=[],
+        x_abs_ND=torch.zeros(0, 2),
+        y_abs_N=torch.zeros(0, dtype=torch.long),
+    )
+    cache.save(tmp_path, stale, stage)
+    assert cache.load(tmp_path, key) is None
+    assert cache.load(tmp_path, stale) is not None
 
 
 def test_run_rejects_bad_layer_and_config(tiny_lm) -> None:
@@ -239,3 +296,63 @@ def test_run_rejects_bad_layer_and_config(tiny_lm) -> None:
         run(sae, tiny_lm, 7, AbsorptionConfig())
     with pytest.raises(ConfigError, match="prompt_template"):
         run(sae, tiny_lm, 0, AbsorptionConfig(prompt_template="no placeholder"))
+
+
+def _tiny_tokenizer(tmp_path: Path, *, bos: bool = True, adds_bos: bool = False):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from masksae.models.tiny import build_tiny_tokenizer
+
+    base = build_tiny_tokenizer(tmp_path)
+    backend = base.backend_tokenizer
+    if adds_bos:  # like Gemma's tokenizer: BOS added by the post-processor
+        backend.post_processor = TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", base.bos_token_id)]
+        )
+    kwargs = {"bos_token": "<bos>"} if bos else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("bos", "adds_bos", "prepend", "expected"),
+    [
+        (True, False, True, ("<bos>", 2, "bos_token", False)),
+        (False, False, True, ("<eos>", 1, "eos_token", False)),  # TransformerLens's fallback
+        (True, True, True, ("<bos>", 2, "bos_token", True)),
+        (True, True, False, (None, None, "disabled", False)),
+    ],
+)
+def test_bos_policy_and_prompt_tokens(tmp_path, bos, adds_bos, prepend, expected) -> None:
+    """Every prompt starts with BOS (EOS without one) exactly once, and its ids are those of
+    TransformerLens's to_tokens: BOS text + prompt tokenised, or the tokenizer's own BOS."""
+    from masksae.evaluate.absorption.activations import encode_prompts
+    from masksae.evaluate.absorption.prompts import resolve_bos
+
+    tok = _tiny_tokenizer(tmp_path, bos=bos, adds_bos=adds_bos)
+    policy = resolve_bos(tok, prepend)
+    assert (policy.token, policy.token_id, policy.source, policy.tokenizer_adds_it) == expected
+    prompt = build_prompt(
+        " fox",
+        [" quick", " brown", " lazy", " dog"],
+        random.Random(0),
+        n_examples=3,
+        template="{word} has the first letter:",
+        answer_template=" {letter}",
+        separator="\n",
+        prepend_separator=True,
+    )
+    assert prompt.text.startswith("\n")
+    ids, pos = tokenize_prompt(tok, prompt, policy)
+    plain = tok(prompt.text, add_special_tokens=False)["input_ids"]
+    if policy.token_id is None:
+        assert ids == plain
+    else:
+        assert ids == [policy.token_id, *plain]
+        assert ids.count(policy.token_id) == 1
+        assert ids == tok(policy.token + prompt.text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[: pos + 1], skip_special_tokens=True) == prompt.text[: prompt.word_end]
+    (truncated,) = encode_prompts(tok, [prompt], policy)
+    assert truncated == ids[: pos + 1]  # the tokens after the word are never run

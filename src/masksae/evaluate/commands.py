@@ -30,7 +30,9 @@ def evaluate_cmd(
     ),
     out: Path = typer.Option(..., "--out", help="Directory for one result JSON per checkpoint."),
     metrics: str = typer.Option(
-        "core,absorption", "--metrics", help="Comma list of core, reconstruction, absorption."
+        "core,absorption",
+        "--metrics",
+        help="Comma list of core, reconstruction, absorption, cooccurrence.",
     ),
     cache: Path | None = typer.Option(
         None, "--cache", help="Cache of LLM activations reused across checkpoints and runs."
@@ -79,14 +81,25 @@ def evaluate_cmd(
     model: str | None = typer.Option(
         None, "--model", help="Override the LLM spec recorded in the checkpoints."
     ),
-    absorption_max_words: int = typer.Option(
-        100,
+    absorption_max_words: str = typer.Option(
+        "demo",
         "--absorption-max-words",
-        help="Absorption vocabulary cap per letter (0 = all, as SAEBench; slow on CPU).",
+        help="Absorption vocabulary cap per letter: a number, a preset (demo = 100, "
+        "study = 400) or 0 / all for the whole vocabulary (SAEBench; slow on CPU).",
+    ),
+    cooccurrence_min_rate: float = typer.Option(
+        0.005,
+        "--cooccurrence-min-rate",
+        help="Co-occurrence: latents firing on at least this fraction of tokens form pairs.",
+    ),
+    cooccurrence_max_latents: int = typer.Option(
+        2048, "--cooccurrence-max-latents", help="Co-occurrence: at most this many latents."
     ),
 ) -> None:
-    """Score checkpoints (core metrics, absorption) into one JSON per checkpoint."""
+    """Score checkpoints (core metrics, absorption, co-occurrence) into one JSON per checkpoint."""
     from masksae.evaluate.absorption import AbsorptionConfig
+    from masksae.evaluate.absorption.config import parse_max_words
+    from masksae.evaluate.cooccurrence import CooccurrenceConfig
     from masksae.evaluate.data import EvalDataConfig
     from masksae.evaluate.discover import find_checkpoints
     from masksae.evaluate.downstream import DownstreamConfig
@@ -109,7 +122,10 @@ def evaluate_cmd(
             context_length=context_length,
         ),
         downstream=DownstreamConfig(n_sequences=ce_sequences),
-        absorption=AbsorptionConfig(max_words_per_letter=absorption_max_words or None),
+        absorption=AbsorptionConfig(max_words_per_letter=parse_max_words(absorption_max_words)),
+        cooccurrence=CooccurrenceConfig(
+            min_firing_rate=cooccurrence_min_rate, max_latents=cooccurrence_max_latents
+        ),
         cache_dir=cache,
         device=device,
         eval_masked=eval_masked,

@@ -21,6 +21,7 @@ from typing import Any
 from masksae.atomic import atomic_write_json
 from masksae.config import to_dict
 from masksae.errors import CheckpointError, ConfigError
+from masksae.evaluate.cooccurrence import CooccurrenceConfig
 from masksae.evaluate.core import CoreConfig, iter_batches, reconstruction_metrics
 from masksae.evaluate.data import (
     EvalData,
@@ -37,8 +38,10 @@ from masksae.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
-METRICS = ("core", "reconstruction", "absorption")
-"""core = reconstruction metrics + spliced CE/KL; reconstruction = without the LLM splice."""
+METRICS = ("core", "reconstruction", "absorption", "cooccurrence")
+"""core = reconstruction metrics + spliced CE/KL; reconstruction = without the LLM splice;
+cooccurrence = latent co-activation on the clean held-out activations (with absorption's
+parent-child pairs when absorption runs too)."""
 
 
 @dataclass
@@ -46,7 +49,8 @@ class EvaluateConfig:
     """Settings of ``masksae evaluate``."""
 
     metrics: tuple[str, ...] = ("core",)
-    """Metric families to run: core, reconstruction (core without CE/KL), absorption."""
+    """Metric families to run: core, reconstruction (core without CE/KL), absorption,
+    cooccurrence."""
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     """Held-out evaluation activations."""
     core: CoreConfig = field(default_factory=CoreConfig)
@@ -55,6 +59,8 @@ class EvaluateConfig:
     """Spliced CE / KL settings."""
     absorption: Any = None
     """An ``AbsorptionConfig`` (None: its defaults, with words capped for CPU speed)."""
+    cooccurrence: CooccurrenceConfig = field(default_factory=CooccurrenceConfig)
+    """Latent co-occurrence settings."""
     cache_dir: Path | None = None
     """Directory of reusable LLM activations (None: nothing cached across runs)."""
     device: str = "auto"
@@ -132,8 +138,11 @@ class Evaluator:
         d_sae = int(prov["d_sae"] or sae.cfg.d_sae)
         metrics: dict[str, Any] = {}
         eval_info: dict[str, Any] = {"config": to_dict(cfg.data)}
+        data_memo: dict[bool, EvalData] = {}  # several metrics read the same activations
 
         def get_data(masked: bool) -> EvalData:
+            if masked in data_memo:
+                return data_memo[masked]
             dcfg = replace(cfg.data, masked=masked)
             if masked:
                 p = prov["mask_prob"] or 0.0
@@ -154,6 +163,7 @@ class Evaluator:
                     lambda: build_eval_data(self._lm(model_spec, timer), layer, None, dcfg),
                 )
             eval_info["masked" if masked else "clean"] = {**data.meta, "cache_hit": hit}
+            data_memo[masked] = data
             return data
 
         def core_on(acts) -> dict[str, Any]:
@@ -213,6 +223,14 @@ class Evaluator:
                         metrics["core_masked"] = core_on(get_data(True).acts_ND)
             if "absorption" in cfg.metrics:
                 metrics["absorption"] = self._absorption(sae, model_spec, layer, timer)
+            if "cooccurrence" in cfg.metrics:
+                from masksae.evaluate.cooccurrence import cooccurrence_metrics
+
+                clean_acts = get_data(False).acts_ND
+                with timer.phase("cooccurrence"):
+                    metrics["cooccurrence"] = cooccurrence_metrics(
+                        sae, clean_acts, cfg.cooccurrence, metrics.get("absorption"), device
+                    )
         timer.seconds["total"] = time.perf_counter() - t_start
         return make_result(checkpoint, prov, eval_info, metrics, timer.seconds)
 

@@ -5,6 +5,10 @@ absorption prompts' activations) depends only on the model, its revision, the la
 tokenizer and part of the config, so a second SAE on the same model/layer reuses it. One
 entry = `<key hash>.npz` (arrays) + `<key hash>.json` (the key and word lists), written
 atomically; an entry whose key does not match exactly is ignored.
+
+The key names the BOS token actually prepended and the prompt layout (``PROMPT_FORMAT``), so
+an entry made under another BOS policy or prompt layout (e.g. by earlier masksae versions, whose probe
+prompts lacked the leading separator and which added BOS for Gemma only) is never reused.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from masksae.atomic import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+PROMPT_FORMAT = {
+    # every prompt = [BOS] separator, examples joined by the separator, separator, query
+    "probe_prompts_start_with_separator": True,
+    "absorption_prompts_start_with_separator": True,
+    "activation_at": "last token of the query word; later tokens not run",
+}
 # config fields that change the cached stage (everything else only affects later stages)
 KEY_FIELDS = (
     "seed",
+    "prepend_bos",
     "max_words_per_letter",
     "train_fraction",
     "n_icl_examples",
@@ -59,15 +70,17 @@ class LLMStage:
     y_abs_N: torch.Tensor
 
 
-def cache_key(lm, layer: int, cfg) -> dict:
-    """JSON-able description of everything the cached stage depends on."""
+def cache_key(lm, layer: int, cfg, bos) -> dict:
+    """JSON-able description of everything the cached stage depends on (`bos`: the
+    :class:`~masksae.evaluate.absorption.prompts.BosPolicy` in force)."""
     tok = lm.tokenizer
     return {
         "version": CACHE_VERSION,
         "model_id": str(getattr(lm, "model_id", type(lm.model).__name__)),
         "revision": str(getattr(lm, "revision", "unknown")),
         "layer": int(layer),
-        "prepend_bos": bool(getattr(lm, "prepend_bos", False)),
+        "bos": bos.to_dict(),
+        "prompt_format": PROMPT_FORMAT,
         "tokenizer": {
             "class": type(tok).__name__,
             "name_or_path": str(getattr(tok, "name_or_path", "")),

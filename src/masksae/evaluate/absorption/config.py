@@ -6,6 +6,38 @@ from dataclasses import dataclass
 
 from masksae.errors import ConfigError
 
+VOCAB_PRESETS: dict[str, int | None] = {
+    "demo": 100,
+    "study": 400,
+    "all": None,
+}
+"""Named vocabulary caps (``max_words_per_letter``), chosen by measuring the score's standard
+error against the LLM cost on the bundled SmolLM2-135M layer 15 (docs/bench/absorption-vocab.md):
+"demo" fits `make demo`'s 10-minute budget on 2 cores; "study" resolves masked-vs-unmasked
+differences of a few points for an offline CPU study; "all" is SAEBench's whole vocabulary."""
+
+
+def parse_max_words(value: str | int | None) -> int | None:
+    """``max_words_per_letter`` from a CLI value: a preset name of :data:`VOCAB_PRESETS`, a
+    number of words per letter, or 0 / "all" for the whole vocabulary."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in VOCAB_PRESETS:
+        return VOCAB_PRESETS[text]
+    try:
+        words = int(text)
+    except ValueError:
+        words = -1
+    if words == 0:
+        return None
+    if words < 2:
+        raise ConfigError(
+            f"--absorption-max-words {value!r}: expected a preset "
+            f"({', '.join(VOCAB_PRESETS)}), 0 for the whole vocabulary, or a number >= 2"
+        )
+    return words
+
 
 @dataclass
 class AbsorptionConfig:
@@ -14,6 +46,7 @@ class AbsorptionConfig:
     Defaults follow SAEBench ``evals/absorption`` (eval_config.py and the constants in its
     feature_absorption / k_sparse_probing / probing modules) except ``max_words_per_letter``,
     which SAEBench does not have (it uses the whole alphabetic vocabulary).
+    :data:`VOCAB_PRESETS` holds the measured caps for the demo and the CPU study.
     """
 
     seed: int = 42
@@ -36,7 +69,13 @@ class AbsorptionConfig:
     """Answer appended to each in-context example; "{letter}" is the upper-case first letter."""
 
     example_separator: str = "\n"
-    """Separator between in-context examples and before the query."""
+    """Separator between in-context examples and before the query; every prompt (probe and
+    absorption prompts alike) also starts with it, as in SAEBench."""
+
+    prepend_bos: bool = True
+    """Start every prompt with the tokenizer's BOS token (its EOS where it has no BOS), as
+    SAEBench does through TransformerLens for every model; recorded in the result's
+    ``settings.bos``. False only to reproduce runs made without it."""
 
     llm_batch_size: int = 32
     """Prompts per LLM forward pass."""
@@ -84,7 +123,9 @@ class AbsorptionConfig:
     """A letter is eligible when its ground-truth probe's test F1 is strictly above this."""
 
     min_eligible_letters: int = 20
-    """Fewer eligible letters than this gives a warning (the result covers those available)."""
+    """SAEBench's ``min_feats_for_eval``: with fewer eligible letters the headline score is
+    null (a warning says so); the mean over the letters available is still reported under
+    ``all_eligible_letters``."""
 
     full_absorption_cos_threshold: float = 0.025
     """Full absorption: the top-projecting latent's cos(probe, W_dec) must be >= this."""
@@ -135,6 +176,10 @@ class AbsorptionConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"absorption {name}={getattr(self, name)}; expected >= 1")
+        if self.min_eligible_letters < 1:
+            raise ConfigError(
+                f"absorption min_eligible_letters={self.min_eligible_letters}; expected >= 1"
+            )
         if self.max_words_per_letter is not None and self.max_words_per_letter < 2:
             raise ConfigError(
                 f"absorption max_words_per_letter={self.max_words_per_letter}; expected None "

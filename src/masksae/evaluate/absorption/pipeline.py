@@ -15,8 +15,9 @@ from masksae.evaluate.absorption.cache import LLMStage
 from masksae.evaluate.absorption.config import AbsorptionConfig
 from masksae.evaluate.absorption.k_sparse import k_sparse_probe_letters
 from masksae.evaluate.absorption.probes import LinearProbe, per_class_f1, train_letter_probe
-from masksae.evaluate.absorption.prompts import build_prompts
+from masksae.evaluate.absorption.prompts import BosPolicy, build_prompts, resolve_bos
 from masksae.evaluate.absorption.scoring import AbsorptionThresholds, score_letter
+from masksae.evaluate.absorption.summary import summarize
 from masksae.evaluate.absorption.vocab import (
     LETTERS,
     alpha_vocab,
@@ -27,13 +28,6 @@ from masksae.evaluate.absorption.vocab import (
 from masksae.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
-
-
-def paper_convention(mean_full_absorption_score: float | None) -> float | None:
-    """SAEBench paper's table convention: 100 * (1 - score), HIGHER is better (less absorption)."""
-    if mean_full_absorption_score is None:
-        return None
-    return 100.0 * (1.0 - mean_full_absorption_score)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -59,9 +53,14 @@ def _words_and_labels(prompts) -> torch.Tensor:
     return torch.tensor([p.letter for p in prompts], dtype=torch.long)
 
 
-def compute_llm_stage(lm, layer: int, cfg: AbsorptionConfig, timer: PhaseTimer) -> LLMStage:
+def compute_llm_stage(
+    lm, layer: int, cfg: AbsorptionConfig, timer: PhaseTimer, bos: BosPolicy
+) -> LLMStage:
     """Vocabulary, prompts, LLM activations, the ground-truth probe and the activations of
-    the probe's true-positive test words in fresh prompts (SAEBench's absorption prompts)."""
+    the probe's true-positive test words in fresh prompts (SAEBench's absorption prompts).
+
+    Every prompt starts with `bos` (when it names a token) and then the separator, as
+    SAEBench's probe-training and absorption prompts both do."""
     with timer.phase("vocab_prompts"):
         vocab = cap_per_letter(alpha_vocab(lm.tokenizer), cfg.max_words_per_letter, cfg.seed)
         train_words, test_words = split_vocab(vocab, cfg.train_fraction, cfg.seed)
@@ -76,6 +75,7 @@ def compute_llm_stage(lm, layer: int, cfg: AbsorptionConfig, timer: PhaseTimer) 
             template=cfg.prompt_template,
             answer_template=cfg.answer_template,
             separator=cfg.example_separator,
+            prepend_separator=True,
         )
         # SAEBench: probe prompts draw their examples from the same split
         train_prompts = build_prompts(train_words, train_words, cfg.seed, **common)
@@ -86,22 +86,31 @@ def compute_llm_stage(lm, layer: int, cfg: AbsorptionConfig, timer: PhaseTimer) 
             len(train_words),
             len(test_words),
         )
+    from tqdm.auto import tqdm
+
+    # the absorption prompts (probe true positives) are not known yet: the bar grows later
+    bar = tqdm(
+        total=len(train_prompts) + len(test_prompts),
+        desc="absorption prompts",
+        unit="prompt",
+        disable=None,
+    )
     with timer.phase("llm_activations"):
-        x_train = word_activations(lm, train_prompts, layer, cfg.llm_batch_size)
-        x_test = word_activations(lm, test_prompts, layer, cfg.llm_batch_size)
+        x_train = word_activations(lm, train_prompts, layer, cfg.llm_batch_size, bos, bar)
+        x_test = word_activations(lm, test_prompts, layer, cfg.llm_batch_size, bos, bar)
     y_train, y_test = _words_and_labels(train_prompts), _words_and_labels(test_prompts)
     with timer.phase("ground_truth_probe"):
         probe = train_letter_probe(x_train, y_train, cfg, _resolve_device(cfg.device))
         logits = probe.logits(x_test)
         is_tp = logits[torch.arange(len(y_test)), y_test] > 0
         abs_words = [w for w, tp in zip(test_words, is_tp.tolist(), strict=True) if tp]
-        # SAEBench: absorption prompts use examples from the whole vocabulary and start
-        # with the separator
-        abs_prompts = build_prompts(
-            abs_words, vocab, cfg.seed + 2, prepend_separator=True, **common
-        )
+        # SAEBench: absorption prompts draw their examples from the whole vocabulary
+        abs_prompts = build_prompts(abs_words, vocab, cfg.seed + 2, **common)
+    bar.total += len(abs_prompts)
+    bar.refresh()
     with timer.phase("llm_activations"):
-        x_abs = word_activations(lm, abs_prompts, layer, cfg.llm_batch_size)
+        x_abs = word_activations(lm, abs_prompts, layer, cfg.llm_batch_size, bos, bar)
+    bar.close()
     return LLMStage(
         train_words=train_words,
         test_words=test_words,
@@ -155,47 +164,85 @@ def run(
         cfg: settings; SAEBench defaults when None.
         cache_dir: when given, the SAE-independent stage (LLM activations + ground-truth
             probe) is read from / written to this folder, so the next SAE on the same
-            model, revision, layer, tokenizer and config skips the LLM and the probe.
+            model, revision, layer, tokenizer, BOS policy and config skips the LLM and the
+            probe.
 
-    Returns a JSON-able dict:
-        mean_full_absorption_score: mean over eligible letters of the fraction of probe
-            true positives that are fully absorbed. LOWER is better. None with no eligible letter.
+    Returns a JSON-able dict. Headline (SAEBench's rule, see
+    :mod:`masksae.evaluate.absorption.summary`; every score null when fewer than
+    ``min_eligible_letters`` letters have probe F1 > ``min_probe_f1``):
+        mean_full_absorption_score: mean over scored letters of the fraction of probe true
+            positives that are fully absorbed. LOWER is better.
         absorption_paper_convention: 100 * (1 - mean_full_absorption_score), the SAEBench
             paper's table form. HIGHER is better.
-        mean_fractional_absorption_score: SAEBench's mean_absorption_fraction_score
-            (lower is better).
-        per_letter: {letter: {full_absorption_rate, fractional, n_true_positives,
-            n_full_absorption, main_latents, probe_f1, k_sparse_f1}} for eligible letters.
-        probe_f1: {letter: ground-truth probe test F1} for all 26 letters.
-        n_eligible_letters, eligible_letters, mean_num_main_latents, warnings, timings_s,
-        cache_hit, n_words {train, test, true_positives}, config.
+        mean_full_absorption_score_se / absorption_paper_convention_se: binomial standard
+            errors (``se_kind``) in the same units.
+        mean_fractional_absorption_score (+ _se): SAEBench's mean_absorption_fraction_score.
+        std_dev_full_absorption_score, std_dev_fractional_absorption_score: SAEBench's
+            spread over letters. mean_num_main_latents: its mean_num_split_features.
+        n_scored_letters, n_true_positives, n_full_absorption: what the scores average.
+    Also: score_rule, se_kind, all_eligible_letters (the same block under masksae's rule:
+    any number of eligible letters, labelled by its ``rule``), n_eligible_letters,
+    eligible_letters, per_letter {letter: {full_absorption_rate, fractional, fractional_var,
+    n_true_positives, n_full_absorption, main_latents, absorbing_latents [[latent, n], ...],
+    k_sparse_latents, k_sparse_f1, probe_f1}} for eligible letters, probe_f1 (all 26),
+    n_words {train, test, true_positives}, settings {bos, prompt_format,
+    k_sparse_probe_init, max_words_per_letter}, cache_hit, warnings, timings_s, config.
     """
     cfg = cfg or AbsorptionConfig()
     cfg.validate()
     _validate_layer(lm, layer)
     timer = PhaseTimer()
     warnings: list[str] = []
-    key = cache.cache_key(lm, layer, cfg)
+    bos = resolve_bos(lm.tokenizer, cfg.prepend_bos)
+    if cfg.prepend_bos and bos.token_id is None:
+        msg = (
+            "absorption: the tokenizer has neither a BOS nor an EOS token; prompts start "
+            "without one (SAEBench would prepend one)"
+        )
+        logger.warning(msg)
+        warnings.append(msg)
+    key = cache.cache_key(lm, layer, cfg, bos)
     stage = cache.load(Path(cache_dir), key) if cache_dir is not None else None
     cache_hit = stage is not None
     if stage is None:
-        stage = compute_llm_stage(lm, layer, cfg, timer)
+        stage = compute_llm_stage(lm, layer, cfg, timer, bos)
         if cache_dir is not None:
             path = cache.save(Path(cache_dir), key, stage)
             logger.info("absorption: cached LLM activations and probe in %s", path)
     else:
         logger.info("absorption: reusing cached LLM activations and probe from %s", cache_dir)
+    return score_stage(
+        sae, stage, layer, cfg, bos, cache_hit=cache_hit, timer=timer, warnings=warnings
+    )
 
+
+def score_stage(
+    sae,
+    stage: LLMStage,
+    layer: int,
+    cfg: AbsorptionConfig,
+    bos: BosPolicy,
+    *,
+    cache_hit: bool = False,
+    timer: PhaseTimer | None = None,
+    warnings: list[str] | None = None,
+) -> dict:
+    """The SAE-dependent part of :func:`run`: eligibility, k-sparse probes, scoring and the
+    result dict (see :func:`run`) for one SAE on an already computed LLM stage."""
+    timer = timer or PhaseTimer()
+    warnings = [] if warnings is None else warnings
     probe = LinearProbe(stage.probe_W_CD, stage.probe_b_C)
     probe_f1 = per_class_f1(probe.logits(stage.x_test_ND), stage.y_test_N)
     eligible = [c for c in range(len(LETTERS)) if probe_f1[c] > cfg.min_probe_f1]
     result: dict = {
         "metric": "absorption_first_letter",
         "layer": int(layer),
-        "mean_full_absorption_score": None,
-        "absorption_paper_convention": None,
-        "mean_fractional_absorption_score": None,
-        "mean_num_main_latents": None,
+        **summarize(
+            {},
+            len(eligible),
+            min_eligible_letters=cfg.min_eligible_letters,
+            min_probe_f1=cfg.min_probe_f1,
+        ),
         "n_eligible_letters": len(eligible),
         "eligible_letters": [LETTERS[c] for c in eligible],
         "per_letter": {},
@@ -204,6 +251,12 @@ def run(
             "train": len(stage.train_words),
             "test": len(stage.test_words),
             "true_positives": len(stage.abs_words),
+        },
+        "settings": {
+            "bos": bos.to_dict(),
+            "prompt_format": cache.PROMPT_FORMAT,
+            "k_sparse_probe_init": "torch.nn.Linear default (uniform +-1/sqrt(d_sae)), seeded",
+            "max_words_per_letter": cfg.max_words_per_letter,
         },
         "cache_hit": cache_hit,
         "warnings": warnings,
@@ -222,8 +275,9 @@ def run(
     if len(eligible) < cfg.min_eligible_letters:
         msg = (
             f"absorption: only {len(eligible)} letters have ground-truth probe F1 > "
-            f"{cfg.min_probe_f1} (SAEBench requires {cfg.min_eligible_letters}); the score "
-            "averages over these letters only"
+            f"{cfg.min_probe_f1} (SAEBench requires {cfg.min_eligible_letters}), so there is "
+            "no SAEBench score (null); all_eligible_letters averages the letters available. "
+            "A larger vocabulary (max_words_per_letter) trains a better probe"
         )
         logger.warning(msg)
         warnings.append(msg)
@@ -263,24 +317,34 @@ def run(
             result["per_letter"][LETTERS[c]] = {
                 "full_absorption_rate": scored.full_absorption_rate,
                 "fractional": scored.mean_fraction,
+                "fractional_var": scored.fraction_var,
                 "n_true_positives": int(rows.sum()),
                 "n_full_absorption": int(scored.is_full_N.sum()),
                 "main_latents": [int(i) for i in k_sparse[c].main_latents],
-                "probe_f1": probe_f1[c],
+                "absorbing_latents": scored.absorbing_latents(),
+                "k_sparse_latents": [int(i) for i in k_sparse[c].latents_by_k[-1]],
                 "k_sparse_f1": k_sparse[c].f1_by_k,
+                "probe_f1": probe_f1[c],
             }
-    letters = list(result["per_letter"].values())
-    full = sum(r["full_absorption_rate"] for r in letters) / len(letters)
-    result["mean_full_absorption_score"] = full
-    result["absorption_paper_convention"] = paper_convention(full)
-    result["mean_fractional_absorption_score"] = sum(r["fractional"] for r in letters) / len(
-        letters
+    result.update(
+        summarize(
+            result["per_letter"],
+            len(eligible),
+            min_eligible_letters=cfg.min_eligible_letters,
+            min_probe_f1=cfg.min_probe_f1,
+        )
     )
-    result["mean_num_main_latents"] = sum(len(r["main_latents"]) for r in letters) / len(letters)
+    extra = result["all_eligible_letters"]
     logger.info(
-        "absorption: mean_full_absorption_score=%.4f (lower is better) over %d letters; phases %s",
-        full,
-        len(letters),
+        "absorption: mean_full_absorption_score=%s (SAEBench rule, lower is better; "
+        "all %d eligible letters: %.4f +- %.4f over %d true positives); phases %s",
+        "null"
+        if result["mean_full_absorption_score"] is None
+        else f"{result['mean_full_absorption_score']:.4f}",
+        extra["n_scored_letters"],
+        extra["mean_full_absorption_score"] or 0.0,
+        extra["mean_full_absorption_score_se"] or 0.0,
+        extra["n_true_positives"],
         {k: round(v, 2) for k, v in timer.seconds.items()},
     )
     return result

@@ -36,13 +36,13 @@ def train_one_vs_rest(
     seed: int,
     device: torch.device,
     l1_decay: float = 0.0,
-    zero_init: bool = False,
 ) -> LinearProbe:
     """Train `n_classes` binary probes at once: BCE with logits, each class's positives
     weighted by n_neg / n_pos, Adam with weight decay, learning rate decaying exponentially
     from `lr` to `end_lr` over the epochs, optional L1 penalty (mean over classes of the
-    summed |weights|). `zero_init` starts from zero weights instead of nn.Linear's uniform
-    init (used by the L1 selector, whose ranking must not reflect init noise)."""
+    summed |weights|). Both SAEBench probes start from ``torch.nn.Linear``'s default init
+    (weights and bias uniform in +-1/sqrt(d)), drawn here from a generator seeded with
+    `seed`, which also orders the minibatches."""
     gen = torch.Generator().manual_seed(seed)
     n, d = x_ND.shape
     x_ND = x_ND.float().to(device)
@@ -54,9 +54,6 @@ def train_one_vs_rest(
         bound = 1.0 / math.sqrt(d)
         linear.weight.copy_(torch.empty(n_classes, d).uniform_(-bound, bound, generator=gen))
         linear.bias.copy_(torch.empty(n_classes).uniform_(-bound, bound, generator=gen))
-        if zero_init:
-            linear.weight.zero_()
-            linear.bias.zero_()
     linear = linear.to(device)
     optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
     gamma = math.exp(math.log(end_lr / lr) / max(epochs, 1))

@@ -89,40 +89,103 @@ def build_prompts(
     ]
 
 
+@dataclass(frozen=True)
+class BosPolicy:
+    """Which token starts every absorption prompt (SAEBench runs its prompts through
+    TransformerLens, whose ``to_tokens`` prepends the tokenizer's BOS for every model, using
+    EOS as BOS when the tokenizer defines none)."""
+
+    token: str | None
+    """The token's text (None: prompts start with their first text token)."""
+    token_id: int | None
+    """Its id."""
+    source: str
+    """"bos_token", "eos_token" (the tokenizer has no BOS: TransformerLens's fallback),
+    "disabled" (``prepend_bos=False``) or "unavailable" (neither BOS nor EOS exists)."""
+    tokenizer_adds_it: bool
+    """The tokenizer prepends it by itself (Gemma); otherwise its text is prepended to the
+    prompt string before tokenising, as TransformerLens does."""
+
+    def to_dict(self) -> dict:
+        return {
+            "prepend_bos": self.token_id is not None,
+            "bos_token": self.token,
+            "bos_token_id": self.token_id,
+            "source": self.source,
+            "tokenizer_adds_it": self.tokenizer_adds_it,
+        }
+
+
+def resolve_bos(tokenizer, prepend_bos: bool = True) -> BosPolicy:
+    """The BOS policy of `tokenizer` (see :class:`BosPolicy`)."""
+    adds = _tokenizer_prepends_bos(tokenizer)
+    if not prepend_bos:
+        return BosPolicy(None, None, "disabled", False)
+    for source in ("bos_token", "eos_token"):
+        token = getattr(tokenizer, source, None)
+        token_id = getattr(tokenizer, f"{source}_id", None)
+        if token is not None and token_id is not None:
+            return BosPolicy(str(token), int(token_id), source, adds and source == "bos_token")
+    return BosPolicy(None, None, "unavailable", False)
+
+
+def _tokenizer_prepends_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def prompt_token_ids(tokenizer, text: str, bos: BosPolicy) -> tuple[list[int], str]:
+    """Token ids of `text` under `bos` and the string they encode (the BOS text + `text` when
+    the BOS is prepended by hand), mirroring TransformerLens's ``to_tokens``."""
+    if bos.token_id is None:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
+    if bos.tokenizer_adds_it:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"]), text
+    full = bos.token + text  # type: ignore[operator]
+    return list(tokenizer(full, add_special_tokens=False)["input_ids"]), full
+
+
 def tokenize_prompt(
-    tokenizer, prompt: Prompt, *, prepend_bos: bool = False
+    tokenizer, prompt: Prompt, bos: BosPolicy | None = None
 ) -> tuple[list[int], int]:
-    """Token ids of `prompt` and the index of the last token of the query word.
+    """Token ids of `prompt` (BOS first under `bos`; None = no BOS) and the index of the last
+    token of the query word.
 
     The position comes from the tokenizer's character offsets where it provides them, else
     from the token count of the text up to the word's end; nothing is hard-coded, so any
-    template and tokenizer work.
+    template and tokenizer work (with SAEBench's template it is the -6 SAEBench hard-codes).
     """
-    ids, position = _tokenize_with_offsets(tokenizer, prompt)
-    if ids is None:
-        ids = tokenizer(prompt.text)["input_ids"]
-        position = len(tokenizer(prompt.text[: prompt.word_end])["input_ids"]) - 1
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if prepend_bos and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-        position += 1
+    bos = bos or BosPolicy(None, None, "disabled", False)
+    ids, full = prompt_token_ids(tokenizer, prompt.text, bos)
+    word_end = prompt.word_end + (len(full) - len(prompt.text))
+    position = _word_position_from_offsets(tokenizer, full, word_end, bos, len(ids))
+    if position < 0:
+        prefix_ids, _ = prompt_token_ids(tokenizer, prompt.text[: prompt.word_end], bos)
+        position = len(prefix_ids) - 1
     if not 0 <= position < len(ids):
         raise ValueError(f"could not locate the word {prompt.word!r} in its prompt's tokens")
-    return list(ids), position
+    return ids, position
 
 
-def _tokenize_with_offsets(tokenizer, prompt: Prompt) -> tuple[list[int] | None, int]:
+def _word_position_from_offsets(
+    tokenizer, full: str, word_end: int, bos: BosPolicy, n_ids: int
+) -> int:
     try:
-        enc = tokenizer(prompt.text, return_offsets_mapping=True)
+        enc = tokenizer(
+            full,
+            add_special_tokens=bos.tokenizer_adds_it,
+            return_offsets_mapping=True,
+        )
     except (NotImplementedError, ValueError, TypeError):
-        return None, -1
+        return -1
     offsets = enc.get("offset_mapping")
-    if offsets is None:
-        return None, -1
+    if offsets is None or len(offsets) != n_ids:
+        return -1
     position = -1
     for i, (start, end) in enumerate(offsets):
-        if end > start and start < prompt.word_end:
+        if end > start and start < word_end:
             position = i
-    if position < 0:
-        return None, -1
-    return list(enc["input_ids"]), position
+    return position

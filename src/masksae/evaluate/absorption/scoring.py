@@ -50,6 +50,22 @@ class LetterAbsorption:
         n = self.fraction_N.numel()
         return float(self.fraction_N.sum() / n) if n else 0.0
 
+    @property
+    def fraction_var(self) -> float:
+        """Sample variance of the per-token fractions (0 with fewer than two tokens)."""
+        n = self.fraction_N.numel()
+        return float(self.fraction_N.double().var(correction=1)) if n > 1 else 0.0
+
+    def absorbing_latents(self) -> list[list[int]]:
+        """[[latent, n_tokens], ...]: the top-projecting latent of each fully absorbed token,
+        most frequent first (ties by latent id)."""
+        latents = self.top_latent_N[self.is_full_N]
+        if latents.numel() == 0:
+            return []
+        ids, counts = latents.unique(return_counts=True)
+        pairs = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+        return [[int(i), int(c)] for i, c in pairs]
+
 
 @torch.inference_mode()
 def score_letter(
@@ -64,7 +80,8 @@ def score_letter(
     probe) given their SAE latents f_NF, the decoder W_dec_FD, the letter's probe direction
     and its main latents.
 
-    Full absorption of a token (all must hold): every main latent has |act| < inactive_eps;
+    Full absorption of a token (all must hold): every main latent has act < inactive_eps
+    (SAEBench compares the signed activation);
     the latent with the largest act * cos(p_hat, W_dec) has cos >= full_cos; x . p_hat >= 0;
     and that latent's act * cos / (x . p_hat) >= projection_ratio (x . p_hat == 0 counts as
     not absorbed).
@@ -92,7 +109,7 @@ def score_letter(
 
     # full absorption by one latent
     if main.numel():
-        main_inactive_N = (f_NF[:, main].abs() < thresholds.inactive_eps).all(dim=1)
+        main_inactive_N = (f_NF[:, main] < thresholds.inactive_eps).all(dim=1)
     else:
         main_inactive_N = torch.ones(n, dtype=torch.bool, device=f_NF.device)
     top_proj_N, top_latent_N = proj_NF.max(dim=1)
