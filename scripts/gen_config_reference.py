@@ -44,6 +44,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
             "masksae.evaluate.core:CoreConfig",
             "masksae.evaluate.downstream:DownstreamConfig",
             "masksae.evaluate.absorption.config:AbsorptionConfig",
+            "masksae.evaluate.cooccurrence:CooccurrenceConfig",
         ],
     ),
 ]

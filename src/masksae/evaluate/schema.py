@@ -7,7 +7,8 @@
   "provenance": {model, revision, layer, mask_prob, architecture, k, d_in, d_sae, seed,
                  store_seed, step, tokens, store_fingerprint},
   "eval_data": {...how the evaluation activations were made (corpus, tokens, cache key)...},
-  "metrics": {"core": {...}, "core_masked": {...}, "absorption": {...}},
+  "metrics": {"core": {...}, "core_masked": {...}, "absorption": {...},
+              "cooccurrence": {...}},
   "timings_s": {"<phase>": seconds, ..., "total": seconds},
   "package_version": "...", "created": "<UTC ISO time>"
 }
