@@ -36,7 +36,6 @@ from sklearn.metrics import f1_score
 from masksae.evaluate.absorption import AbsorptionConfig, run
 from masksae.evaluate.absorption import activations as activations_module
 from masksae.evaluate.absorption import cache as cache_module
-from masksae.evaluate.absorption import pipeline as pipeline_module
 from masksae.evaluate.absorption.vocab import alpha_vocab, cap_per_letter
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -231,7 +230,8 @@ def setup():
     rng = random.Random(0)
     latents = [letter_dirs[i] for i in range(26)]
     emb = model.get_input_embeddings().weight
-    token_ids = dict(zip(vocab, tokenizer(vocab, add_special_tokens=False)["input_ids"]))
+    encoded = tokenizer(vocab, add_special_tokens=False)["input_ids"]
+    token_ids = dict(zip(vocab, encoded, strict=True))
     with torch.no_grad():
         for word in vocab:
             ids = token_ids[word]
@@ -271,11 +271,8 @@ def test_pipeline_matches_saebench_transcription(setup, tmp_path: Path, monkeypa
     tok = lm.tokenizer
     assert sorted(ref_alpha_tokens(tok)) == sorted(vocab)  # vocab.py gives the same words
 
-    seen: list = []  # (prompts, token ids) of each word_activations call: train, test, abs
-    real_activations, real_encode = (
-        pipeline_module.word_activations,
-        activations_module.encode_prompts,
-    )
+    seen: list = []  # (prompts, token ids) of each LLM pass: train, test, absorption prompts
+    real_encode = activations_module.encode_prompts
 
     def record_encode(tokenizer, prompts, bos):
         ids = real_encode(tokenizer, prompts, bos)
@@ -283,7 +280,6 @@ def test_pipeline_matches_saebench_transcription(setup, tmp_path: Path, monkeypa
         return ids
 
     monkeypatch.setattr(activations_module, "encode_prompts", record_encode)
-    monkeypatch.setattr(pipeline_module, "word_activations", real_activations)
     cfg = AbsorptionConfig(max_words_per_letter=WORDS_PER_LETTER, llm_batch_size=64)
     result = run(sae, lm, LAYER, cfg, cache_dir=tmp_path)
     stage = cache_module.load(tmp_path, next(iter(_keys(tmp_path))))
