@@ -30,7 +30,7 @@ TRAIN_OUT ?= runs/sae/$(notdir $(STORE))
 RESUME ?=
 # ---- evaluate variables -----------------------------------------------------------------
 CHECKPOINTS ?= $(TRAIN_OUT)
-METRICS ?= core,absorption
+METRICS ?= core,absorption,cooccurrence
 EVAL_OUT ?= runs/eval
 EVAL_CACHE ?= runs/eval-cache
 REPORT_OUT ?= runs/report

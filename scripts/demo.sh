@@ -9,7 +9,9 @@ M=${MASKSAE:-.venv/bin/masksae}
 OUT=${DEMO_OUT:-runs/demo}
 TOKENS=${DEMO_TOKENS:-60000}
 LAYER=${DEMO_LAYER:-15}
-ABSORPTION_WORDS=${DEMO_ABSORPTION_WORDS:-40}
+# absorption vocabulary: the "demo" preset of AbsorptionConfig's VOCAB_PRESETS (words per
+# letter, chosen by measurement: docs/bench/absorption-vocab.md); a number overrides it
+ABSORPTION_WORDS=${DEMO_ABSORPTION_WORDS:-demo}
 TRAIN_CONFIG=${DEMO_TRAIN_CONFIG:-configs/demo-sweep.toml}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
 CE_SEQUENCES=${DEMO_CE_SEQUENCES:-16}
@@ -25,7 +27,7 @@ for p in 0.0 0.3; do
   $M train --store "$store" --config "$TRAIN_CONFIG" --out "$OUT/sae/p$p" $resume
 done
 
-$M evaluate --checkpoints "$OUT/sae/p0.0" "$OUT/sae/p0.3" --metrics core,absorption \
+$M evaluate --checkpoints "$OUT/sae/p0.0" "$OUT/sae/p0.3" --metrics core,absorption,cooccurrence \
   --absorption-max-words "$ABSORPTION_WORDS" --eval-tokens "$EVAL_TOKENS" --ce-sequences "$CE_SEQUENCES" \
   --cache "$OUT/eval-cache" --out "$OUT/eval"
 $M report "$OUT/eval" --out "$OUT/report"

@@ -7,6 +7,7 @@ their `store verify`, the sweep training, evaluation and the report.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,4 +74,8 @@ def test_demo_script_end_to_end(tmp_path):
         assert sorted(d.name for d in (out / "sae" / f"p{p}").iterdir() if d.is_dir())
     report = (out / "report" / "report.md").read_text()
     assert "0.3" in report and "k" in report
-    assert len(list((out / "eval").rglob("*.json"))) >= 4  # one result per checkpoint
+    results = sorted((out / "eval").rglob("*.json"))
+    assert len(results) >= 4  # one result per checkpoint
+    metrics = json.loads(results[0].read_text())["metrics"]
+    assert {"core", "absorption", "cooccurrence"} <= set(metrics)
+    assert metrics["absorption"]["settings"]["bos"]["prepend_bos"]
