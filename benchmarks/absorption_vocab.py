@@ -271,7 +271,7 @@ def main() -> int:
         "tokens_per_prompt": tokens / n_prompts,
     }
     rows = []
-    for words in sorted(args.sizes):
+    for words in sorted({*args.sizes, args.max_words}):
         for draw in range(args.repeats if words < args.max_words else 1):
             stage = _sub_stage(full, cfg, words, draw)
             prompts = len(stage.train_words) + len(stage.test_words) + len(stage.abs_words)
@@ -290,6 +290,8 @@ def main() -> int:
                     }
                 )
                 log.info("%s", rows[-1])
+                if words == args.max_words:  # the full results of the largest size
+                    report.setdefault("results_at_max", {})[label] = res
     report["rows"] = rows
     report["load_end"] = os.getloadavg()[0]
     if args.json:
