@@ -350,7 +350,7 @@ def _markdown(report: dict[str, Any], args) -> str:
             f"{'' if spread is None else f'{spread:.1f}'} | {mean('n_true_positives'):.0f} | "
             f"{_num(mean('main_latents'))} |"
         )
-    if "compare" in report:
+    if "compare" in report and "rows" not in report["compare"]:
         c = report["compare"]
         lines += [
             "",
@@ -358,8 +358,7 @@ def _markdown(report: dict[str, Any], args) -> str:
             "",
             "No BOS, probe prompts without the leading separator, L1 probe from zeros, mean over "
             "any number of eligible letters; compare with the rows of W = "
-            f"{c['words']} above (after). LLM stage + scoring of all SAEs: "
-            f"{c['old_seconds']:.0f} s.",
+            f"{c['words']} above (after).",
             "",
             "| SAE | eligible | score ± SE (TPs) | main latents |",
             "|---|---|---|---|",
@@ -378,7 +377,8 @@ def _markdown(report: dict[str, Any], args) -> str:
             "",
             "`before`: the code given by `--compare-src` (no BOS, probe prompts without the "
             "leading separator, L1 probe from zeros, mean over any number of eligible "
-            "letters). `after`: this code.",
+            "letters). `after`: this code. Both draw the same words (same seed and cap), so "
+            "they differ only by the pipeline.",
             "",
             "| SAE | before: eligible | before: score ± SE (TPs) | before: main latents | "
             "after: eligible | after: headline | after: all letters ± SE (TPs) | "
