@@ -58,7 +58,8 @@ class EvaluateConfig:
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     """Spliced CE / KL settings."""
     absorption: Any = None
-    """An ``AbsorptionConfig`` (None: its defaults, with words capped for CPU speed)."""
+    """An ``AbsorptionConfig`` (None: its defaults, i.e. SAEBench's whole vocabulary; the CLI
+    caps it with ``--absorption-max-words``, default the "demo" preset)."""
     cooccurrence: CooccurrenceConfig = field(default_factory=CooccurrenceConfig)
     """Latent co-occurrence settings."""
     cache_dir: Path | None = None
