@@ -158,6 +158,44 @@ METRIC_ROWS: tuple[MetricRow, ...] = (
         unit="letters",
         compare=False,
     ),
+    MetricRow(
+        "absorption_se",
+        "Absorption standard error (binomial, letters fixed), points",
+        metric_at("absorption", "absorption_paper_convention_se"),
+        higher_is_better=None,
+        compare=False,
+    ),
+    MetricRow(
+        "absorption_true_positives",
+        "Absorption true positives (words scored)",
+        metric_at("absorption", "n_true_positives"),
+        digits=0,
+        higher_is_better=None,
+        unit="words",
+        compare=False,
+    ),
+    MetricRow(
+        "cooc_npmi",
+        "Frequent-latent pairs: mean normalised PMI",
+        metric_at("cooccurrence", "frequent_pairs", "npmi", "mean"),
+        digits=3,
+        higher_is_better=None,
+        unit="npmi",
+    ),
+    MetricRow(
+        "cooc_observed_over_expected",
+        "Frequent-latent pairs: co-firing observed / expected",
+        metric_at("cooccurrence", "frequent_pairs", "observed_over_expected"),
+        digits=3,
+        higher_is_better=None,
+        unit="(ratio)",
+    ),
+    MetricRow(
+        "cooc_parent_child",
+        "Absorbed parent-child pairs: P(main latent | absorbing latent) %",
+        metric_at("cooccurrence", "parent_child", "mean_p_main_given_absorber", scale=100),
+        higher_is_better=None,
+    ),
 )
 """Rows of the paper-form and ablation tables, in order."""
 
