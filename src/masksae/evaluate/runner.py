@@ -38,10 +38,14 @@ from masksae.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
-METRICS = ("core", "reconstruction", "absorption", "cooccurrence")
+PROBING_METRICS = ("sparse_probing", "scr", "tpp", "ood")
+"""The probing metrics (masksae.evaluate.probing), each its own result section."""
+METRICS = ("core", "reconstruction", "absorption", "cooccurrence", *PROBING_METRICS)
 """core = reconstruction metrics + spliced CE/KL; reconstruction = without the LLM splice;
 cooccurrence = latent co-activation on the clean held-out activations (with absorption's
-parent-child pairs when absorption runs too)."""
+parent-child pairs when absorption runs too); the probing metrics."""
+ALL = "all"
+"""``--metrics all``: every metric except ``reconstruction`` (which ``core`` contains)."""
 
 
 @dataclass
@@ -50,7 +54,7 @@ class EvaluateConfig:
 
     metrics: tuple[str, ...] = ("core",)
     """Metric families to run: core, reconstruction (core without CE/KL), absorption,
-    cooccurrence."""
+    cooccurrence, sparse_probing, scr, tpp, ood; "all" = every one but reconstruction."""
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     """Held-out evaluation activations."""
     core: CoreConfig = field(default_factory=CoreConfig)
@@ -78,15 +82,24 @@ class EvaluateConfig:
     model_override: str | None = None
     """Load this model spec instead of the one in the checkpoint provenance (same weights
     at another path, e.g. offline)."""
+    probing: Any = None
+    """A ``ProbingConfig`` for sparse_probing, scr, tpp and ood (None: the "demo" preset)."""
+    progress: bool = True
+    """Progress bars (tqdm on stderr) on the LLM passes."""
 
     def __post_init__(self) -> None:
+        if ALL in self.metrics:
+            rest = [m for m in METRICS if m != "reconstruction"]
+            self.metrics = tuple(dict.fromkeys([*rest, *(m for m in self.metrics if m != ALL)]))
         if not self.metrics:
             raise ConfigError(
-                f"--metrics names no metric: give a comma list from {', '.join(METRICS)}"
+                f"--metrics names no metric: give a comma list from {', '.join(METRICS)} or {ALL}"
             )
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
-            raise ConfigError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+            raise ConfigError(
+                f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)} or {ALL}"
+            )
 
 
 class Evaluator:
@@ -97,6 +110,11 @@ class Evaluator:
         self._lms: dict[str, Any] = {}
         self._baselines: dict[str, dict[str, float]] = {}
         self._clean_caches: dict[str, Any] = {}
+        self._probing_cache: Any = None
+        if not cfg.progress:  # --no-progress also silences transformers' weight-loading bar
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
 
     def _lm(self, spec: str, timer: PhaseTimer) -> Any:
         if spec not in self._lms:
@@ -232,6 +250,12 @@ class Evaluator:
                     metrics["cooccurrence"] = cooccurrence_metrics(
                         sae, clean_acts, cfg.cooccurrence, metrics.get("absorption"), device
                     )
+            sae_memo: dict = {}  # this SAE's pooled latents, shared by the probing metrics
+            for name in PROBING_METRICS:
+                if name in cfg.metrics:
+                    metrics[name] = self._probing(
+                        name, sae, model_spec, prov, meta, layer, timer, sae_memo
+                    )
         timer.seconds["total"] = time.perf_counter() - t_start
         return make_result(checkpoint, prov, eval_info, metrics, timer.seconds)
 
@@ -280,6 +304,60 @@ class Evaluator:
         cache = None if self.cfg.cache_dir is None else Path(self.cfg.cache_dir) / "absorption"
         with timer.phase("absorption"):
             return absorption.run(sae, lm, layer, acfg, cache)
+
+    def _probing_config(self) -> Any:
+        from masksae.evaluate.probing import probing_preset
+
+        if self.cfg.probing is None:
+            self.cfg.probing = probing_preset("demo")
+        self.cfg.probing.validate()
+        return self.cfg.probing
+
+    def _probing(
+        self,
+        name: str,
+        sae: Any,
+        model_spec: str,
+        prov: dict[str, Any],
+        meta: dict[str, Any],
+        layer: int,
+        timer: PhaseTimer,
+        sae_memo: dict | None = None,
+    ) -> dict[str, Any]:
+        """One probing metric's result section; LLM activations and LLM-activation probes
+        come from ``cache_dir/probing`` when an earlier checkpoint made them."""
+        from masksae.evaluate.probing import metric_runner
+        from masksae.evaluate.probing.activations import ActivationCache
+        from masksae.evaluate.probing.suite import ProbingContext, check_disjoint
+
+        pcfg = self._probing_config()
+        check_disjoint(meta.get("store") or {}, pcfg, (name,))
+        if self._probing_cache is None:
+            root = None if self.cfg.cache_dir is None else Path(self.cfg.cache_dir) / "probing"
+            self._probing_cache = ActivationCache(root, pcfg.memory_mb)
+        ctx = ProbingContext(
+            cfg=pcfg,
+            cache=self._probing_cache,
+            model=model_spec,
+            revision=prov["revision"],
+            layer=layer,
+            llm_dtype=self.cfg.llm_dtype,
+            get_lm=lambda: self._lm(model_spec, timer),
+            progress=self.cfg.progress,
+            sae_memo={} if sae_memo is None else sae_memo,
+        )
+        with timer.phase(name):
+            result = metric_runner(name)(sae, ctx)
+        result["timings_s"] = dict(ctx.timer.seconds)
+        result["cache_hits"] = dict(ctx.hits)
+        result["settings"] = {
+            "preset": pcfg.preset,
+            "prepend_bos": pcfg.prepend_bos,
+            "outlier_norm_factor": pcfg.outlier_norm_factor,
+            "cache_dtype": pcfg.cache_dtype,
+            "llm_dtype": self.cfg.llm_dtype,
+        }
+        return result
 
 
 def _check_store(path: str | Path, info: dict[str, Any], prov: dict[str, Any], d_in: int) -> None:

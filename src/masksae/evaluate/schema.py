@@ -8,13 +8,33 @@
                  store_seed, step, tokens, store_fingerprint},
   "eval_data": {...how the evaluation activations were made (corpus, tokens, cache key)...},
   "metrics": {"core": {...}, "core_masked": {...}, "absorption": {...},
-              "cooccurrence": {...}},
+              "cooccurrence": {...},
+              "sparse_probing": {...}, "scr": {...}, "tpp": {...}, "ood": {...}},
   "timings_s": {"<phase>": seconds, ..., "total": seconds},
   "package_version": "...", "created": "<UTC ISO time>"
 }
 ```
 Metric names inside ``metrics["core"]`` are those of :mod:`masksae.evaluate.core` plus
 ``masksae.evaluate.downstream`` under ``metrics["core"]["downstream"]``.
+
+The probing sections (:mod:`masksae.evaluate.probing`; each also holds ``per_task`` details,
+``tasks``, ``config``, ``settings`` {preset, prepend_bos, cache_dtype, llm_dtype},
+``cache_hits`` and ``timings_s``; accuracies, scores and AUCs are fractions, not percent):
+
+- ``sparse_probing``: ``llm_test_accuracy``, ``sae_test_accuracy`` (all-feature probes),
+  ``llm_top_{k}_test_accuracy``, ``sae_top_{k}_test_accuracy`` per k, ``headline_k``;
+  per task ``per_class`` and the probe set sizes.
+- ``scr``: ``scr_metric_threshold_{N}``, ``scr_dir1_threshold_{N}``,
+  ``scr_dir2_threshold_{N}`` per N, ``headline_n``, ``n_values``; per task the chosen
+  direction and the LLM-probe and ablated accuracies.
+- ``tpp``: ``tpp_threshold_{N}_total_metric``, ``..._intended_diff_only``,
+  ``..._unintended_diff_only`` per N, ``headline_n``, ``n_values``; per task the per-class
+  scores and clean accuracies.
+- ``ood``: ``mean_sae_test_auc``, ``mean_oracle_test_auc``, ``mean_gap``, ``k``; per task
+  ``sae_test_auc``, ``oracle_test_auc`` and each probe's chosen C, validation AUC,
+  accuracy and F1.
+
+Adding these sections kept ``schema_version`` at 1: older files simply lack them.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Everything before the SAE (vocabulary, prompts, LLM activations, the letter prob
 absorption prompts' activations) depends only on the model, its revision, the layer, the
 tokenizer and part of the config, so a second SAE on the same model/layer reuses it. One
 entry = `<key hash>.npz` (arrays) + `<key hash>.json` (the key and word lists), written
-atomically; an entry whose key does not match exactly is ignored.
+atomically (``masksae.evaluate.keyed_cache``, shared with the probing metrics); an entry whose key does not match exactly is ignored.
 
 The key names the BOS token actually prepended and the prompt layout (``PROMPT_FORMAT``), so
 an entry made under another BOS policy or prompt layout (e.g. by earlier masksae versions, whose probe
@@ -13,17 +13,13 @@ prompts lacked the leading separator and which added BOS for Gemma only) is neve
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from masksae.atomic import atomic_write_bytes, atomic_write_json
+from masksae.evaluate.keyed_cache import KeyedCache
 
 logger = logging.getLogger(__name__)
 
@@ -90,40 +86,30 @@ def cache_key(lm, layer: int, cfg, bos) -> dict:
     }
 
 
-def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+def _entries(cache_dir: Path) -> KeyedCache:
+    return KeyedCache(cache_dir, "absorption")
 
 
 def load(cache_dir: Path, key: dict) -> LLMStage | None:
     """The cached stage for `key`, or None when absent or made with another key."""
-    stem = Path(cache_dir) / f"absorption-{_digest(key)}"
-    meta_path, arrays_path = stem.with_suffix(".json"), stem.with_suffix(".npz")
-    if not (meta_path.exists() and arrays_path.exists()):
+    entry = _entries(cache_dir).load(key)
+    if entry is None:
         return None
+    arrays, meta = entry
     try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") != key:
-            logger.warning("absorption cache %s has a different key; recomputing", meta_path)
-            return None
-        with np.load(arrays_path) as z:
-            arrays = {name: torch.from_numpy(z[name].copy()) for name in z.files}
-    except (OSError, ValueError, KeyError) as err:
-        logger.warning("absorption cache %s unreadable (%s); recomputing", stem, err)
+        return LLMStage(
+            train_words=meta["train_words"],
+            test_words=meta["test_words"],
+            abs_words=meta["abs_words"],
+            **{name: torch.from_numpy(a.copy()) for name, a in arrays.items()},
+        )
+    except (KeyError, TypeError) as err:
+        logger.warning("absorption cache in %s is incomplete (%s); recomputing", cache_dir, err)
         return None
-    return LLMStage(
-        train_words=meta["train_words"],
-        test_words=meta["test_words"],
-        abs_words=meta["abs_words"],
-        **arrays,
-    )
 
 
 def save(cache_dir: Path, key: dict, stage: LLMStage) -> Path:
     """Write `stage` under `cache_dir` (arrays first, then the json that makes it valid)."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = cache_dir / f"absorption-{_digest(key)}"
-    buf = io.BytesIO()
     arrays = {
         name: getattr(stage, name).numpy()
         for name in (
@@ -137,15 +123,11 @@ def save(cache_dir: Path, key: dict, stage: LLMStage) -> Path:
             "y_abs_N",
         )
     }
-    np.savez(buf, **arrays)
-    atomic_write_bytes(stem.with_suffix(".npz"), buf.getvalue())
-    atomic_write_json(
-        stem.with_suffix(".json"),
-        {
-            "key": key,
-            "train_words": stage.train_words,
-            "test_words": stage.test_words,
-            "abs_words": stage.abs_words,
-        },
-    )
-    return stem.with_suffix(".npz")
+    meta = {
+        "train_words": stage.train_words,
+        "test_words": stage.test_words,
+        "abs_words": stage.abs_words,
+    }
+    path = _entries(cache_dir).save(key, arrays, meta)
+    assert path is not None
+    return path

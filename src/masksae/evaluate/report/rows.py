@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from masksae.evaluate.probing.figures import ROWS as PROBING_ROWS
+
 Reader = Callable[[dict[str, Any]], float | None]
 """Reads one value, in reported units, from a result document (None when absent)."""
 
@@ -198,6 +200,12 @@ METRIC_ROWS: tuple[MetricRow, ...] = (
     ),
 )
 """Rows of the paper-form and ablation tables, in order."""
+
+METRIC_ROWS += tuple(
+    MetricRow(key, label, read, higher_is_better=better, compare=compare)
+    for key, label, read, better, compare in PROBING_ROWS
+)
+"""The probing metrics' rows (sparse probing, TPP, SCR, OOD AUC: masksae.evaluate.probing)."""
 
 
 MIN_ABSORPTION_LETTERS = 20

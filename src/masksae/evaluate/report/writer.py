@@ -274,6 +274,24 @@ def letters_section(ctx: ReportContext, part: SettingPart) -> list[str]:
     return lines
 
 
+def probing_section(ctx: ReportContext, part: SettingPart) -> list[str]:
+    """The probing settings behind the probing rows, and the paper's Figure 1 (OOD probing)
+    per k."""
+    from masksae.evaluate.probing.figures import plot_ood_figure, probing_note
+
+    note = probing_note([d for docs in part.cells.values() for d in docs])
+    lines = [note, ""] if note else []
+    for k in ks_of(part.cells):
+        png = ctx.out_dir / f"ood_probing_{part.slug}_k{k}.png"
+        if plot_ood_figure(part.cells, part.setting, k, png, part.title):
+            lines += [
+                f"#### OOD probing at {k_label(k)} (the paper's Figure 1)",
+                "",
+                *ctx.figure(png, "OOD probing AUC"),
+            ]
+    return lines
+
+
 SETTING_SECTIONS: tuple[Callable[[ReportContext, SettingPart], list[str]], ...] = (
     paper_section,
     l0_explanation_section,
@@ -282,6 +300,7 @@ SETTING_SECTIONS: tuple[Callable[[ReportContext, SettingPart], list[str]], ...] 
     shift_section,
     ablation_section,
     letters_section,
+    probing_section,
 )
 """Sections of each setting part, in order."""
 
