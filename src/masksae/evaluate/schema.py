@@ -4,8 +4,9 @@
 {
   "schema": "masksae.eval", "schema_version": 1,
   "checkpoint": "<path>",
-  "provenance": {model, revision, layer, mask_prob, architecture, k, d_in, d_sae, seed,
-                 store_seed, step, tokens, store_fingerprint},
+  "provenance": {model, revision, layer, mask_prob, corruption, corruption_label,
+                 architecture, k, d_in, d_sae, seed, store_seed, step, tokens,
+                 store_fingerprint},
   "eval_data": {...how the evaluation activations were made (corpus, tokens, cache key)...},
   "metrics": {"core": {...}, "core_masked": {...}, "absorption": {...},
               "cooccurrence": {...},
@@ -54,6 +55,8 @@ PROVENANCE_KEYS = (
     "revision",
     "layer",
     "mask_prob",
+    "corruption",
+    "corruption_label",
     "architecture",
     "k",
     "d_in",
@@ -82,12 +85,17 @@ def provenance_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     sae = meta.get("sae") or {}
     train = meta.get("train") or {}
     store = meta.get("store") or {}
+    from masksae.storage.provenance import corruption_kind, corruption_label
+
     mask_prob = _first(store.get("mask_prob"), store.get("p"), 0.0)
     return {
         "model": store.get("model"),
         "revision": store.get("revision"),
         "layer": store.get("layer"),
         "mask_prob": float(mask_prob),
+        # the store's corruption (masksae.storage.provenance): controls at the same p differ
+        "corruption": corruption_kind(store),
+        "corruption_label": corruption_label({**store, "mask_prob": mask_prob}),
         "architecture": sae.get("architecture"),
         "k": sae.get("k"),
         "d_in": sae.get("d_in"),

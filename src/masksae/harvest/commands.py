@@ -49,12 +49,45 @@ def harvest(
     tokens: int = typer.Option(
         100_000, "--tokens", help="Tokens to harvest (rounded up to whole sequences)."
     ),
-    mask_prob: float = typer.Option(0.3, "--mask-prob", help="Masking probability p, 0 <= p < 1."),
+    mask_prob: float = typer.Option(
+        0.3,
+        "--mask-prob",
+        help="Masking probability p, 0 <= p < 1 (the rate of every --corruption).",
+    ),
     mask_string: str = typer.Option(
         "...", "--mask-string", help="Mask string (must be one token)."
     ),
     mask_token_id: int | None = typer.Option(
         None, "--mask-token-id", help="Mask token id (overrides --mask-string)."
+    ),
+    mask_token_role: str | None = typer.Option(
+        None,
+        "--mask-token-role",
+        help="unk or pad: mask with the tokenizer's own unk/pad token (a special token; "
+        "overrides --mask-string and --mask-token-id).",
+    ),
+    corruption: str = typer.Option(
+        "mask",
+        "--corruption",
+        help="What happens at the drawn positions: mask (the mask token), random_uniform or "
+        "random_unigram (a random token), delete (removed; the sequence shortens), noise (clean "
+        "text, Gaussian noise on the activations matched to masking's shift at --mask-prob).",
+    ),
+    unigram_tokens: int = typer.Option(
+        1_000_000,
+        "--unigram-tokens",
+        help="random_unigram: frequencies counted over the harvest's first N tokens.",
+    ),
+    noise_sigma: float | None = typer.Option(
+        None,
+        "--noise-sigma",
+        help="noise: per-dimension standard deviation; default calibrated to masking's mean "
+        "squared activation shift at --mask-prob.",
+    ),
+    noise_calibration_sequences: int = typer.Option(
+        64,
+        "--noise-calibration-sequences",
+        help="noise: sequences (the harvest's first) the calibration measures masking on.",
     ),
     context_length: int | None = typer.Option(
         None,
@@ -112,6 +145,8 @@ def harvest(
 ) -> None:
     """Run the LLM on a masked corpus and cache the residual stream after block --layer.
 
+    --corruption chooses a control instead of masking (random tokens, deletion, noise).
+
     Special tokens, position 0 and norm outliers (--outlier-norm-factor) are flagged excluded.
 
     --devices cuda:0,cuda:1 splits the chunks over one rank per device; several nodes:
@@ -139,6 +174,11 @@ def harvest(
         mask_prob=mask_prob,
         mask_string=mask_string,
         mask_token_id=mask_token_id,
+        mask_token_role=mask_token_role,
+        corruption=corruption,
+        unigram_tokens=unigram_tokens,
+        noise_sigma=noise_sigma,
+        noise_calibration_sequences=noise_calibration_sequences,
         context_length=context_length,
         batch_size=batch_size,
         dtype=dtype,

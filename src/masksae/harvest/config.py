@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from masksae.harvest.corruption import (
+    DEFAULT_NOISE_CALIBRATION_SEQUENCES,
+    DEFAULT_UNIGRAM_TOKENS,
+)
 from masksae.harvest.masking import DEFAULT_MASK_STRING
 from masksae.harvest.outliers import DEFAULT_OUTLIER_NORM_FACTOR
 
@@ -43,11 +47,29 @@ class HarvestConfig:
     tokens: int = 100_000
     """Tokens to harvest (rounded up to whole sequences)."""
     mask_prob: float = 0.3
-    """Probability p that a token is replaced by the mask token (0 <= p < 1)."""
+    """Probability p that a token is replaced by the mask token (0 <= p < 1); the corruption
+    rate of every ``corruption`` kind (they all corrupt the positions masking would)."""
     mask_string: str = DEFAULT_MASK_STRING
     """Mask string; must encode to exactly one token."""
     mask_token_id: int | None = None
-    """Mask token id overriding mask_string."""
+    """Mask token id overriding mask_string (an ordinary token, not a special one)."""
+    mask_token_role: str | None = None
+    """Use the tokenizer's own ``unk`` or ``pad`` token as the mask (a special token, allowed
+    here on purpose); overrides mask_string and mask_token_id."""
+    corruption: str = "mask"
+    """What happens at the drawn positions: ``mask`` (the mask token, the paper's method),
+    ``random_uniform`` / ``random_unigram`` (a random ordinary token, uniform or by the
+    corpus's unigram frequencies), ``delete`` (the token is removed and the sequence
+    shortens), or ``noise`` (clean text; Gaussian noise added to the activations, its scale
+    matched to masking at mask_prob). See masksae.harvest.corruption."""
+    unigram_tokens: int = DEFAULT_UNIGRAM_TOKENS
+    """random_unigram: the frequencies are counted over the harvest's first packed sequences
+    holding this many tokens (special tokens not counted)."""
+    noise_sigma: float | None = None
+    """noise: per-dimension standard deviation; None calibrates it so the noise's mean squared
+    shift equals masking's at mask_prob (measured on noise_calibration_sequences)."""
+    noise_calibration_sequences: int = DEFAULT_NOISE_CALIBRATION_SEQUENCES
+    """noise: the harvest's first sequences on which masking's activation shift is measured."""
     context_length: int | None = None
     """Tokens per sequence; None = 128 for bundled models, else min(1024, model maximum)."""
     batch_size: int = 8

@@ -30,8 +30,15 @@ from masksae.devices import dtype_name, resolve_dtype
 from masksae.errors import ConfigError, CorpusError
 from masksae.harvest.config import DEFAULT_CHUNK_TOKENS, HarvestConfig
 from masksae.harvest.corpus import Corpus, CorpusSpec
+from masksae.harvest.corruption import (
+    Corruption,
+    block_noise,
+    corrupt_block,
+    resolve_corruption,
+    role_token_id,
+    validate_corruption_settings,
+)
 from masksae.harvest.masking import (
-    mask_sequences,
     resolve_mask_token,
     special_token_ids,
     validate_mask_prob,
@@ -74,13 +81,19 @@ class HarvestResult:
     seconds: float
     """Wall time of the harvest loop."""
     masked_fraction: float
-    """Fraction of tokens computed by this run that were masked."""
+    """Fraction of tokens computed by this run that were masked (or randomly replaced)."""
     norm_outliers: int = 0
     """Tokens computed by this run that were flagged as norm outliers."""
     null_texts_skipped: int = 0
     """Corpus records with a null text field, skipped while reading the store's documents."""
     undecodable_bytes: int = 0
     """Bytes of the local corpus files read that were not UTF-8 (replaced by U+FFFD)."""
+    corruption: str = "mask"
+    """Corruption kind (HarvestConfig.corruption)."""
+    deleted_fraction: float = 0.0
+    """Deletion: deleted tokens / tokens of the sequences computed by this run."""
+    noise_sigma: float = 0.0
+    """Noise: the per-dimension standard deviation added to every usable token."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -91,11 +104,19 @@ class HarvestResult:
         head = f"{self.out} holds {self.total_tokens} tokens in {self.n_chunks} chunks"
         if self.new_tokens == 0:
             return f"{head}; all were complete already, nothing to compute"
+        if self.corruption == "delete":
+            what = f"deleted fraction {self.deleted_fraction:.4f}"
+        elif self.corruption == "noise":
+            what = f"noise sigma {self.noise_sigma:.4g} added to every usable token"
+        elif self.corruption == "mask":
+            what = f"masked fraction {self.masked_fraction:.4f}"
+        else:
+            what = f"randomly replaced fraction {self.masked_fraction:.4f}"
         line = (
             f"{head} ({self.n_chunks - self.skipped_chunks} computed now, "
             f"{self.skipped_chunks} resumed) in {self.seconds:.1f} s, "
-            f"{self.tokens_per_s:.0f} tok/s; of the tokens computed now, masked fraction "
-            f"{self.masked_fraction:.4f} and {self.norm_outliers} norm outliers flagged"
+            f"{self.tokens_per_s:.0f} tok/s; of the tokens computed now, {what} and "
+            f"{self.norm_outliers} norm outliers flagged"
         )
         if self.null_texts_skipped:
             line += f"; {self.null_texts_skipped} corpus records with a null text skipped"
@@ -120,6 +141,11 @@ class HarvestPlan:
     chunk_sequences: int
     store_dtype: str
     outlier_norm_factor: float
+    corruption: Corruption | None = None
+    """Resolved corruption (None until :func:`plan_harvest` resolves it)."""
+    corruption_record: dict[str, Any] | None = None
+    """The provenance ``corruption`` table; None for plain masking (see
+    masksae.storage.provenance)."""
 
     @property
     def total_tokens(self) -> int:
@@ -164,6 +190,8 @@ class HarvestPlan:
             "masksae_version": __version__,
             "outlier_norm_factor": self.outlier_norm_factor,
             "excluded_token_policy": outlier_policy(self.outlier_norm_factor),
+            # only for corruptions other than plain masking: old stores keep their provenance
+            **({"corruption": self.corruption_record} if self.corruption_record else {}),
         }
 
     def store_spec(self) -> Any:
@@ -225,9 +253,14 @@ def plan_harvest(
         cfg.context_length, lm.max_context, bundled=lm.model_id.startswith(BUNDLED_PREFIX)
     )
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
-    mask_id, mask_string = resolve_mask_token(
-        lm.tokenizer, cfg.mask_string, cfg.mask_token_id, vocab
-    )
+    validate_corruption_settings(cfg)
+    if cfg.mask_token_role is not None:
+        mask_id = role_token_id(lm.tokenizer, cfg.mask_token_role)
+        mask_string = lm.tokenizer.decode([mask_id])
+    else:
+        mask_id, mask_string = resolve_mask_token(
+            lm.tokenizer, cfg.mask_string, cfg.mask_token_id, vocab
+        )
     if cfg.chunk_sequences is None:
         per_chunk = max(batch_size, DEFAULT_CHUNK_TOKENS // context // batch_size * batch_size)
     else:
@@ -247,6 +280,7 @@ def plan_harvest(
         store_dtype=store_dtype,
         outlier_norm_factor=outlier_factor,
     )
+    plan.corruption, plan.corruption_record = resolve_corruption(plan)
     if check_corpus:
         _check_corpus_size(plan)
     return plan
@@ -361,11 +395,14 @@ class ChunkCounts:
     """Of which masked."""
     outliers: int = 0
     """Of which flagged as norm outliers."""
+    deleted: int = 0
+    """Tokens deleted from the sequences computed (corruption ``delete``)."""
 
     def add(self, other: ChunkCounts) -> None:
         self.tokens += other.tokens
         self.masked += other.masked
         self.outliers += other.outliers
+        self.deleted += other.deleted
 
 
 def harvest_chunks(
@@ -397,11 +434,14 @@ def harvest_chunks(
             continue
         if before_chunk is not None:
             before_chunk(index)
-        data, n_outliers = _harvest_chunk(
+        data, n_outliers, n_deleted = _harvest_chunk(
             plan, np.stack(block), index * plan.chunk_sequences, on_tokens
         )
-        writer.write_chunk(index, data, record_extra={"n_norm_outliers": n_outliers})
-        counts.add(ChunkCounts(len(data), int(data.masked.sum()), n_outliers))
+        extra = {"n_norm_outliers": n_outliers}
+        if plan.cfg.corruption == "delete":
+            extra["n_deleted"] = n_deleted
+        writer.write_chunk(index, data, record_extra=extra)
+        counts.add(ChunkCounts(len(data), int(data.masked.sum()), n_outliers, n_deleted))
     return counts
 
 
@@ -410,7 +450,7 @@ def log_start(plan: HarvestPlan, n_chunks: int, n_completed: int) -> None:
     cfg = plan.cfg
     log.info(
         "harvest %s layer %d (%s) -> %s: %d tokens = %d sequences x %d, %d chunks "
-        "(%d complete), p=%.3g, mask %r (id %d), seed %d, outlier norm factor %g",
+        "(%d complete), %s p=%.3g, mask %r (id %d), seed %d, outlier norm factor %g",
         plan.lm.model_id,
         plan.layer,
         HOOK,
@@ -420,6 +460,7 @@ def log_start(plan: HarvestPlan, n_chunks: int, n_completed: int) -> None:
         plan.context_length,
         n_chunks,
         n_completed,
+        cfg.corruption,
         cfg.mask_prob,
         plan.mask_string,
         plan.mask_id,
@@ -443,6 +484,9 @@ def make_result(
         norm_outliers=counts.outliers,
         null_texts_skipped=plan.corpus.stats.null_texts,
         undecodable_bytes=sum(plan.corpus.stats.undecodable_bytes.values()),
+        corruption=plan.cfg.corruption,
+        deleted_fraction=counts.deleted / counts.tokens if counts.tokens else 0.0,
+        noise_sigma=plan.corruption.noise_sigma if plan.corruption is not None else 0.0,
     )
 
 
@@ -481,40 +525,42 @@ def _chunk_len(spec: Any, index: int) -> int:
 
 def _harvest_chunk(
     plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int, on_tokens: Callable[[int], Any]
-) -> tuple[Any, int]:
-    """Mask, run the truncated forward in batches, flag norm outliers, and assemble one
-    chunk's ChunkData; returns it with the number of norm outliers flagged."""
+) -> tuple[Any, int, int]:
+    """Corrupt, run the truncated forward in batches, flag norm outliers, and assemble one
+    chunk's ChunkData; returns it with the numbers of norm outliers flagged and of tokens
+    deleted."""
     from masksae.storage import ChunkData
 
+    assert plan.corruption is not None
     n_seq, length = ids_ST.shape
     seq_idx_S = np.arange(first_seq, first_seq + n_seq, dtype=np.int64)
-    masked_ids, masked, excluded = mask_sequences(
-        ids_ST,
-        seq_idx_S,
-        seed=plan.cfg.seed,
-        p=plan.cfg.mask_prob,
-        mask_id=plan.mask_id,
-        special_ids=plan.special_ids,
-    )
+    block = corrupt_block(ids_ST, seq_idx_S, plan.corruption, plan.special_ids)
+    noisy = plan.corruption.kind == "noise" and plan.corruption.noise_sigma > 0
     acts = torch.empty((n_seq * length, plan.lm.d_model), dtype=plan.lm.dtype)
     norms = torch.empty(n_seq * length, dtype=torch.float32)
-    input_ids = torch.from_numpy(masked_ids.astype(np.int64))
+    input_ids = torch.from_numpy(block.ids.astype(np.int64))
     attention = torch.ones_like(input_ids)
     batch = plan.cfg.batch_size
     for lo in range(0, n_seq, batch):
         hi = min(lo + batch, n_seq)
         h_BTD = capture_resid_post(plan.lm, input_ids[lo:hi], attention[lo:hi], plan.layer)
-        acts[lo * length : hi * length] = h_BTD.reshape(-1, plan.lm.d_model).to("cpu")
-        norms[lo * length : hi * length] = row_norms(h_BTD).reshape(-1).to("cpu")
+        h_ND = h_BTD.reshape(-1, plan.lm.d_model)
+        if noisy:  # drawn on the CPU (device-independent), added in float32
+            noise = block_noise(
+                seq_idx_S[lo:hi], block.excluded[lo:hi], plan.lm.d_model, plan.corruption
+            )
+            h_ND = (h_ND.float().cpu() + torch.from_numpy(noise)).to(plan.lm.dtype)
+        acts[lo * length : hi * length] = h_ND.to("cpu")
+        norms[lo * length : hi * length] = row_norms(h_ND).to("cpu")
         on_tokens((hi - lo) * length)
-    excluded_N = excluded.reshape(-1)
+    excluded_N = block.excluded.reshape(-1)
     outliers_N = flag_norm_outliers(norms, excluded_N, plan.outlier_norm_factor)
     data = ChunkData(
         activations=acts,
-        token_ids=masked_ids.reshape(-1),
-        masked=masked.reshape(-1),
+        token_ids=block.ids.reshape(-1),
+        masked=block.masked.reshape(-1),
         excluded=excluded_N | outliers_N,
         seq_index=np.repeat(seq_idx_S, length),
-        position=np.tile(np.arange(length, dtype=np.int32), n_seq),
+        position=block.position.reshape(-1),
     )
-    return data, int(outliers_N.sum())
+    return data, int(outliers_N.sum()), block.n_deleted

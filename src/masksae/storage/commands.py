@@ -50,6 +50,7 @@ def store_summary(
     path: str | Path, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Everything ``store info`` shows, as a JSON-able dict."""
+    from masksae.storage.provenance import corruption_kind, corruption_label
     from masksae.storage.reader import ActivationStore
 
     store = ActivationStore.open(path, require_complete=False, storage_options=storage_options)
@@ -80,6 +81,9 @@ def store_summary(
             int(r.get("n_norm_outliers", 0)) for r in store.records.values()
         ),
         "tokens_masked": store.count_tokens() - store.count_tokens(include_masked=False),
+        "corruption": corruption_kind(store.provenance),
+        "corruption_label": corruption_label(store.provenance),
+        "tokens_deleted": sum(int(r.get("n_deleted", 0)) for r in store.records.values()),
         "excluded_token_policy": store.provenance.get("excluded_token_policy")
         or store.attrs.get("excluded_token_policy"),
         "fingerprint": store.fingerprint,
@@ -97,8 +101,12 @@ def _format_info(s: dict[str, Any]) -> str:
     )
     lines.append(
         f"tokens       {s['n_tokens']} total, {s['tokens_usable']} usable, "
-        f"{s['tokens_masked']} masked (usable)"
+        f"{s['tokens_masked']} masked or replaced (usable)"
     )
+    corruption = f"corruption   {s['corruption_label']}"
+    if s["corruption"] == "delete":
+        corruption += f" ({s['tokens_deleted']} tokens deleted, their slots excluded)"
+    lines.append(corruption)
     outliers = s["tokens_norm_outliers"]
     lines.append(
         f"excluded     {s['tokens_excluded'] - outliers} special/position-0, "
