@@ -1,5 +1,6 @@
 # masksae - the two commands: `make demo` (whole pipeline on the bundled model and corpus)
-# and `make test`. Both set up .venv on their own on a fresh machine.
+# and `make test`. Both set up .venv on their own on a fresh machine. The same pipeline at
+# larger scales: `make study` (offline, ~90 min on 2 cores) and `make paper MODEL=pythia|gemma`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,8 +37,14 @@ EVAL_OUT ?= runs/eval
 EVAL_CACHE ?= runs/eval-cache
 REPORT_OUT ?= runs/report
 BENCH_ARGS ?=
+# ---- study variables (make study / make paper MODEL=pythia|gemma) -------------------------
+STUDY_CONFIG ?= configs/study/study.toml
+STUDY_OUT ?= runs/study
+PAPER_OUT ?= runs/paper-$(MODEL)
+# extra overrides, e.g. STUDY_SET='--set train.seeds=[0] --set evaluate.metrics=core'
+STUDY_SET ?=
 
-.PHONY: setup test test-fast demo harvest train evaluate report bench bench-peers gpu-check docs \
+.PHONY: setup test test-fast demo study paper harvest train evaluate report bench bench-peers gpu-check docs \
 	lint clean gpu-check-distributed
 
 setup: $(STAMP)
@@ -78,6 +85,14 @@ report: setup
 
 demo: setup
 	bash scripts/demo.sh
+
+study: setup
+	$(MASKSAE) study $(STUDY_CONFIG) --out $(STUDY_OUT) $(STUDY_SET)
+
+paper: setup
+	@case "$(MODEL)" in pythia|gemma) ;; *) \
+	  echo "make paper needs MODEL=pythia or MODEL=gemma (got MODEL=$(MODEL))" >&2; exit 2;; esac
+	$(MASKSAE) study configs/study/paper-$(MODEL).toml --out $(PAPER_OUT) $(STUDY_SET)
 
 bench: setup
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)

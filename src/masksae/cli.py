@@ -1,4 +1,4 @@
-"""The ``masksae`` command line: harvest | store | train | export | evaluate | report.
+"""The ``masksae`` command line: harvest | store | train | export | evaluate | report | study.
 
 Each stage owns its commands in ``masksae.<stage>.commands`` and registers them here, so
 ``masksae --help`` stays fast (heavy imports happen inside the commands).
@@ -37,6 +37,7 @@ STAGE_COMMAND_MODULES: tuple[str, ...] = (
     "masksae.harvest.commands",
     "masksae.train.commands",
     "masksae.evaluate.commands",
+    "masksae.study.commands",
 )
 
 
