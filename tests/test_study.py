@@ -244,4 +244,4 @@ def test_tiny_study_end_to_end_then_a_failed_stage_and_its_resume(tiny_study, ca
     planned = [o.key for o in outcomes if o.status == "planned"]
     assert planned[:2] == ["train/p0.3/s1", "evaluate/p0.3"]
     assert any("--resume" in line for line in lines)
-    assert lines[0].startswith("#") and "TINY TEST STUDY" in lines[1]
+    assert lines[0].startswith("#") and "# TINY TEST STUDY #" in lines[0]

@@ -34,6 +34,7 @@ Paths in the file are relative to the working directory (the repository root for
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
@@ -161,7 +162,9 @@ def _harvest_fields() -> set[str]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings to the raw TOML dict (value parsed as a TOML value,
-    else taken as a string); ``store.NAME.key=value`` reaches into a [[store]] entry."""
+    else taken as a string); ``store.NAME.key=value`` reaches into a [[store]] entry. Returns
+    a changed copy."""
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

@@ -108,7 +108,8 @@ def run_study(
         signature = _signature_stage(stage).signature(signatures)
         signatures[stage.key] = signature
         recorded = done.get(stage.key, {})
-        finished = recorded.get("signature") == signature
+        upstream_ran = any(o.key in stage.deps and o.status != "skipped" for o in outcomes)
+        finished = recorded.get("signature") == signature and not upstream_ran
         label = f"[{i + 1}/{len(stages)}] {stage.key}"
         if finished and not stage.always:
             echo(f"{label}: done ({recorded.get('seconds', 0):.0f} s recorded), skipped")
