@@ -33,6 +33,7 @@ ORDER = (
     "bench_downstream",
     "bench_scaleout",
     "bench_probing",
+    "bench_study",
 )
 
 

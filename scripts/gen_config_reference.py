@@ -60,6 +60,18 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
             "masksae.evaluate.probing.config:OodConfig",
         ],
     ),
+    (
+        "Study (`masksae study`, `configs/study/*.toml`)",
+        "Top-level keys, then the `[train]`, `[evaluate]`, `[report]` tables and each "
+        "`[[store]]`; `[harvest]` takes HarvestConfig fields.",
+        [
+            "masksae.study.config:StudyConfig",
+            "masksae.study.config:StudyTrain",
+            "masksae.study.config:StudyEvaluate",
+            "masksae.study.config:StudyReport",
+            "masksae.study.config:StoreEntry",
+        ],
+    ),
 ]
 
 

@@ -73,11 +73,6 @@ class Corruption:
     noise_sigma: float = 0.0
     """Per-dimension standard deviation of the added noise (``noise``)."""
 
-    @property
-    def changes_tokens(self) -> bool:
-        """True when the corruption edits the token sequence (every kind but noise)."""
-        return self.kind != "noise" and self.p > 0
-
 
 @dataclass
 class CorruptedBlock:
@@ -555,7 +550,15 @@ def _measure_calibration(plan: Any, n_sequences: int) -> dict[str, Any]:
             "harvest on one device (it records the calibration in the store) and rerun it "
             "with --devices to resume"
         )
-    ids_ST = np.stack(list(itertools.islice(plan.sequences(), n_sequences)))
+    sequences = list(itertools.islice(plan.sequences(), n_sequences))
+    if not sequences:
+        from masksae.errors import CorpusError
+
+        raise CorpusError(
+            f"corpus {plan.cfg.corpus!r} yields no sequence to calibrate the noise on: check "
+            "--corpus, --corpus-field and --corpus-filter"
+        )
+    ids_ST = np.stack(sequences)
 
     def capture(ids_BT: np.ndarray) -> np.ndarray:
         parts = []

@@ -280,9 +280,9 @@ def plan_harvest(
         store_dtype=store_dtype,
         outlier_norm_factor=outlier_factor,
     )
-    plan.corruption, plan.corruption_record = resolve_corruption(plan)
     if check_corpus:
         _check_corpus_size(plan)
+    plan.corruption, plan.corruption_record = resolve_corruption(plan)
     return plan
 
 
