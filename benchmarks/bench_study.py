@@ -10,7 +10,7 @@ Measured in one process, interleaved so that load from other jobs hits every var
 2. **Training**: full MatryoshkaBatchTopK optimizer steps as the Trainer takes them (fused
    sparse path, parallel-gradient removal, clipping, Adam, decoder renorm; d_model 576) at
    several dictionary sizes F and batch sizes B, fp32 vs bf16 autocast, for k = 20, 40, 80,
-   160: one step of every variant per round, 5 rounds, the minimum per variant. The sweep of
+   160: one step of every variant per round, 7 rounds, the minimum per variant. The sweep of
    four SAEs costs the sum of its SAEs' steps (the Trainer steps them one after another); one
    SAE is k = 20. The store stream is not timed: it waits < 3% (docs/bench/train.md).
 
@@ -147,7 +147,7 @@ def training_figures(quick: bool, work: Path) -> dict[str, Any]:
     if quick:
         d_model, grid, ks, rounds = 64, [(256, 256, False), (256, 256, True)], (4, 8), 2
     else:
-        d_model, ks, rounds = 576, (20, 40, 80, 160), 5
+        d_model, ks, rounds = 576, (20, 40, 80, 160), 7
         grid = [
             (2048, 1024, False),
             (2048, 2048, False),
