@@ -245,3 +245,25 @@ def test_tiny_study_end_to_end_then_a_failed_stage_and_its_resume(tiny_study, ca
     assert planned[:2] == ["train/p0.3/s1", "evaluate/p0.3"]
     assert any("--resume" in line for line in lines)
     assert lines[0].startswith("#") and "# TINY TEST STUDY #" in lines[0]
+
+
+def test_projection_of_the_remaining_time_by_stage_kind():
+    from masksae.study.plan import Stage, k_weight
+    from masksae.study.runner import project_remaining
+
+    def stage(key, kind, work):
+        return Stage(key, kind, [[key]], work=work)
+
+    stages = [
+        stage("harvest/a", "harvest", 1000),
+        stage("train/a", "train", 10),
+        stage("harvest/b", "harvest", 3000),
+        stage("train/b", "train", 20),
+        stage("evaluate/a", "evaluate", 4),
+    ]
+    done = {"harvest/a": {"seconds": 60.0}, "train/a": {"seconds": 30.0}}
+    text = project_remaining(stages[2:], stages, done)
+    # 3000 tokens at 0.06 s/token = 180 s, 20 units at 3 s/unit = 60 s: 4 min
+    assert text == "projected remaining ~4 min (harvest 3.0, train 1.0) + evaluate (not timed yet)"
+    assert project_remaining([], stages, done) == ""
+    assert k_weight(20) == 1.0 and k_weight(160) == pytest.approx(1 + 140 / 300)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ class Stage:
     """Train: when this file exists the train command gets ``--resume``."""
     always: bool = False
     """Run even when recorded as done (reports: cheap, and their inputs may have grown)."""
+    work: float = 1.0
+    """Relative amount of work among stages of its kind, for the time projection: tokens
+    (harvest), SAE-steps weighted by k (train), checkpoints (evaluate)."""
 
     def signature(self, dep_signatures: dict[str, str]) -> str:
         """Hash of the commands, the files and the dependencies' signatures."""
@@ -118,6 +122,21 @@ def toml_dumps(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def k_weight(k: int | None) -> float:
+    """Relative step cost of a TopK-family SAE of sparsity ``k`` (k = 160 costs ~1.5x k = 20
+    per step on CPU: docs/benchmarks.md)."""
+    return 1.0 + max(0, (k or 20) - 20) / 300
+
+
+def _train_work(text: str) -> float:
+    sweep = tomllib.loads(text)
+    train = sweep.get("train", {})
+    batch = int(train.get("batch_size", 2048))
+    steps = train.get("steps") or (train.get("tokens") or batch) // batch
+    ks = sweep.get("grid", {}).get("k") or [sweep.get("sae", {}).get("k")]
+    return float(steps) * batch * sum(k_weight(k) for k in ks)
+
+
 def sweep_text(cfg: StudyConfig, store: StoreEntry, seed: int) -> str:
     """The sweep TOML of one training pass: the base sweep with the study's overrides, the
     seed (init and, with vary_data_order, data order) and the store's k list."""
@@ -142,6 +161,12 @@ def sweep_text(cfg: StudyConfig, store: StoreEntry, seed: int) -> str:
     return toml_dumps({"train": train, "sae": sae, "grid": grid})
 
 
+def _store_ks(cfg: StudyConfig, store: StoreEntry) -> list[int]:
+    if store.k is not None:
+        return list(store.k)
+    return list(load_toml(cfg.train.sweep).get("grid", {}).get("k") or [None])
+
+
 def plan_stages(cfg: StudyConfig, out: Path) -> list[Stage]:
     """Every stage of the study, in the order they run."""
     out = Path(out)
@@ -162,6 +187,7 @@ def plan_stages(cfg: StudyConfig, out: Path) -> list[Stage]:
                     ["store", "verify", str(store_dir), *progress],
                     ["store", "info", str(store_dir)],
                 ],
+                work=float(settings.get("tokens") or 1),
             )
         )
         if store.k == []:
@@ -172,6 +198,7 @@ def plan_stages(cfg: StudyConfig, out: Path) -> list[Stage]:
             run_dir = out / "sae" / store.name / f"s{seed}"
             device = [] if cfg.device == "auto" else ["--device", cfg.device]
             key = f"train/{store.name}/s{seed}"
+            text = sweep_text(cfg, store, seed)
             stages.append(
                 Stage(
                     key=key,
@@ -189,9 +216,10 @@ def plan_stages(cfg: StudyConfig, out: Path) -> list[Stage]:
                             *progress,
                         ]
                     ],
-                    files={str(sweep_path): sweep_text(cfg, store, seed)},
+                    files={str(sweep_path): text},
                     deps=[f"harvest/{store.name}"],
                     resume_marker=str(run_dir / "sweep.json"),
+                    work=_train_work(text),
                 )
             )
             trained[store.name].append(key)
@@ -230,6 +258,7 @@ def plan_stages(cfg: StudyConfig, out: Path) -> list[Stage]:
                 kind="evaluate",
                 commands=[args],
                 deps=trained[store.name],
+                work=float(len(cfg.train.seeds) * len(_store_ks(cfg, store))),
             )
         )
     stages += _report_stages(cfg, out, trained)

@@ -149,6 +149,9 @@ def run_study(
         atomic_write_json(out / STATE_FILE, state)
         echo(f"{label}: finished in {seconds:.0f} s")
         outcomes.append(StageOutcome(stage.key, "ran", seconds))
+        projection = project_remaining(stages[i + 1 :], stages, done)
+        if projection:
+            echo(f"    elapsed {(time.perf_counter() - start) / 60:.1f} min; {projection}")
     if not dry_run:
         atomic_write_text(out / "stages.md", stages_table(cfg, stages, state))
         _write_controls_index(cfg, out)
@@ -161,6 +164,32 @@ def run_study(
     if cfg.banner:
         echo(_banner(cfg.banner))
     return outcomes
+
+
+def project_remaining(remaining: list[Stage], stages: list[Stage], done: dict[str, Any]) -> str:
+    """'projected remaining ~N min (harvest a, train b, ...)' from the recorded seconds per
+    unit of work of each stage kind; kinds not yet timed are named instead."""
+    rate: dict[str, float] = {}
+    for kind in {s.kind for s in stages}:
+        timed = [s for s in stages if s.kind == kind and s.key in done and s.work > 0]
+        work = sum(s.work for s in timed)
+        if work > 0:
+            rate[kind] = sum(float(done[s.key]["seconds"]) for s in timed) / work
+    todo = [s for s in remaining if not (s.key in done and not s.always)]
+    if not todo:
+        return ""
+    by_kind: dict[str, float] = {}
+    unknown: list[str] = []
+    for s in todo:
+        if s.kind in rate:
+            by_kind[s.kind] = by_kind.get(s.kind, 0.0) + rate[s.kind] * s.work
+        elif s.kind not in unknown:
+            unknown.append(s.kind)
+    parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in by_kind.items())
+    text = f"projected remaining ~{sum(by_kind.values()) / 60:.0f} min ({parts})"
+    if unknown:
+        text += f" + {', '.join(unknown)} (not timed yet)"
+    return text
 
 
 def _banner(text: str) -> str:
