@@ -151,9 +151,10 @@ def training_figures(quick: bool, work: Path) -> dict[str, Any]:
         grid = [
             (2048, 1024, False),
             (2048, 2048, False),
+            (3072, 2048, False),
             (4096, 1024, False),
             (4096, 2048, False),
-            (2048, 1024, True),
+            (3072, 2048, True),
             (4096, 2048, True),
         ]
     gen = torch.Generator().manual_seed(0)
