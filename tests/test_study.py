@@ -264,6 +264,9 @@ def test_projection_of_the_remaining_time_by_stage_kind():
     done = {"harvest/a": {"seconds": 60.0}, "train/a": {"seconds": 30.0}}
     text = project_remaining(stages[2:], stages, done)
     # 3000 tokens at 0.06 s/token = 180 s, 20 units at 3 s/unit = 60 s: 4 min
-    assert text == "projected remaining ~4 min (harvest 3.0, train 1.0) + evaluate (not timed yet)"
+    assert text == "projected remaining ~4 min (harvest 3.0, train 1.0) + evaluate not timed yet"
     assert project_remaining([], stages, done) == ""
+    assert (
+        project_remaining(stages[4:], stages, {}) == "projected remaining: evaluate not timed yet"
+    )
     assert k_weight(20) == 1.0 and k_weight(160) == pytest.approx(1 + 140 / 300)

@@ -186,10 +186,11 @@ def project_remaining(remaining: list[Stage], stages: list[Stage], done: dict[st
         elif s.kind not in unknown:
             unknown.append(s.kind)
     parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in by_kind.items())
+    untimed = f"{', '.join(unknown)} not timed yet"
+    if not by_kind:
+        return f"projected remaining: {untimed}"
     text = f"projected remaining ~{sum(by_kind.values()) / 60:.0f} min ({parts})"
-    if unknown:
-        text += f" + {', '.join(unknown)} (not timed yet)"
-    return text
+    return f"{text} + {untimed}" if unknown else text
 
 
 def _banner(text: str) -> str:
