@@ -69,6 +69,7 @@ def test_demo_script_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"demo finished: report in {out}/report/report.md" in proc.stdout
+    assert proc.stdout.count("SMOKE RUN") == 2  # the banner, at the start and the end
     for p in ("0.0", "0.3"):
         store = ActivationStore.open(out / "stores" / f"p{p}")
         assert store.verify() == [] and store.provenance["mask_prob"] == float(p)

@@ -318,7 +318,7 @@ def test_resume_reuses_the_recorded_calibration_and_is_bit_exact(stores, tiny):
         corruption="noise",
         noise_calibration_sequences=16,
     )
-    # a planner without weights (a multi-device harvest's parent) reuses the recorded sigma
+    # a resume reuses the recorded sigma, even where it could not measure it (no weights)
     weightless = load_model(str(model_dir), device="cpu", weights=False)
     plan = plan_harvest(HarvestConfig(**kw), lm=weightless, check_corpus=False)
     assert plan.corruption.noise_sigma == full.provenance["corruption"]["sigma"]
@@ -389,3 +389,32 @@ def test_unigram_store_counts_match_the_harvested_text(stores):
     assert table["tokens_counted"] == int(counts.sum())
     data = stores["random_unigram"].read(0, 1024)
     assert (counts[data.token_ids[data.masked]] > 0).all()  # only tokens seen in the text
+
+
+def test_two_rank_noise_and_deletion_harvests_equal_single_process(stores, tiny):
+    """--devices cpu,cpu (one rank per device, torch.distributed): rank 0's noise calibration
+    is adopted by the other rank, and both stores equal the single-process ones bit for bit."""
+    lm, model_dir, corpus, work = tiny
+    for name, extra in (
+        ("noise", {"corruption": "noise", "noise_calibration_sequences": 16}),
+        ("delete", {"corruption": "delete"}),
+    ):
+        cfg = HarvestConfig(
+            out=str(work / f"{name}-ranks"),
+            model=str(model_dir),
+            layer=1,
+            corpus=str(corpus),
+            tokens=1000,
+            mask_prob=0.3,
+            context_length=32,
+            batch_size=4,
+            chunk_sequences=8,
+            device="cpu",
+            seed=1,
+            devices=("cpu", "cpu"),
+            **extra,
+        )
+        run_harvest(cfg, progress=False)
+        ranks, single = ActivationStore.open(cfg.out), stores[name]
+        assert ranks.provenance == single.provenance and ranks.fingerprint == single.fingerprint
+        assert ranks.records == single.records

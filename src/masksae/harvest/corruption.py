@@ -386,7 +386,8 @@ def resolve_corruption(plan: Any) -> tuple[Corruption, dict[str, Any] | None]:
 
     ``random_unigram`` counts the harvest's first sequences; ``noise`` without a given sigma
     reuses the calibration recorded in the store at ``cfg.out`` when its settings match (a
-    resume or a worker of a multi-device harvest), else measures it with the plan's model.
+    resume), else measures it with the plan's model (the ranks of a distributed harvest then
+    adopt rank 0's measurement: masksae.harvest.parallel).
     """
     from masksae.harvest.tokenize import separator_id
 
@@ -455,6 +456,15 @@ def resolve_corruption(plan: Any) -> tuple[Corruption, dict[str, Any] | None]:
     ), record
 
 
+def adopt_noise_record(plan: Any, record: dict[str, Any]) -> None:
+    """Make ``plan`` (a noise harvest) use the sigma and provenance table ``record`` of
+    another rank's plan (rank 0's in a distributed harvest)."""
+    import dataclasses
+
+    plan.corruption_record = record
+    plan.corruption = dataclasses.replace(plan.corruption, noise_sigma=float(record["sigma"]))
+
+
 _NOISE_DRAW = (
     "N(0, sigma^2) per dimension from SeedSequence([seed, seq_index, 2]) (float32, numpy), "
     "added to the hooked activation of every token that is not special and not at position 0"
@@ -482,7 +492,7 @@ def _noise_sigma(plan: Any) -> tuple[float, dict[str, Any]]:
         "counted": "tokens neither special, at position 0, nor a norm outlier in either run",
         "rule": "sigma = sqrt(mean_sq_shift / d_model), so E||noise||^2 = mean_sq_shift",
     }
-    measured = _recorded_calibration(cfg.out, settings)
+    measured = _recorded_calibration(cfg.out, settings, getattr(cfg, "storage_options", None))
     if measured is None:
         measured = _measure_calibration(plan, n_cal) if cfg.mask_prob > 0 else _zero_shift(plan)
     calibration = {**settings, **measured}
@@ -510,21 +520,22 @@ def _zero_shift(plan: Any) -> dict[str, Any]:
     return {key: 0 if key.endswith("tokens") else 0.0 for key in _MEASURED_KEYS}
 
 
-def _recorded_calibration(out: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The measured values recorded by an earlier run into the store at ``out`` when its
-    calibration settings equal ``settings`` (so a resume or a worker never re-measures:
-    floating-point results may differ across devices and thread counts)."""
-    from pathlib import Path
-
+def _recorded_calibration(
+    out: str, settings: dict[str, Any], storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The measured values recorded by an earlier run into the store at ``out`` (a folder or
+    a URL) when its calibration settings equal ``settings``: a resume never re-measures
+    (floating-point results may differ across devices and thread counts)."""
     from masksae.errors import MasksaeError
 
-    if not out or not (Path(out) / "zarr.json").exists():
+    if not out:
         return None
     try:
         from masksae.storage import ActivationStore
 
-        provenance = ActivationStore.open(out, require_complete=False).provenance
-    except MasksaeError:
+        store = ActivationStore.open(out, require_complete=False, storage_options=storage_options)
+        provenance = store.provenance
+    except (MasksaeError, OSError):  # no store (yet), or not one
         return None
     table = provenance.get("corruption") or {}
     recorded = table.get("calibration") or {}
@@ -545,10 +556,9 @@ def _measure_calibration(plan: Any, n_sequences: int) -> dict[str, Any]:
     lm = plan.lm
     if lm.device.type == "meta":
         raise ConfigError(
-            "--corruption noise calibrates its sigma with a forward pass, which the planning "
-            "process of a multi-device harvest does not run: give --noise-sigma, or start the "
-            "harvest on one device (it records the calibration in the store) and rerun it "
-            "with --devices to resume"
+            "--corruption noise calibrates its sigma with a forward pass, and this model was "
+            "loaded without weights: give --noise-sigma, or plan with the weights loaded (a "
+            "resume reuses the calibration recorded in the store)"
         )
     sequences = list(itertools.islice(plan.sequences(), n_sequences))
     if not sequences:

@@ -28,6 +28,7 @@ from typing import Any
 
 from masksae.errors import ConfigError
 from masksae.harvest.config import HarvestConfig
+from masksae.harvest.corruption import adopt_noise_record
 from masksae.harvest.runner import (
     ChunkCounts,
     HarvestResult,
@@ -91,6 +92,10 @@ def run_distributed_harvest(
         raise ConfigError("a distributed harvest loads the model in each rank: pass no lm")
     # every rank validates its own settings; rank 0 alone reads the whole corpus once
     plan = plan_harvest(cfg, check_corpus=ctx.is_main)
+    if plan.corruption is not None and plan.corruption.kind == "noise":
+        # each rank measured the noise scale with its own forward pass: adopt rank 0's, so
+        # every rank records and draws the same sigma (floating point differs across devices)
+        adopt_noise_record(plan, ctx.broadcast(plan.corruption_record))
     spec = plan.store_spec()
     writer = None
     opened: tuple[Any, ...] | None = None

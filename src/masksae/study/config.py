@@ -97,14 +97,15 @@ class StudyTrain:
 class StudyEvaluate:
     """[evaluate]: ``masksae evaluate`` settings, one call per store."""
 
-    metrics: str = "core,absorption"
-    """--metrics (comma list, or what ``masksae evaluate --help`` accepts, e.g. all)."""
+    metrics: str = "core,absorption,cooccurrence"
+    """--metrics: a comma list of what ``masksae evaluate --help`` accepts."""
     eval_tokens: int = 16384
     """--eval-tokens: held-out activations scored."""
     ce_sequences: int = 32
     """--ce-sequences: sequences for CE loss recovered / KL."""
-    absorption_max_words: int = 100
-    """--absorption-max-words (0 = every word, as SAEBench)."""
+    absorption_max_words: int | str = "demo"
+    """--absorption-max-words: words per letter, a preset of the absorption config's
+    VOCAB_PRESETS (demo, study, all) or 0 for every word (SAEBench)."""
     eval_masked: bool = False
     """Add --eval-masked for main stores with p > 0 (metrics on masked text too)."""
     extra_args: list[str] = field(default_factory=list)
