@@ -2,7 +2,8 @@
 # `make demo`: the whole pipeline on the bundled model (SmolLM2-135M, layer 15) and the bundled
 # corpus, offline on CPU, at smoke-run scale: `masksae study configs/study/demo.toml` harvests
 # unmasked (p=0) and masked (p=0.3) stores, trains a two-SAE MatryoshkaBatchTopK sweep on each,
-# scores every checkpoint (core, absorption with the "demo" vocabulary preset, co-occurrence) and
+# scores every checkpoint (core, absorption with the "demo" vocabulary preset, co-occurrence, the
+# probing suite) and
 # writes the report. It is the study's pipeline at its smallest scale (make study: the CPU study;
 # make paper: the paper's protocol). A rerun continues. DEMO_* variables override the config:
 # DEMO_ABSORPTION_WORDS takes a preset name of AbsorptionConfig's VOCAB_PRESETS or a number.
@@ -18,6 +19,8 @@ sets=()
 [ -n "${DEMO_ABSORPTION_WORDS:-}" ] && sets+=(--set "evaluate.absorption_max_words=$DEMO_ABSORPTION_WORDS")
 [ -n "${DEMO_EVAL_TOKENS:-}" ] && sets+=(--set "evaluate.eval_tokens=$DEMO_EVAL_TOKENS")
 [ -n "${DEMO_CE_SEQUENCES:-}" ] && sets+=(--set "evaluate.ce_sequences=$DEMO_CE_SEQUENCES")
+[ -n "${DEMO_METRICS:-}" ] && sets+=(--set "evaluate.metrics=\"$DEMO_METRICS\"")
+[ -n "${DEMO_PROBING_PRESET:-}" ] && sets+=(--set "evaluate.probing_preset=\"$DEMO_PROBING_PRESET\"")
 
 $M study "$CONFIG" --out "$OUT" "${sets[@]}"
 echo

@@ -64,6 +64,9 @@ class StoreEntry:
     harvest: dict[str, Any] = field(default_factory=dict)
     """HarvestConfig fields overriding [harvest] for this store (corruption, mask_string,
     mask_token_role, noise_sigma, ...)."""
+    metrics: str | None = None
+    """--metrics of this store's evaluation; None = [evaluate] metrics (a study can keep the
+    costlier probing suite to the stores of the paper's table)."""
 
 
 @dataclass
@@ -106,6 +109,9 @@ class StudyEvaluate:
     absorption_max_words: int | str = "demo"
     """--absorption-max-words: words per letter, a preset of the absorption config's
     VOCAB_PRESETS (demo, study, all) or 0 for every word (SAEBench)."""
+    probing_preset: str = "demo"
+    """--probing-preset when the metrics include the probing suite (demo, offline, paper,
+    tiny; see the probing config's PRESETS)."""
     eval_masked: bool = False
     """Add --eval-masked for main stores with p > 0 (metrics on masked text too)."""
     extra_args: list[str] = field(default_factory=list)
