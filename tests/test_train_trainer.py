@@ -127,6 +127,22 @@ def test_normalisation_is_folded_into_saved_weights(store, tmp_path):
         torch.testing.assert_close(saved.encode(x), trained.encode(s * x) / s, rtol=1e-4, atol=1e-4)
 
 
+def test_unit_normalisation_target_matches_dictionary_learning(store, tmp_path):
+    """normalize_target = "unit": E||s x||^2 = 1 (dictionary_learning's get_norm_factor is
+    sqrt(mean squared norm), activations divided by it), still folded back at save."""
+    run = RunSpec("m", MATRYOSHKA, None, 0)
+    Trainer(
+        store, [run], cfg(steps=4, normalize_target="unit"), tmp_path / "o", progress=False
+    ).train()
+    saved, meta = load_sae(tmp_path / "o" / "m")
+    x = torch.from_numpy(store.read(0, store.n_tokens).activations).double()
+    by_hand = 1.0 / float(x.pow(2).sum(-1).mean().sqrt())
+    assert meta["normalization_scale"] == pytest.approx(by_hand, rel=1e-3)
+    assert meta["normalization_scale"] == pytest.approx(store.norm_scale() / store.d_model**0.5)
+    with pytest.raises(ConfigError, match="normalize_target"):
+        cfg(normalize_target="sqrt")
+
+
 class Crash(Exception):
     pass
 

@@ -51,6 +51,8 @@ OPERATIONAL_FIELDS = frozenset(
 DISTRIBUTED_MODES = ("auto", "runs", "data")
 #: values of TrainConfig.select_dtype
 SELECT_DTYPES = ("auto", "float32", "bfloat16")
+NORMALIZE_TARGETS = ("d_model", "unit")
+"""Values of TrainConfig.normalize_target: the mean squared norm normalisation aims at."""
 #: grid keys handled by the trainer rather than the SAE config.
 RUN_KEYS = ("lr", "seed")
 
@@ -80,8 +82,14 @@ class TrainConfig:
     data_seed: int = 0
     """Seed of the store's shuffled stream (shared: every run reads the same batches)."""
     normalize_activations: bool = True
-    """Train on s*x with E||s x||^2 = d_model (s from the store's statistics); s is folded
-    back into the saved weights, so saved SAEs act on raw activations."""
+    """Train on s*x with E||s x||^2 = d_model (see ``normalize_target``; s from the store's
+    statistics); s is folded back into the saved weights, so saved SAEs act on raw
+    activations."""
+    normalize_target: str = "d_model"
+    """Mean squared norm the scale s aims at: ``d_model`` (E||s x||^2 = d_model, the project's
+    protocol, SAELens' convention) or ``unit`` (E||s x||^2 = 1, dictionary_learning's
+    get_norm_factor). With Adam the two differ in how far one lr step moves the biases and
+    encoder relative to the data scale, so match the reference whose hyperparameters you copy."""
     autocast_bf16: bool = False
     """Run the SAE forward under bf16 autocast (threshold updates stay fp32)."""
     include_masked_positions: bool = True
@@ -160,6 +168,12 @@ class TrainConfig:
                 "a float in [0, 1]",
             ),
             (self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0"),
+            (
+                self.normalize_target in NORMALIZE_TARGETS,
+                "normalize_target",
+                self.normalize_target,
+                " | ".join(NORMALIZE_TARGETS),
+            ),
             (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0"),
             (self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, ">= 0"),
             (self.log_every >= 1, "log_every", self.log_every, ">= 1"),

@@ -505,6 +505,8 @@ class Trainer:
         self.scale: float | None = None
         if cfg.normalize_activations:
             self.scale = float(store.norm_scale())
+            if cfg.normalize_target == "unit":  # E||s x||^2 = 1 instead of d_model
+                self.scale /= math.sqrt(store.d_model)
             if not (math.isfinite(self.scale) and self.scale > 0):
                 raise StoreError(
                     f"the store's activation statistics give the normalisation scale "
