@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def sweep(tmp_path, tiny_model_dir):
     return root
 
 
-def test_evaluate_cli_writes_schema_and_reuses_cache(sweep, tmp_path):
+def test_evaluate_cli_writes_schema_and_reuses_cache(sweep, tmp_path, caplog):
     from typer.testing import CliRunner
 
     from masksae.cli import app
@@ -107,14 +108,31 @@ def test_evaluate_cli_writes_schema_and_reuses_cache(sweep, tmp_path):
     assert second["metrics"]["core"]["downstream"]["ce_loss_zero"] == pytest.approx(
         first["metrics"]["core"]["downstream"]["ce_loss_zero"]
     )
-    # a fresh process re-evaluating reuses the on-disk cache too
-    res = CliRunner().invoke(app, args)
+    # rerunning the same command skips both checkpoints: their results exist, same settings
+    before = [f.read_bytes() for f in files]
+    with caplog.at_level(logging.INFO, logger="masksae"):
+        res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert [f.read_bytes() for f in files] == before
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert len(skipped) == 2 and all("--overwrite to redo" in m for m in skipped)
+    # --overwrite recomputes; a fresh process re-evaluating reuses the on-disk cache too
+    res = CliRunner().invoke(app, [*args, "--overwrite"])
     assert res.exit_code == 0, res.output
     again = json.loads(files[0].read_text())
+    assert again["created"] >= first["created"] and again["timings_s"] != first["timings_s"]
     assert again["eval_data"]["clean"]["cache_hit"] is True
     assert again["metrics"]["core"]["explained_variance"] == pytest.approx(
         first["metrics"]["core"]["explained_variance"], rel=1e-9
     )
+    # other settings (CE on 2 sequences) recompute the results, with a warning saying why
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="masksae"):
+        res = CliRunner().invoke(app, [*args[:-4], "2", "--device", "cpu", "--eval-masked"])
+    assert res.exit_code == 0, res.output
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recomputing")]
+    assert len(warned) == 2 and all("settings differ (downstream)" in m for m in warned)
+    assert json.loads(files[0].read_text())["settings"]["downstream"]["n_sequences"] == 2
 
 
 def test_evaluate_cli_clear_errors(tmp_path):

@@ -11,3 +11,8 @@ Modules (one concern each):
   masked-vs-unmasked differences, CSV/LaTeX, PNG figures, from result files only.
 - ``commands``: ``masksae evaluate`` and ``masksae report``.
 """
+
+from masksae.callable_stage import make_callable  # noqa: E402
+
+# masksae.evaluate(...) runs masksae.api.evaluate (the notebook API; see masksae.callable_stage)
+make_callable(__name__)

@@ -130,11 +130,23 @@ def evaluate_cmd(
         None, "--ood-tasks", help="Comma list of OOD tasks replacing the preset's."
     ),
     progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Progress bars on the LLM passes."
+        True,
+        "--progress/--no-progress",
+        help="Progress bars (rate, ETA) on every LLM pass and metric.",
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Recompute checkpoints whose result JSON exists with the same settings "
+        "(default: skip them; results with other settings are always recomputed).",
     ),
 ) -> None:
     """Score checkpoints (core, absorption, co-occurrence, probing metrics) into one JSON per
-    checkpoint."""
+    checkpoint.
+
+    Rerunning skips checkpoints whose result JSON exists with the same settings (--overwrite
+    redoes them); a result made with other settings is recomputed, with a warning.
+    """
     from masksae.evaluate.absorption import AbsorptionConfig
     from masksae.evaluate.absorption.config import parse_max_words
     from masksae.evaluate.cooccurrence import CooccurrenceConfig
@@ -180,6 +192,7 @@ def evaluate_cmd(
             ood=_names(ood_tasks),
         ),
         progress=progress,
+        overwrite=overwrite,
     )
     cfg.probing.validate()
     # click options take one value each; the positional list lets `--checkpoints A B` work too

@@ -108,7 +108,10 @@ def sparse_codes(
     dtype = param.dtype if param is not None else torch.float32
     rows, cols = [], []
     d_sae = None
-    for start in range(0, acts_ND.shape[0], batch_size):
+    from masksae.progress import progress_bar
+
+    starts = range(0, acts_ND.shape[0], batch_size)
+    for start in progress_bar(None, "co-occurrence (SAE encode)", "batch", iterable=starts):
         f_BF = sae.encode(acts_ND[start : start + batch_size].to(device=device, dtype=dtype))
         d_sae = f_BF.shape[1]
         r, c = (f_BF != 0).nonzero(as_tuple=True)

@@ -219,15 +219,19 @@ def build_eval_data(
     rows: list[Tensor] = []
     n_rows = 0
     n_captured_seqs = 0
-    for start in range(0, ids.shape[0], cfg.llm_batch_size):
-        if n_rows >= cfg.n_tokens:
-            break
-        sl = slice(start, start + cfg.llm_batch_size)
-        h = capture_resid_post(lm, ids[sl], attn[sl], layer)
-        chunk = h[keep[sl].to(h.device)].to("cpu", torch.float32)
-        rows.append(chunk)
-        n_rows += chunk.shape[0]
-        n_captured_seqs = min(start + cfg.llm_batch_size, ids.shape[0])
+    from masksae.progress import progress_bar
+
+    with progress_bar(cfg.n_tokens, "eval activations (LLM)", "tok", unit_scale=True) as bar:
+        for start in range(0, ids.shape[0], cfg.llm_batch_size):
+            if n_rows >= cfg.n_tokens:
+                break
+            sl = slice(start, start + cfg.llm_batch_size)
+            h = capture_resid_post(lm, ids[sl], attn[sl], layer)
+            chunk = h[keep[sl].to(h.device)].to("cpu", torch.float32)
+            rows.append(chunk)
+            n_rows += chunk.shape[0]
+            bar.update(min(chunk.shape[0], cfg.n_tokens - bar.n))
+            n_captured_seqs = min(start + cfg.llm_batch_size, ids.shape[0])
     acts = torch.cat(rows)
     keep[n_captured_seqs:] = False
     acts, keep = _drop_norm_outliers(acts, keep, cfg.outlier_norm_factor)

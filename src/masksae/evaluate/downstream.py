@@ -202,8 +202,12 @@ def downstream_metrics(
         flat = h_BTD.reshape(-1, shape[-1])
         return sae.decode(sae.encode(flat)).reshape(shape)
 
+    from masksae.progress import progress_bar
+
+    bar = progress_bar(n_seq, "CE/KL (LLM splice)", "seq")
     for start in range(0, n_seq, cfg.batch_size):
         ids = input_ids_ST[start : min(start + cfg.batch_size, n_seq)]
+        bar.update(ids.shape[0])
         attn = attention_mask_ST[start : start + ids.shape[0]]
         keep = keep_ST[start : start + ids.shape[0]].to(lm.device)
         # predictions at t whose source and target positions are both kept
@@ -255,6 +259,7 @@ def downstream_metrics(
             sums.kl_zero += _kl(clean, zero, count_BT)
             del zero
         sums.n += n
+    bar.close()
 
     if sums.n == 0:
         raise ConfigError(

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,10 @@ class EvaluateConfig:
     probing: Any = None
     """A ``ProbingConfig`` for sparse_probing, scr, tpp and ood (None: the "demo" preset)."""
     progress: bool = True
-    """Progress bars (tqdm on stderr) on the LLM passes."""
+    """Progress bars (tqdm on stderr, with rate and ETA) on every LLM pass and metric."""
+    overwrite: bool = False
+    """Recompute checkpoints whose result file already exists with the same recorded
+    settings (default: skip them; a result with other settings is always recomputed)."""
 
     def __post_init__(self) -> None:
         if ALL in self.metrics:
@@ -126,6 +129,14 @@ class Evaluator:
 
     def evaluate(self, checkpoint: str | Path) -> dict[str, Any]:
         """Score one checkpoint (run or checkpoint directory); return the result document."""
+        from masksae.progress import show_progress
+
+        with show_progress(self.cfg.progress):
+            doc = self._evaluate(checkpoint)
+        doc["settings"] = evaluation_settings(self.cfg, checkpoint)
+        return doc
+
+    def _evaluate(self, checkpoint: str | Path) -> dict[str, Any]:
         import torch
 
         from masksae.devices import resolve_device
@@ -186,9 +197,15 @@ class Evaluator:
             return data
 
         def core_on(acts) -> dict[str, Any]:
+            from masksae.progress import progress_bar
+
+            batches = list(iter_batches(acts, cfg.core.batch_size, device=device))
             with timer.phase("core"):
                 return reconstruction_metrics(
-                    sae, iter_batches(acts, cfg.core.batch_size, device=device), d_sae, cfg.core
+                    sae,
+                    progress_bar(None, "core (SAE)", "batch", iterable=batches),
+                    d_sae,
+                    cfg.core,
                 )
 
         want_core = "core" in cfg.metrics or "reconstruction" in cfg.metrics
@@ -389,20 +406,159 @@ def result_filename(checkpoint: Path, roots: Sequence[Path]) -> str:
     return checkpoint.name + ".json"
 
 
+#: EvaluateConfig fields that do not change a result (where and how it is computed)
+OPERATIONAL_FIELDS = frozenset(
+    {"cache_dir", "device", "progress", "storage_options", "overwrite"}
+)
+#: sub-configs recorded only when one of these metrics runs (others cannot change the result)
+_METRIC_SETTINGS = {
+    "core": ("core", "reconstruction"),
+    "downstream": ("core",),
+    "absorption": ("absorption",),
+    "cooccurrence": ("cooccurrence",),
+    "probing": PROBING_METRICS,
+}
+
+
+def checkpoint_fingerprint(checkpoint: str | Path) -> str:
+    """sha256[:16] of the checkpoint's config.json (step, tokens, store...) and the size of
+    its weights: a run trained further or retrained gets a new fingerprint."""
+    from masksae.train.checkpoint import WEIGHTS_FILE
+
+    folder = Path(checkpoint)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    weights = folder / WEIGHTS_FILE
+    digest.update(str(weights.stat().st_size if weights.is_file() else -1).encode())
+    return digest.hexdigest()[:16]
+
+
+def evaluation_settings(cfg: EvaluateConfig, checkpoint: str | Path) -> dict[str, Any]:
+    """What determines a checkpoint's result (recorded in it as ``settings``): the metrics,
+    the settings of those metrics, and the checkpoint's fingerprint. A rerun reuses a result
+    whose recorded settings are equal."""
+    from masksae.evaluate.absorption import AbsorptionConfig
+    from masksae.evaluate.probing import probing_preset
+
+    out: dict[str, Any] = {"checkpoint": checkpoint_fingerprint(checkpoint)}
+    for f in fields(cfg):
+        if f.name in OPERATIONAL_FIELDS:
+            continue
+        if f.name in _METRIC_SETTINGS and not set(_METRIC_SETTINGS[f.name]) & set(cfg.metrics):
+            continue
+        value = getattr(cfg, f.name)
+        if value is None and f.name == "absorption":
+            value = AbsorptionConfig()
+        if value is None and f.name == "probing":
+            value = probing_preset("demo")
+        out[f.name] = to_dict(value) if is_dataclass(value) else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def _differing(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Top-level settings that differ (``["no recorded settings"]`` for old results)."""
+    if not isinstance(old, dict):
+        return ["no recorded settings"]
+    return sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+
+
 def evaluate_checkpoints(
     checkpoints: Sequence[Path],
     out_dir: Path,
     cfg: EvaluateConfig,
     roots: Sequence[Path] = (),
+    *,
+    overwrite: bool | None = None,
 ) -> list[Path]:
-    """Evaluate every checkpoint, writing ``out_dir/<name>.json``; return the files."""
-    evaluator = Evaluator(cfg)
-    written: list[Path] = []
-    for i, ckpt in enumerate(checkpoints):
-        log.info("evaluating %s (%d/%d)", ckpt, i + 1, len(checkpoints))
-        doc = evaluator.evaluate(ckpt)
+    """Evaluate every checkpoint, writing ``out_dir/<name>.json``; return the files.
+
+    A checkpoint whose result file exists with the same recorded settings
+    (:func:`evaluation_settings`) is skipped unless ``overwrite`` (default
+    ``cfg.overwrite``); one whose result has
+    other settings is recomputed (and its file replaced), with a warning naming them.
+    """
+    overwrite = cfg.overwrite if overwrite is None else overwrite
+    todo: list[tuple[Path, Path]] = []
+    written: dict[Path, Path] = {}  # checkpoint -> result file
+    for ckpt in checkpoints:
         path = Path(out_dir) / result_filename(ckpt, roots)
+        if path.is_file() and not overwrite:
+            try:
+                recorded = json.loads(path.read_text()).get("settings")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+            differ = _differing(recorded, evaluation_settings(cfg, ckpt))
+            if not differ:
+                log.info("skipping %s: %s exists (--overwrite to redo)", ckpt, path)
+                written[ckpt] = path
+                continue
+            log.warning(
+                "recomputing %s: %s exists but its settings differ (%s)",
+                ckpt,
+                path,
+                ", ".join(differ),
+            )
+        todo.append((ckpt, path))
+    if todo:
+        log.info("%s", work_estimate(cfg, [c for c, _ in todo], len(checkpoints) - len(todo)))
+    evaluator = Evaluator(cfg) if todo else None
+    for i, (ckpt, path) in enumerate(todo):
+        log.info("evaluating %s (%d/%d)", ckpt, i + 1, len(todo))
+        assert evaluator is not None
+        doc = evaluator.evaluate(ckpt)
         atomic_write_json(path, doc)
         log.info("wrote %s (%.1fs)", path, doc["timings_s"]["total"])
-        written.append(path)
-    return written
+        written[ckpt] = path
+    return [written[c] for c in checkpoints]
+
+
+def work_estimate(cfg: EvaluateConfig, checkpoints: Sequence[Path], skipped: int) -> str:
+    """One line of what an evaluation will compute: checkpoints x metrics, the LLM tokens
+    of each pass and which LLM work the cache already holds."""
+    n = len(checkpoints)
+    parts = [
+        f"evaluate: {n} checkpoint(s) x {len(cfg.metrics)} metric(s) ({', '.join(cfg.metrics)})"
+        + (f", {skipped} skipped (results exist)" if skipped else "")
+    ]
+    targets = set()
+    for ckpt in checkpoints:
+        prov = provenance_from_meta(json.loads((Path(ckpt) / "config.json").read_text()))
+        targets.add((cfg.model_override or prov["model"], prov["revision"], prov["layer"]))
+    want_core = {"core", "reconstruction"} & set(cfg.metrics)
+    needs_data = (want_core and cfg.eval_store is None) or {"core", "cooccurrence"} & set(
+        cfg.metrics
+    )
+    if needs_data:
+        cached = sum(
+            has_entry(cfg.cache_dir, key_fields(m, r, lay, replace(cfg.data, masked=False)))
+            for m, r, lay in targets
+            if m is not None and lay is not None
+        )
+        parts.append(
+            f"eval activations: {cfg.data.n_tokens} LLM tokens per model/layer "
+            f"({len(targets)} model/layer(s), {cached} cached)"
+        )
+    if "core" in cfg.metrics:
+        tokens = cfg.downstream.n_sequences * cfg.data.context_length
+        parts.append(
+            f"CE/KL: {tokens} tokens x {n} checkpoint(s), 2 LLM passes each (clean and "
+            "zero-ablation passes once per evaluation set, reused after the first)"
+        )
+    if "absorption" in cfg.metrics:
+        acfg = cfg.absorption
+        words = getattr(acfg, "max_words_per_letter", None)
+        size = f"up to 26 x {words} words" if words else "the whole vocabulary"
+        where = (
+            f"cached in {Path(cfg.cache_dir) / 'absorption'}"
+            if cfg.cache_dir is not None
+            else "not cached (no --cache): once per run"
+        )
+        parts.append(f"absorption: one LLM pass over {size} per model/layer, {where}")
+    probing = [m for m in PROBING_METRICS if m in cfg.metrics]
+    if probing:
+        where = (
+            f"cached in {Path(cfg.cache_dir) / 'probing'}"
+            if cfg.cache_dir is not None
+            else "kept in memory for this run"
+        )
+        parts.append(f"probing ({', '.join(probing)}): task texts through the LLM once, {where}")
+    return "; ".join(parts)

@@ -5,26 +5,44 @@
 ...                           tokens=100_000, mask_prob=0.3))
 """
 
-from masksae.harvest.config import HarvestConfig
-from masksae.harvest.corpus import Corpus, CorpusSpec
-from masksae.harvest.masking import mask_draw, mask_sequences, resolve_mask_token
-from masksae.harvest.outliers import DEFAULT_OUTLIER_NORM_FACTOR, flag_norm_outliers
-from masksae.harvest.runner import HarvestPlan, HarvestResult, plan_harvest, run_harvest
-from masksae.harvest.tokenize import pack_sequences, resolve_context_length
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_OUTLIER_NORM_FACTOR",
-    "Corpus",
-    "CorpusSpec",
-    "flag_norm_outliers",
-    "HarvestConfig",
-    "HarvestPlan",
-    "HarvestResult",
-    "mask_draw",
-    "mask_sequences",
-    "pack_sequences",
-    "plan_harvest",
-    "resolve_context_length",
-    "resolve_mask_token",
-    "run_harvest",
-]
+import importlib
+from typing import Any
+
+# imported on first use (PEP 562) so ``masksae --help`` does not import torch or zarr
+_EXPORTS = {
+    "HarvestConfig": "masksae.harvest.config",
+    "Corpus": "masksae.harvest.corpus",
+    "CorpusSpec": "masksae.harvest.corpus",
+    "mask_draw": "masksae.harvest.masking",
+    "mask_sequences": "masksae.harvest.masking",
+    "resolve_mask_token": "masksae.harvest.masking",
+    "DEFAULT_OUTLIER_NORM_FACTOR": "masksae.harvest.outliers",
+    "flag_norm_outliers": "masksae.harvest.outliers",
+    "HarvestPlan": "masksae.harvest.runner",
+    "HarvestResult": "masksae.harvest.runner",
+    "plan_harvest": "masksae.harvest.runner",
+    "run_harvest": "masksae.harvest.runner",
+    "pack_sequences": "masksae.harvest.tokenize",
+    "resolve_context_length": "masksae.harvest.tokenize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'masksae.harvest' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+from masksae.callable_stage import make_callable  # noqa: E402
+
+# masksae.harvest(...) runs masksae.api.harvest (the notebook API; see masksae.callable_stage)
+make_callable(__name__)

@@ -12,8 +12,12 @@ exactly the same tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported lazily: masksae --help must not import torch
+    import torch
 
 DEFAULT_OUTLIER_NORM_FACTOR = 10.0
 """Default factor: SmolLM2's outliers sit ~150x the median, the 99.9th percentile ~1.6x."""
@@ -53,6 +57,8 @@ def row_norms(acts_ND: torch.Tensor) -> torch.Tensor:
     bf16/fp16 activations are upcast inside the reduction (``dtype=``), not copied to a
     float32 tensor first (a full extra pass over the batch).
     """
+    import torch
+
     return torch.linalg.vector_norm(acts_ND, dim=-1, dtype=torch.float32)
 
 
@@ -68,7 +74,7 @@ def flag_norm_outliers(
     eligible = ~np.asarray(excluded_N, dtype=bool)
     if factor <= 0 or not eligible.any():
         return flags
-    if isinstance(norms_N, torch.Tensor):
+    if hasattr(norms_N, "detach"):  # a torch tensor (torch itself is imported lazily)
         norms_N = norms_N.detach().cpu().numpy()
     norms = np.asarray(norms_N, dtype=np.float64)
     median = float(np.median(norms[eligible]))

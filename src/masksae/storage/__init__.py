@@ -7,19 +7,32 @@ Excluded-token policy: special tokens, position 0 and (harvest option
 skips them by default and statistics ignore them.
 """
 
-from masksae.storage.codecs import DEFAULT_COMPRESSION, parse_compression
-from masksae.storage.reader import ActivationStore
-from masksae.storage.schema import EXCLUDED_TOKEN_POLICY, ChunkData, StoreSpec
-from masksae.storage.stats import ActivationStats
-from masksae.storage.writer import StoreWriter
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_COMPRESSION",
-    "EXCLUDED_TOKEN_POLICY",
-    "ActivationStats",
-    "ActivationStore",
-    "ChunkData",
-    "StoreSpec",
-    "StoreWriter",
-    "parse_compression",
-]
+import importlib
+from typing import Any
+
+# imported on first use (PEP 562) so ``masksae --help`` does not import torch or zarr
+_EXPORTS = {
+    "DEFAULT_COMPRESSION": "masksae.storage.codecs",
+    "parse_compression": "masksae.storage.codecs",
+    "ActivationStore": "masksae.storage.reader",
+    "EXCLUDED_TOKEN_POLICY": "masksae.storage.schema",
+    "ChunkData": "masksae.storage.schema",
+    "StoreSpec": "masksae.storage.schema",
+    "ActivationStats": "masksae.storage.stats",
+    "StoreWriter": "masksae.storage.writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'masksae.storage' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

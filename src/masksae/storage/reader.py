@@ -51,20 +51,37 @@ class UnreadableChunkError(StoreError):
 
 
 class ActivationStore:
-    """A read-only view of an activation store (local or remote); use :meth:`open`."""
+    """A read-only view of an activation store (local or remote).
+
+    ``ActivationStore("store")`` (or ``ActivationStore.open("store", ...)``) opens the store
+    at a path or URL; the other constructor arguments are the state :meth:`open` reads.
+    """
 
     def __init__(
         self,
-        path: Path | StoreLocation,
-        attrs: dict[str, Any],
-        records: dict[int, dict],
+        path: str | Path | StoreLocation,
+        attrs: dict[str, Any] | None = None,
+        records: dict[int, dict] | None = None,
         broken: dict[int, str] | None = None,
         *,
         metadata: dict[str, bytes] | None = None,
         cache_dir: str | Path | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         read_ahead: int = DEFAULT_READ_AHEAD,
+        require_complete: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
+        if attrs is None:  # ActivationStore("path"): open it (require_complete as in open)
+            opened = type(self).open(
+                path,
+                require_complete=require_complete,
+                storage_options=storage_options,
+                cache_dir=cache_dir,
+                cache_bytes=cache_bytes,
+                read_ahead=read_ahead,
+            )
+            self.__dict__.update(opened.__dict__)
+            return
         self.location = StoreLocation.parse(path)
         """Where the store lives."""
         self.path: Path | str = self.location.local_path or self.location.url
@@ -72,7 +89,7 @@ class ActivationStore:
         self.attrs = attrs
         """The raw group attributes."""
         self.spec: StoreSpec = layout.spec_from_attrs(attrs)
-        self._records = records
+        self._records = records or {}
         self.broken: dict[int, str] = dict(broken or {})
         """Chunks whose record says complete but whose shard files are missing or resized, or
         whose record is damaged, with the reason; they count as incomplete."""

@@ -6,17 +6,32 @@ scales, driven by a StudyConfig TOML file (configs/study/): ``make demo`` (smoke
 >>> run_study(load_study("configs/study/study.toml"), "runs/study")
 """
 
-from masksae.study.config import StoreEntry, StudyConfig, load_study, study_from_dict
-from masksae.study.plan import Stage, plan_stages
-from masksae.study.runner import StageFailed, run_study
+from __future__ import annotations
 
-__all__ = [
-    "Stage",
-    "StageFailed",
-    "StoreEntry",
-    "StudyConfig",
-    "load_study",
-    "plan_stages",
-    "run_study",
-    "study_from_dict",
-]
+import importlib
+from typing import Any
+
+# imported on first use (PEP 562) so ``masksae --help`` does not import torch or zarr
+_EXPORTS = {
+    "StoreEntry": "masksae.study.config",
+    "StudyConfig": "masksae.study.config",
+    "load_study": "masksae.study.config",
+    "study_from_dict": "masksae.study.config",
+    "Stage": "masksae.study.plan",
+    "plan_stages": "masksae.study.plan",
+    "StageFailed": "masksae.study.runner",
+    "run_study": "masksae.study.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'masksae.study' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -36,3 +36,9 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'masksae.train' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+from masksae.callable_stage import make_callable  # noqa: E402
+
+# masksae.train(...) runs masksae.api.train (the notebook API; see masksae.callable_stage)
+make_callable(__name__)

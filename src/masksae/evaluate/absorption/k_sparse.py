@@ -80,7 +80,9 @@ def k_sparse_probe_letters(
     y_train = y_train_N.numpy()
     y_test = y_test_N.numpy()
     results: dict[int, KSparseResult] = {}
-    for letter in letters:
+    from masksae.progress import progress_bar
+
+    for letter in progress_bar(None, "absorption k-sparse probes", "letter", iterable=letters):
         ranked = l1_probe.W_CD[letter].topk(max_k).indices.tolist()
         target_train = y_train == letter
         target_test = y_test == letter

@@ -25,6 +25,7 @@ from masksae.evaluate.absorption.vocab import (
     first_letter_index,
     split_vocab,
 )
+from masksae.progress import progress_bar
 from masksae.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,10 @@ def compute_llm_stage(
             len(train_words),
             len(test_words),
         )
-    from tqdm.auto import tqdm
+    from masksae.progress import progress_bar
 
     # the absorption prompts (probe true positives) are not known yet: the bar grows later
-    bar = tqdm(
-        total=len(train_prompts) + len(test_prompts),
-        desc="absorption prompts",
-        unit="prompt",
-        disable=None,
-    )
+    bar = progress_bar(len(train_prompts) + len(test_prompts), "absorption LLM", "prompt")
     with timer.phase("llm_activations"):
         x_train = word_activations(lm, train_prompts, layer, cfg.llm_batch_size, bos, bar)
         x_test = word_activations(lm, test_prompts, layer, cfg.llm_batch_size, bos, bar)
@@ -303,8 +299,9 @@ def score_stage(
             _resolve_device(cfg.device),
         )
     thresholds = AbsorptionThresholds.from_config(cfg)
-    with timer.phase("scoring"):
+    with timer.phase("scoring"), progress_bar(len(eligible), "absorption scoring", "letter") as bar:
         for c in eligible:
+            bar.update()
             rows = stage.y_abs_N == c
             scored = score_letter(
                 stage.x_abs_ND[rows],

@@ -137,9 +137,10 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _bar(total: int, desc: str, progress: bool) -> Any:
-    from tqdm.auto import tqdm
+    from masksae.progress import progress_bar, progress_enabled, show_progress
 
-    return tqdm(total=total, desc=desc, unit="text", disable=not progress, leave=False)
+    with show_progress(progress and progress_enabled()):
+        return progress_bar(total, desc, "text")
 
 
 @torch.inference_mode()

@@ -61,7 +61,9 @@ def run(sae: Any, ctx: ProbingContext) -> dict[str, Any]:
     if k < cfg.k:
         log.warning("OOD probing: k=%d exceeds d_sae=%d; keeping all %d latents", cfg.k, d_sae, k)
     per_task: dict[str, dict[str, Any]] = {}
-    for name in cfg.tasks:
+    from masksae.progress import progress_bar
+
+    for name in progress_bar(None, "ood tasks", "task", iterable=cfg.tasks, leave=False):
         data, acts = ctx.ood_task(name)
         tr, te = data.indices(TRAIN), data.indices(TEST)
         y_tr, y_te = data.labels[tr], data.labels[te]

@@ -105,7 +105,9 @@ def run(sae: Any, ctx: ProbingContext) -> dict[str, Any]:
             [n for n in cfg.n_values if n > W_dec.shape[0]],
         )
     per_task: dict[str, dict[str, Any]] = {}
-    for name in cfg.tasks:
+    from masksae.progress import progress_bar
+
+    for name in progress_bar(None, "scr tasks", "task", iterable=cfg.tasks, leave=False):
         data, acts = ctx.scr_task(
             name, cfg.train_per_quadrant, cfg.test_per_quadrant, cfg.seed, cfg.context_length
         )

@@ -88,7 +88,9 @@ def run(sae: Any, ctx: ProbingContext) -> dict[str, Any]:
     """Sparse probing of ``sae`` on ``ctx.cfg.sparse_probing.tasks`` (JSON-able result)."""
     cfg: SparseProbingConfig = ctx.cfg.sparse_probing
     per_task: dict[str, dict[str, Any]] = {}
-    for name in cfg.tasks:
+    from masksae.progress import progress_bar
+
+    for name in progress_bar(None, "sparse probing tasks", "task", iterable=cfg.tasks, leave=False):
         data, acts = ctx.classes_task(
             name, cfg.train_per_class, cfg.test_per_class, cfg.seed, cfg.context_length
         )

@@ -80,7 +80,9 @@ def run(sae: Any, ctx: ProbingContext) -> dict[str, Any]:
     W_dec = decoder_matrix(sae)
     n_values = [n for n in cfg.n_values if n <= W_dec.shape[0]]
     per_task: dict[str, dict[str, Any]] = {}
-    for name in cfg.tasks:
+    from masksae.progress import progress_bar
+
+    for name in progress_bar(None, "tpp tasks", "task", iterable=cfg.tasks, leave=False):
         data, acts = ctx.classes_task(
             name, cfg.train_per_class, cfg.test_per_class, cfg.seed, cfg.context_length
         )
