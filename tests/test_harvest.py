@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import json
 from pathlib import Path
 
@@ -197,10 +199,10 @@ def test_hub_corpus_without_datasets_or_offline(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    corpus = Corpus(CorpusSpec("monology/pile-uncopyrighted", filters=("x=y",)))
-    assert corpus.kind == "hub"
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not importable, installed or not
+    # refused when the corpus is made (before any model is loaded), not when first read
     with pytest.raises(CorpusError, match=r"masksae\[hub\].*offline\? use --corpus bundled"):
-        next(iter(corpus))
+        Corpus(CorpusSpec("monology/pile-uncopyrighted", filters=("x=y",)))
 
 
 # ---------------------------------------------------------------------------- harvest runs

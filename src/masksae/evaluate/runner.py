@@ -407,9 +407,7 @@ def result_filename(checkpoint: Path, roots: Sequence[Path]) -> str:
 
 
 #: EvaluateConfig fields that do not change a result (where and how it is computed)
-OPERATIONAL_FIELDS = frozenset(
-    {"cache_dir", "device", "progress", "storage_options", "overwrite"}
-)
+OPERATIONAL_FIELDS = frozenset({"cache_dir", "device", "progress", "storage_options", "overwrite"})
 #: sub-configs recorded only when one of these metrics runs (others cannot change the result)
 _METRIC_SETTINGS = {
     "core": ("core", "reconstruction"),

@@ -25,6 +25,12 @@ def harvest(
         "--model",
         help="Hugging Face id, local directory, or bundled:smollm2-135m / bundled:gemma3-270m.",
     ),
+    revision: str | None = typer.Option(
+        None,
+        "--revision",
+        help="Hub models: model revision (commit sha, tag or branch); the store records the "
+        "commit it resolved to. Default: the Hub's default branch.",
+    ),
     layer: int | None = typer.Option(
         None, "--layer", help="Block whose output is captured (0-based); default the middle block."
     ),
@@ -40,6 +46,18 @@ def harvest(
         help="key=value record filter (repeatable), e.g. meta.pile_set_name=Pile-CC.",
     ),
     corpus_split: str = typer.Option("train", "--corpus-split", help="Dataset split."),
+    dataset_revision: str | None = typer.Option(
+        None,
+        "--dataset-revision",
+        help="Hub dataset corpora: dataset revision (commit sha, tag or branch) to stream, "
+        "recorded in the store's provenance. Default: the default branch (not reproducible).",
+    ),
+    dataset_config: str | None = typer.Option(
+        None,
+        "--dataset-config",
+        help="Hub dataset corpora: dataset configuration name (load_dataset's name=), e.g. "
+        "wikitext-103-raw-v1.",
+    ),
     corpus_allow_undecodable: bool = typer.Option(
         False,
         "--corpus-allow-undecodable",
@@ -164,11 +182,14 @@ def harvest(
         storage_options=parse_storage_options(storage_option),
         break_lock=break_lock,
         model=model,
+        revision=revision,
         layer=layer,
         corpus=corpus,
         corpus_field=corpus_field,
         corpus_filter=tuple(corpus_filter),
         corpus_split=corpus_split,
+        dataset_revision=dataset_revision,
+        dataset_config=dataset_config,
         corpus_allow_undecodable=corpus_allow_undecodable,
         tokens=tokens,
         mask_prob=mask_prob,

@@ -31,6 +31,9 @@ class HarvestConfig:
     (a live writer's lease is renewed; an expired one is taken over without this)."""
     model: str = "bundled:smollm2-135m"
     """Hugging Face id, local directory, or bundled:smollm2-135m / bundled:gemma3-270m."""
+    revision: str | None = None
+    """Hugging Face Hub models: the model revision (commit sha, tag or branch) to load; the
+    store records the commit it resolved to. None = the Hub's default branch."""
     layer: int | None = None
     """Block whose output (resid_post) is captured, 0-based; None = the middle block."""
     corpus: str = "bundled"
@@ -41,6 +44,13 @@ class HarvestConfig:
     """key=value conditions on records, e.g. meta.pile_set_name=Pile-CC."""
     corpus_split: str = "train"
     """Hugging Face dataset split."""
+    dataset_revision: str | None = None
+    """Hugging Face dataset corpora: the dataset revision (commit sha, tag or branch) to
+    stream, recorded in the store's provenance; None = the default branch (not
+    reproducible: the dataset may change)."""
+    dataset_config: str | None = None
+    """Hugging Face dataset corpora: the dataset configuration name (load_dataset's
+    ``name``), e.g. ``wikitext-103-raw-v1``; recorded in the provenance."""
     corpus_allow_undecodable: bool = False
     """Harvest local .txt files that are mostly not UTF-8 text (binary-looking) anyway, their
     undecodable bytes replaced by U+FFFD; False refuses them."""

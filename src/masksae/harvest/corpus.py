@@ -69,6 +69,12 @@ class CorpusSpec:
     """Dataset split (Hugging Face datasets)."""
     allow_undecodable: bool = False
     """Harvest ``.txt`` files that are mostly not UTF-8 text anyway (bytes -> U+FFFD)."""
+    revision: str | None = None
+    """Hugging Face datasets: the dataset revision (commit sha, tag or branch) to stream;
+    None follows the Hub's default branch (not reproducible)."""
+    config_name: str | None = None
+    """Hugging Face datasets: the dataset configuration (``name=`` of load_dataset), e.g.
+    ``wikitext-103-raw-v1``; None = the dataset's default."""
 
 
 @dataclass
@@ -154,6 +160,13 @@ class Corpus:
         self._warned: set[str] = set()
         if self._filters:
             self._check_filters_apply()
+        if self.kind == "hub":
+            _require_datasets(spec.source)
+        elif spec.revision is not None or spec.config_name is not None:
+            raise CorpusError(
+                f"--dataset-revision / --dataset-config apply to Hugging Face datasets only, "
+                f"not to the {self.kind} corpus {spec.source!r}: drop them"
+            )
 
     def _check_filters_apply(self) -> None:
         """Refuse --corpus-filter where there are no records to filter (it would be ignored)."""
@@ -199,13 +212,19 @@ class Corpus:
             "split": self.spec.split,
         }
         if self.kind == "bundled":
-            import gensim
+            from importlib.metadata import version
 
-            info["revision"] = f"gensim-{gensim.__version__}"
+            # the installed distribution's version, without importing gensim (~1 s: scipy)
+            info["revision"] = f"gensim-{version('gensim')}"
             info["files"] = [_WIKI_FILE, *_LEE_FILES]
         elif self.kind == "local":
             info["revision"] = self.content_revision()
             info["revision_covers"] = "relative path, size and bytes of every corpus file"
+        else:  # only when given: stores made before these options keep their provenance
+            if self.spec.revision is not None:
+                info["revision"] = self.spec.revision
+            if self.spec.config_name is not None:
+                info["config"] = self.spec.config_name
         return info
 
     def content_revision(self) -> str:
@@ -320,13 +339,9 @@ class Corpus:
 
     def _hub_documents(self) -> Iterator[str]:
         source = self.spec.source
-        try:
-            import datasets
-        except ImportError:
-            raise CorpusError(
-                f"corpus {source!r} looks like a Hugging Face dataset id, which needs the "
-                f"`datasets` package: pip install 'masksae[hub]' ({OFFLINE_HINT})"
-            ) from None
+        _require_datasets(source)
+        import datasets
+
         from masksae.hub_access import probe_hub
 
         unreachable = probe_hub(source, "dataset")
@@ -336,7 +351,13 @@ class Corpus:
                 f"({unreachable}) ({OFFLINE_HINT})"
             )
         try:
-            dataset = datasets.load_dataset(source, split=self.spec.split, streaming=True)
+            # name / revision only when given (the Hub defaults otherwise)
+            extra: dict[str, Any] = {}
+            if self.spec.config_name is not None:
+                extra["name"] = self.spec.config_name
+            if self.spec.revision is not None:
+                extra["revision"] = self.spec.revision
+            dataset = datasets.load_dataset(source, split=self.spec.split, streaming=True, **extra)
             iterator = iter(dataset)
         except Exception as exc:  # connection, not found, offline mode ...
             raise CorpusError(
@@ -355,6 +376,25 @@ class Corpus:
                 ) from exc
             if _matches(record, self._filters):
                 yield _text_of(record, self.spec.field, f"dataset {source!r}")
+
+
+def _require_datasets(source: str) -> None:
+    """CorpusError unless ``datasets`` can be imported (checked up front, before the LLM is
+    loaded; a test's stand-in module in sys.modules counts)."""
+    import importlib.util
+    import sys
+
+    if sys.modules.get("datasets") is not None:
+        return
+    try:
+        found = importlib.util.find_spec("datasets") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise CorpusError(
+            f"corpus {source!r} looks like a Hugging Face dataset id, which needs the "
+            f"`datasets` package: pip install 'masksae[hub]' ({OFFLINE_HINT})"
+        )
 
 
 def _gensim_test_data() -> Path:

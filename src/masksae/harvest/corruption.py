@@ -481,17 +481,7 @@ def _noise_sigma(plan: Any) -> tuple[float, dict[str, Any]]:
             "sigma_source": "given",
             "noise_draw": _NOISE_DRAW,
         }
-    n_cal = min(cfg.noise_calibration_sequences, plan.n_sequences)
-    settings = {
-        "sequences": n_cal,
-        "first_sequence": 0,
-        "mask_prob": cfg.mask_prob,
-        "mask_token_id": plan.mask_id,
-        "seed": cfg.seed,
-        "outlier_norm_factor": plan.outlier_norm_factor,
-        "counted": "tokens neither special, at position 0, nor a norm outlier in either run",
-        "rule": "sigma = sqrt(mean_sq_shift / d_model), so E||noise||^2 = mean_sq_shift",
-    }
+    n_cal, settings = _calibration_settings(plan)
     measured = _recorded_calibration(cfg.out, settings, getattr(cfg, "storage_options", None))
     if measured is None:
         measured = _measure_calibration(plan, n_cal) if cfg.mask_prob > 0 else _zero_shift(plan)
@@ -504,6 +494,31 @@ def _noise_sigma(plan: Any) -> tuple[float, dict[str, Any]]:
         "noise_draw": _NOISE_DRAW,
         "calibration": calibration,
     }
+
+
+def recorded_noise_record(plan: Any) -> dict[str, Any] | None:
+    """The calibration a noise harvest would reuse from the store at ``cfg.out`` (a resume
+    with equal calibration settings), or None when it must measure it on the model."""
+    _n, settings = _calibration_settings(plan)
+    cfg = plan.cfg
+    return _recorded_calibration(cfg.out, settings, getattr(cfg, "storage_options", None))
+
+
+def _calibration_settings(plan: Any) -> tuple[int, dict[str, Any]]:
+    """(calibration sequences, the settings a recorded calibration must equal)."""
+    cfg = plan.cfg
+    n_cal = min(cfg.noise_calibration_sequences, plan.n_sequences)
+    settings = {
+        "sequences": n_cal,
+        "first_sequence": 0,
+        "mask_prob": cfg.mask_prob,
+        "mask_token_id": plan.mask_id,
+        "seed": cfg.seed,
+        "outlier_norm_factor": plan.outlier_norm_factor,
+        "counted": "tokens neither special, at position 0, nor a norm outlier in either run",
+        "rule": "sigma = sqrt(mean_sq_shift / d_model), so E||noise||^2 = mean_sq_shift",
+    }
+    return n_cal, settings
 
 
 _MEASURED_KEYS = (

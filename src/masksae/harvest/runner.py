@@ -217,12 +217,20 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def plan_harvest(
-    cfg: HarvestConfig, *, lm: LoadedModel | None = None, check_corpus: bool = True
+    cfg: HarvestConfig,
+    *,
+    lm: LoadedModel | None = None,
+    check_corpus: bool = True,
+    weights: bool = True,
+    resolve: bool = True,
 ) -> HarvestPlan:
     """Validate ``cfg`` (loading the model unless ``lm`` is given) and resolve every default.
 
     ``check_corpus`` tokenises the corpus up front to refuse one that is too small (workers
-    of a multi-device harvest skip it: their parent checked).
+    of a multi-device harvest skip it: their parent checked). ``weights=False`` plans on
+    the model's config and tokenizer only (meta device: see :func:`load_model`), so every
+    check that needs no weights runs before they are loaded; ``resolve=False`` leaves the
+    corruption unresolved (noise calibration runs the model).
     """
     if not cfg.out:
         raise ConfigError("no output path given: use --out PATH")
@@ -243,10 +251,18 @@ def plan_harvest(
             filters=tuple(cfg.corpus_filter),
             split=cfg.corpus_split,
             allow_undecodable=cfg.corpus_allow_undecodable,
+            revision=cfg.dataset_revision,
+            config_name=cfg.dataset_config,
         )
     )
+    if cfg.compression is not None:  # a bad value is refused before the model loads
+        from masksae.storage.codecs import parse_compression
+
+        parse_compression(cfg.compression)
     if lm is None:
-        lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        lm = load_model(
+            cfg.model, dtype=cfg.dtype, device=cfg.device, weights=weights, revision=cfg.revision
+        )
     layer = lm.n_layers // 2 if cfg.layer is None else cfg.layer
     _validate_layer(lm, layer)
     context = resolve_context_length(
@@ -282,8 +298,15 @@ def plan_harvest(
     )
     if check_corpus:
         _check_corpus_size(plan)
-    plan.corruption, plan.corruption_record = resolve_corruption(plan)
+    if resolve:
+        plan.corruption, plan.corruption_record = resolve_corruption(plan)
     return plan
+
+
+def _calibration_needs_model(cfg: HarvestConfig) -> bool:
+    """True when resolving the corruption runs the model (a noise harvest calibrating its
+    sigma; a resumed one reuses the store's calibration, found only after planning)."""
+    return cfg.corruption == "noise" and cfg.noise_sigma is None and cfg.mask_prob > 0
 
 
 def _check_corpus_size(plan: HarvestPlan) -> None:
@@ -356,7 +379,16 @@ def _run_single(cfg: HarvestConfig, *, lm: LoadedModel | None, progress: bool) -
 
     from masksae.storage import StoreWriter
 
-    plan = plan_harvest(cfg, lm=lm)
+    plan = _plan_before_weights(cfg, lm)
+    if plan.lm.device.type == "meta":
+        existing = _existing_chunks(plan)
+        if existing is not None and len(existing) == plan.store_spec().n_chunks:
+            # complete: nothing to compute, and no weights or corpus pass needed to say so
+            result = make_result(plan, ChunkCounts(), len(existing), len(existing), 0.0)
+            log_done(result)
+            return result
+        _check_corpus_size(plan)
+        plan.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
     spec = plan.store_spec()
     writer = StoreWriter.open(
         cfg.out, spec, storage_options=cfg.storage_options, break_lock=cfg.break_lock
@@ -383,6 +415,39 @@ def _run_single(cfg: HarvestConfig, *, lm: LoadedModel | None, progress: bool) -
     result = make_result(plan, counts, n_chunks, len(completed), seconds)
     log_done(result)
     return result
+
+
+def _plan_before_weights(cfg: HarvestConfig, lm: LoadedModel | None) -> HarvestPlan:
+    """The plan of a single-process harvest, made before the model's weights are loaded
+    when possible (on the meta device), so that a bad --layer, --compression or corpus, a
+    provenance mismatch with the store at --out, or a store already complete is reported
+    at once. With ``lm`` given, or a noise harvest that must calibrate on the model, the
+    weights are loaded first (the plan's model is then real)."""
+    if lm is not None:
+        return plan_harvest(cfg, lm=lm)
+    if not _calibration_needs_model(cfg):
+        return plan_harvest(cfg, check_corpus=False, weights=False)
+    plan = plan_harvest(cfg, check_corpus=False, weights=False, resolve=False)
+    from masksae.harvest.corruption import recorded_noise_record
+
+    record = recorded_noise_record(plan)
+    if record is not None:  # a resume: the store's own calibration, no model needed
+        plan.corruption, plan.corruption_record = resolve_corruption(plan)
+        return plan
+    _check_corpus_size(plan)
+    plan.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
+    plan.corruption, plan.corruption_record = resolve_corruption(plan)
+    return plan
+
+
+def _existing_chunks(plan: HarvestPlan) -> set[int] | None:
+    """Complete chunks of the store at --out (None: no store yet); ProvenanceMismatchError
+    when it was made with other settings. Read-only: no lock, nothing created."""
+    from masksae.storage.writer import existing_chunks
+
+    return existing_chunks(
+        plan.cfg.out, plan.store_spec(), storage_options=plan.cfg.storage_options
+    )
 
 
 @dataclass

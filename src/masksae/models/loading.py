@@ -27,8 +27,9 @@ DEFAULT_MODEL = "bundled:smollm2-135m"
 class LoadedModel:
     """A causal LM ready for hooking, with what provenance needs to know about it."""
 
-    model: torch.nn.Module
-    """A transformers *ForCausalLM, eval mode, on ``device``."""
+    model: Any
+    """A transformers *ForCausalLM, eval mode, on ``device`` (a :class:`ConfigOnly` when
+    loaded with ``weights=False``)."""
     tokenizer: Any
     """The matching ``PreTrainedTokenizerBase``."""
     model_id: str
@@ -72,9 +73,11 @@ def _local_revision(folder: Path) -> str:
     return "local:" + digest.hexdigest()[:16]
 
 
-def _hub_revision(model: torch.nn.Module, spec: str) -> str:
+def _hub_revision(model: torch.nn.Module, spec: str, requested: str | None = None) -> str:
     commit = getattr(model.config, "_commit_hash", None)
-    return str(commit) if commit else f"hub:{spec}"
+    if commit:
+        return str(commit)
+    return f"hub:{spec}" + (f"@{requested}" if requested else "")
 
 
 def _needs_bos(architecture: str) -> bool:
@@ -82,17 +85,25 @@ def _needs_bos(architecture: str) -> bool:
 
 
 def load_model(
-    spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "auto", weights: bool = True
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    weights: bool = True,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load ``spec`` (Hub id, local directory, or ``bundled:<name>``) in eval mode on ``device``.
 
-    ``weights=False`` builds the model on the meta device (config, tokenizer, revision and
-    shapes, no weights, no memory): enough to plan a harvest whose workers load the weights.
+    ``weights=False`` reads the config and tokenizer only (``model`` is then a
+    :class:`ConfigOnly` holding the config; device "meta"): enough to plan a harvest and
+    check it against an existing store before loading any weights.
+    ``revision`` (Hub models only) is the commit sha, tag or branch to load; the loaded
+    model's ``revision`` is the commit it resolved to.
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device) if weights else torch.device("meta")
     if spec.startswith(BUNDLED_PREFIX):
-        folder, revision = resolve_bundled(spec)
+        folder, bundled_revision = resolve_bundled(spec)
         source, local = str(folder), True
     else:
         path = Path(spec).expanduser()
@@ -104,21 +115,28 @@ def load_model(
                 f"model directory {spec!r} has no config.json: expected a transformers "
                 f"save_pretrained folder ({OFFLINE_HINT})"
             )
-        source, revision = str(path), ""
+        source, resolved = str(path), ""
+    if revision is not None and (spec.startswith(BUNDLED_PREFIX) or local):
+        raise ModelError(
+            f"--revision {revision!r} applies to Hugging Face Hub models, not to "
+            f"{spec!r} (a bundled model or local folder has one version): drop --revision"
+        )
+    if spec.startswith(BUNDLED_PREFIX):
+        resolved = bundled_revision
     unreachable = None
     if not spec.startswith(BUNDLED_PREFIX) and not local:
         from masksae.hub_access import probe_hub
 
         unreachable = probe_hub(spec, "model")  # offline: no retries, cache only
     model, tokenizer = _from_pretrained(
-        spec, source, torch_dtype, weights=weights, unreachable=unreachable
+        spec, source, torch_dtype, weights=weights, unreachable=unreachable, revision=revision
     )
-    if not revision:
-        revision = _local_revision(Path(source)) if local else _hub_revision(model, spec)
+    if not resolved:
+        resolved = _local_revision(Path(source)) if local else _hub_revision(model, spec, revision)
     if weights:
         model.to(torch_device)
-    model.eval()
-    model.requires_grad_(False)
+        model.eval()
+        model.requires_grad_(False)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     architecture = str(getattr(text_config, "model_type", None) or config.model_type)
@@ -132,9 +150,9 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         model_id=spec,
-        revision=revision,
+        revision=resolved,
         architecture=architecture,
-        n_layers=len(get_blocks(model)),
+        n_layers=len(get_blocks(model)) if weights else _config_layers(text_config, spec),
         d_model=d_model,
         max_context=int(max_context) if max_context else None,
         prepend_bos=_needs_bos(architecture),
@@ -149,9 +167,28 @@ def load_model(
         d_model,
         torch_dtype,
         torch_device,
-        revision[:24],
+        resolved[:24],
     )
     return lm
+
+
+class ConfigOnly:
+    """Stands in for the model when only its config was read (``load_model(weights=False)``)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+def _config_layers(text_config: Any, spec: str) -> int:
+    """Number of blocks from the config (what :func:`get_blocks` finds on the real model)."""
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ModelError(
+        f"model {spec!r}: its config names no layer count (num_hidden_layers / n_layer): "
+        "is it a causal LM?"
+    )
 
 
 def _from_pretrained(
@@ -160,17 +197,19 @@ def _from_pretrained(
     dtype: torch.dtype,
     weights: bool = True,
     unreachable: str | None = None,
+    revision: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    # revision only when given: transformers' default otherwise
+    at = {"revision": revision} if revision is not None else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **at)
         if weights:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **at)
         else:
-            config = AutoConfig.from_pretrained(source)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            # config only: building even a meta model imports its modeling code (~1 s)
+            model = ConfigOnly(AutoConfig.from_pretrained(source, **at))
     except (OSError, ValueError) as exc:
         if unreachable is not None:
             raise ModelError(

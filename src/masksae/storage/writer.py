@@ -515,6 +515,42 @@ def _stale_files(loc: StoreLocation, completed: set[int], spec: StoreSpec) -> se
     return stale
 
 
+def existing_chunks(
+    path: str | Path | StoreLocation,
+    spec: StoreSpec,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> set[int] | None:
+    """Read-only look at ``path`` before any expensive work: None when no store is there
+    yet (absent or empty), else the chunks already complete of a store ``spec`` may resume.
+
+    Raises what :meth:`StoreWriter.open` would (ProvenanceMismatchError naming every
+    differing key, StoreError for a file or a foreign directory), without taking the lock
+    or creating anything.
+    """
+    loc = StoreLocation.parse(path, storage_options)
+    if loc.local_path is not None:
+        local = loc.local_path
+        if local.exists() and not local.is_dir():
+            raise StoreError(
+                f"output path {local} is a file, not a store directory: choose another --out"
+            )
+        if not local.exists() or not any(local.iterdir()):
+            return None
+        _check_resumable(loc, spec)
+        return set(_intact_records(local, spec, quiet=True))
+    listing = loc.listing()
+    if layout.read_attrs(loc) is None:
+        if set(listing) - {store_lock.LOCK_FILE} and not layout.is_half_created(listing):
+            raise StoreError(
+                f"output location {loc} holds objects but no activation store: "
+                "choose another --out (an empty prefix)"
+            )
+        return None
+    _check_resumable(loc, spec)
+    return set(_intact_records(loc, spec, quiet=True, listing=listing))
+
+
 def _check_resumable(loc: StoreLocation, spec: StoreSpec) -> StoreSpec:
     """The spec of the store at ``loc`` if ``spec`` may resume it; StoreError otherwise."""
     attrs = layout.read_attrs(loc)
