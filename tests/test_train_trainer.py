@@ -299,3 +299,17 @@ def test_periodic_checkpoint_is_loadable_and_pruned(store, tmp_path):
     sae, meta = load_sae(ckpt.checkpoint_dir(tmp_path / "o" / "b", 20))
     assert meta["step"] == 20 and meta["complete"] is False
     assert not list((tmp_path / "o" / "b" / "checkpoints").glob(".*tmp*"))
+
+
+def test_sweep_shows_one_progress_bar(store, tmp_path, capsys):
+    """A sweep of three SAEs draws one bar (they take the same steps), its postfix giving
+    each metric's range over the SAEs."""
+    from masksae.train.trainer import _bar_postfix
+
+    runs = [RunSpec("m", MATRYOSHKA, None, 0), RunSpec("b", BATCH_TOPK, None, 1)]
+    Trainer(store, runs, cfg(steps=8), tmp_path / "o", progress=True).train()
+    err = capsys.readouterr().err
+    assert "train 2 SAEs" in err and "8/8" in err
+    assert not any(part.lstrip().startswith(("m:", "b:")) for part in err.split("\r"))
+    post = _bar_postfix([{"loss": 2.0, "l0": 3.0}, {"loss": 1.0, "l0": 3.0, "fvu": 0.5}], 10.0)
+    assert post == {"tok/s": "10", "loss": "1-2", "fvu": "0.5", "l0": "3", "dead": "-"}

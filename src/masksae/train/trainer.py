@@ -310,7 +310,6 @@ class _Run:
         self.dead_candidates_F = torch.zeros(F, dtype=torch.bool, device=device)
         self.metrics: MetricsLog | None = None
         self.last_record: dict[str, Any] = {}
-        self.bar: Any = None
 
     # -- RNG isolation: each run draws from its own stream, whatever the others do.
     def _enter_rng(self) -> None:
@@ -491,6 +490,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.resume = resume
         self.progress = progress
+        self._bar: Any = None  # the sweep's one progress bar (rank 0)
         self.on_step = on_step
         # everything that can be refused is checked before anything is written
         self.sae_configs = resolve_sae_configs(self.runs_spec, store.d_model)
@@ -794,8 +794,9 @@ class Trainer:
             for run in runs:
                 if run.metrics is not None:
                     run.metrics.close()
-                if run.bar is not None:
-                    run.bar.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         mine = [
             (i, RunResult(r.spec.name, r.dir, self.total_steps, r.last_record))
             for i, r in zip(self.local_runs, runs, strict=True)
@@ -817,7 +818,7 @@ class Trainer:
     def _open_logs(self, runs: list[_Run], start: int) -> None:
         if not self.writes:  # a data-parallel replica: rank 0 logs the run
             return
-        for i, run in enumerate(runs):
+        for run in runs:
             jsonl = JsonlLog(run.dir)
             jsonl.truncate_after(start)
             previous = read_metrics(run.dir)
@@ -835,18 +836,13 @@ class Trainer:
                     )
                 )
             run.metrics = MetricsLog(sinks)
-            if self.progress and self.dist.is_main:
-                from tqdm.auto import tqdm
+        if self.progress and self.dist.is_main and runs:
+            from masksae.progress import progress_bar, show_progress
 
-                run.bar = tqdm(
-                    total=self.total_steps,
-                    initial=start,
-                    position=i,
-                    desc=run.spec.name,
-                    unit="step",
-                    dynamic_ncols=True,
-                    leave=True,
-                )
+            # one bar for the sweep: every SAE takes the same steps on the same batches
+            desc = runs[0].spec.name if len(runs) == 1 else f"train {len(runs)} SAEs"
+            with show_progress(True):
+                self._bar = progress_bar(self.total_steps, desc, "step", initial=start, leave=True)
 
     def _stream(self, start: int) -> Iterator[torch.Tensor]:
         # the stream delivers on the training device (pinned + non_blocking for CUDA)
@@ -978,22 +974,15 @@ class Trainer:
                         run.last_record = record
                         if run.metrics is not None:
                             run.metrics.write(record)
-                        if run.bar is not None:
-                            run.bar.set_postfix(
-                                {
-                                    "tok/s": f"{tokens_per_s:.0f}",
-                                    "loss": f"{record['loss']:.4g}",
-                                    "fvu": _fmt(record.get("fvu")),
-                                    "l0": _fmt(record.get("l0")),
-                                    "dead": f"{record['dead_frac']:.3f}",
-                                },
-                                refresh=False,
-                            )
+                    if self._bar is not None:
+                        self._bar.set_postfix(
+                            _bar_postfix([r.last_record for r in runs], tokens_per_s),
+                            refresh=False,
+                        )
                     win_wall = win_wait = 0.0
                     win_steps = 0
-                for run in runs:
-                    if run.bar is not None:
-                        run.bar.update(1)
+                if self._bar is not None:
+                    self._bar.update(1)
                 if (
                     cfg.checkpoint_every
                     and done % cfg.checkpoint_every == 0
@@ -1125,6 +1114,27 @@ def _free_space(path: Path) -> str:
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def _span(values: list[Any]) -> str:
+    """``a`` for one value, ``lo-hi`` over several (None values skipped)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    lo, hi = min(present), max(present)
+    return _fmt(lo) if len(present) == 1 or lo == hi else f"{_fmt(lo)}-{_fmt(hi)}"
+
+
+def _bar_postfix(records: list[dict[str, Any]], tokens_per_s: float) -> dict[str, str]:
+    """The sweep bar's postfix: throughput, then each metric over the SAEs (a range when
+    there are several; the per-SAE values are in each run's metrics.jsonl)."""
+    return {
+        "tok/s": f"{tokens_per_s:.0f}",
+        "loss": _span([r.get("loss") for r in records]),
+        "fvu": _span([r.get("fvu") for r in records]),
+        "l0": _span([r.get("l0") for r in records]),
+        "dead": _span([r.get("dead_frac") for r in records]),
+    }
 
 
 #: a row this many times the store's mean norm is taken as damaged data
