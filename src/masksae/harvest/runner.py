@@ -358,6 +358,9 @@ def run_harvest(
                 "--devices spawns its own ranks: do not combine it with torchrun or "
                 "accelerate launch (use --device there; each rank takes its local GPU)"
             )
+        done = _precheck(dataclasses.replace(cfg, devices=()))
+        if done is not None:
+            return done
         return distributed.spawn_local(
             harvest_on_device, (dataclasses.replace(cfg, devices=()), progress), cfg.devices
         )
@@ -438,6 +441,22 @@ def _plan_before_weights(cfg: HarvestConfig, lm: LoadedModel | None) -> HarvestP
     plan.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
     plan.corruption, plan.corruption_record = resolve_corruption(plan)
     return plan
+
+
+def _precheck(cfg: HarvestConfig) -> HarvestResult | None:
+    """Before spawning the ranks of a multi-device harvest: every check that needs no
+    weights (as :func:`_run_single` makes them), and the result when the store at --out is
+    already complete (nothing to spawn); None otherwise."""
+    if _calibration_needs_model(cfg):  # the spec needs the calibration: validate only
+        plan_harvest(cfg, check_corpus=False, weights=False, resolve=False)
+        return None
+    plan = plan_harvest(cfg, check_corpus=False, weights=False)
+    existing = _existing_chunks(plan)
+    if existing is not None and len(existing) == plan.store_spec().n_chunks:
+        result = make_result(plan, ChunkCounts(), len(existing), len(existing), 0.0)
+        log_done(result)
+        return result
+    return None
 
 
 def _existing_chunks(plan: HarvestPlan) -> set[int] | None:
