@@ -82,3 +82,14 @@ def test_log_lines_are_written_above_progress_bars(capsys):
     err = capsys.readouterr().err
     # the line starts a fresh line (the bar is cleared first), never glued after "work: 30%"
     assert any(part == "masksae.test_api_redirect: a log line" for part in re.split(r"[\r\n]", err))
+
+
+def test_evaluate_loads_hub_models_at_the_recorded_commit(tmp_path):
+    from masksae.evaluate.runner import _hub_commit
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert _hub_commit("EleutherAI/pythia-70m-deduped", sha) == sha
+    assert _hub_commit("EleutherAI/pythia-70m-deduped", "hub:EleutherAI/pythia-70m") is None
+    assert _hub_commit("bundled:smollm2-135m", sha) is None
+    assert _hub_commit(str(tmp_path), sha) is None  # a local folder has one version
+    assert _hub_commit(None, sha) is None

@@ -114,18 +114,26 @@ class Evaluator:
         self._baselines: dict[str, dict[str, float]] = {}
         self._clean_caches: dict[str, Any] = {}
         self._probing_cache: Any = None
+        self._revision: str | None = None  # Hub commit of the checkpoint being evaluated
         if not cfg.progress:  # --no-progress also silences transformers' weight-loading bar
             import transformers
 
             transformers.utils.logging.disable_progress_bar()
 
     def _lm(self, spec: str, timer: PhaseTimer) -> Any:
-        if spec not in self._lms:
+        # a Hub model loads at the commit its store was harvested from
+        key = f"{spec}@{self._revision}" if self._revision else spec
+        if key not in self._lms:
             from masksae.models import load_model
 
             with timer.phase("load_llm"):
-                self._lms[spec] = load_model(spec, dtype=self.cfg.llm_dtype, device=self.cfg.device)
-        return self._lms[spec]
+                self._lms[key] = load_model(
+                    spec,
+                    dtype=self.cfg.llm_dtype,
+                    device=self.cfg.device,
+                    revision=self._revision,
+                )
+        return self._lms[key]
 
     def evaluate(self, checkpoint: str | Path) -> dict[str, Any]:
         """Score one checkpoint (run or checkpoint directory); return the result document."""
@@ -159,6 +167,7 @@ class Evaluator:
             )
         prov = provenance_from_meta(meta)
         model_spec = cfg.model_override or prov["model"]
+        self._revision = _hub_commit(model_spec, prov["revision"])
         layer = prov["layer"]
         if model_spec is None or layer is None:
             raise CheckpointError(
@@ -375,6 +384,20 @@ class Evaluator:
             "llm_dtype": self.cfg.llm_dtype,
         }
         return result
+
+
+def _hub_commit(model_spec: str | None, recorded: str | None) -> str | None:
+    """The recorded commit to load a Hugging Face Hub model at (None for bundled models,
+    local folders, and revisions that are not a Hub commit sha)."""
+    import re
+
+    from masksae.models import BUNDLED_PREFIX
+
+    if not model_spec or not recorded or model_spec.startswith(BUNDLED_PREFIX):
+        return None
+    if Path(model_spec).expanduser().exists() or not re.fullmatch(r"[0-9a-f]{40}", recorded):
+        return None
+    return recorded
 
 
 def _check_store(path: str | Path, info: dict[str, Any], prov: dict[str, Any], d_in: int) -> None:
