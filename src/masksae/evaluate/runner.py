@@ -509,7 +509,7 @@ def evaluate_checkpoints(
                 recorded = None
             differ = _differing(recorded, evaluation_settings(cfg, ckpt))
             if not differ:
-                log.info("skipping %s: %s exists (--overwrite to redo)", ckpt, path)
+                log.info("skipping %s: %s (exists; --overwrite to redo)", ckpt, path)
                 written[ckpt] = path
                 continue
             log.warning(
