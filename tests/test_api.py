@@ -93,3 +93,13 @@ def test_evaluate_loads_hub_models_at_the_recorded_commit(tmp_path):
     assert _hub_commit("bundled:smollm2-135m", sha) is None
     assert _hub_commit(str(tmp_path), sha) is None  # a local folder has one version
     assert _hub_commit(None, sha) is None
+
+
+def test_result_provenance_reads_the_harvest_model_revision():
+    """Stores record the model's revision as ``model_revision``: results (and the evaluation
+    caches keyed on it) must carry it, not None."""
+    from masksae.evaluate.schema import provenance_from_meta
+
+    meta = {"store": {"model": "m", "model_revision": "local:abc", "layer": 1}, "sae": {}}
+    assert provenance_from_meta(meta)["revision"] == "local:abc"
+    assert provenance_from_meta({"store": {"revision": "r0"}})["revision"] == "r0"

@@ -386,6 +386,28 @@ class Evaluator:
         return result
 
 
+def _absorption_cached(root: Path, model: Any, revision: Any, layer: Any, acfg: Any) -> bool:
+    """Whether ``root`` holds an absorption LLM stage for this model, revision, layer and
+    vocabulary/probe settings (read from the entries' keys; the tokenizer and BOS parts of
+    the key are not checked: an estimate)."""
+    from masksae.evaluate.absorption.cache import KEY_FIELDS
+
+    want = json.loads(json.dumps({n: getattr(acfg, n) for n in KEY_FIELDS}, default=str))
+    for path in root.glob("absorption-*.json") if root.is_dir() else ():
+        try:
+            key = json.loads(path.read_text()).get("key") or {}
+        except (OSError, ValueError):
+            continue
+        if (
+            key.get("model_id") == str(model)
+            and key.get("revision") == str(revision)
+            and key.get("layer") == layer
+            and key.get("config") == want
+        ):
+            return True
+    return False
+
+
 def _hub_commit(model_spec: str | None, recorded: str | None) -> str | None:
     """The recorded commit to load a Hugging Face Hub model at (None for bundled models,
     local folders, and revisions that are not a Hub commit sha)."""
@@ -565,14 +587,17 @@ def work_estimate(cfg: EvaluateConfig, checkpoints: Sequence[Path], skipped: int
             "zero-ablation passes once per evaluation set, reused after the first)"
         )
     if "absorption" in cfg.metrics:
-        acfg = cfg.absorption
-        words = getattr(acfg, "max_words_per_letter", None)
+        from masksae.evaluate.absorption import AbsorptionConfig
+
+        acfg = cfg.absorption or AbsorptionConfig()
+        words = acfg.max_words_per_letter
         size = f"up to 26 x {words} words" if words else "the whole vocabulary"
-        where = (
-            f"cached in {Path(cfg.cache_dir) / 'absorption'}"
-            if cfg.cache_dir is not None
-            else "not cached (no --cache): once per run"
-        )
+        if cfg.cache_dir is None:
+            where = "not cached (no --cache): once per run"
+        else:
+            root = Path(cfg.cache_dir) / "absorption"
+            cached = sum(_absorption_cached(root, m, r, lay, acfg) for m, r, lay in targets)
+            where = f"{cached} of {len(targets)} cached in {root}"
         parts.append(f"absorption: one LLM pass over {size} per model/layer, {where}")
     probing = [m for m in PROBING_METRICS if m in cfg.metrics]
     if probing:

@@ -90,7 +90,8 @@ def provenance_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     mask_prob = _first(store.get("mask_prob"), store.get("p"), 0.0)
     return {
         "model": store.get("model"),
-        "revision": store.get("revision"),
+        # harvests record "model_revision"; "revision" is read for older hand-made metas
+        "revision": _first(store.get("model_revision"), store.get("revision")),
         "layer": store.get("layer"),
         "mask_prob": float(mask_prob),
         # the store's corruption (masksae.storage.provenance): controls at the same p differ
