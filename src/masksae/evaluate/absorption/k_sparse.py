@@ -73,6 +73,7 @@ def k_sparse_probe_letters(
         seed=cfg.seed + 1,
         device=device,
         l1_decay=cfg.k_sparse_l1_decay,
+        desc="absorption L1 probe (SAE latents)",
     )
     max_k = min(cfg.max_k, f_train_NF.shape[1])
     f_train = f_train_NF.float().numpy()

@@ -36,13 +36,14 @@ def train_one_vs_rest(
     seed: int,
     device: torch.device,
     l1_decay: float = 0.0,
+    desc: str = "absorption probe",
 ) -> LinearProbe:
     """Train `n_classes` binary probes at once: BCE with logits, each class's positives
     weighted by n_neg / n_pos, Adam with weight decay, learning rate decaying exponentially
     from `lr` to `end_lr` over the epochs, optional L1 penalty (mean over classes of the
     summed |weights|). Both SAEBench probes start from ``torch.nn.Linear``'s default init
     (weights and bias uniform in +-1/sqrt(d)), drawn here from a generator seeded with
-    `seed`, which also orders the minibatches."""
+    `seed`, which also orders the minibatches. `desc` names its progress bar (epochs)."""
     gen = torch.Generator().manual_seed(seed)
     n, d = x_ND.shape
     x_ND = x_ND.float().to(device)
@@ -59,8 +60,10 @@ def train_one_vs_rest(
     gamma = math.exp(math.log(end_lr / lr) / max(epochs, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight_C)
+    from masksae.progress import progress_bar
+
     with torch.enable_grad():
-        for _ in range(epochs):
+        for _ in progress_bar(None, desc, "epoch", iterable=range(epochs)):
             perm = torch.randperm(n, generator=gen).to(device)
             for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
@@ -101,4 +104,5 @@ def train_letter_probe(
         weight_decay=cfg.probe_weight_decay,
         seed=cfg.seed,
         device=device,
+        desc="absorption letter probe (LLM)",
     )
