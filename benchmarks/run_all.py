@@ -34,6 +34,7 @@ ORDER = (
     "bench_scaleout",
     "bench_probing",
     "bench_study",
+    "bench_cli_latency",
 )
 
 
