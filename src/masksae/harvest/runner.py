@@ -228,7 +228,7 @@ def plan_harvest(
 
     ``check_corpus`` tokenises the corpus up front to refuse one that is too small (workers
     of a multi-device harvest skip it: their parent checked). ``weights=False`` plans on
-    the model's config and tokenizer only (meta device: see :func:`load_model`), so every
+    the model's config and tokenizer only (``load_model(weights=False)``), so every
     check that needs no weights runs before they are loaded; ``resolve=False`` leaves the
     corruption unresolved (noise calibration runs the model).
     """
@@ -422,7 +422,7 @@ def _run_single(cfg: HarvestConfig, *, lm: LoadedModel | None, progress: bool) -
 
 def _plan_before_weights(cfg: HarvestConfig, lm: LoadedModel | None) -> HarvestPlan:
     """The plan of a single-process harvest, made before the model's weights are loaded
-    when possible (on the meta device), so that a bad --layer, --compression or corpus, a
+    when possible (from its config and tokenizer; ``lm.device`` is "meta"), so that a bad --layer, --compression or corpus, a
     provenance mismatch with the store at --out, or a store already complete is reported
     at once. With ``lm`` given, or a noise harvest that must calibrate on the model, the
     weights are loaded first (the plan's model is then real)."""
