@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -210,3 +211,38 @@ def test_unlearned_threshold_is_warned_about(tmp_path, tiny_model_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="masksae.evaluate.runner"):
         evaluate_checkpoints([tmp_path / "short"], tmp_path / "out", cfg)
     assert "inference threshold was never learned" in caplog.text
+
+
+def test_evaluate_shows_progress_bars_and_estimates_the_work(sweep, tmp_path, capsys, caplog):
+    """Each LLM pass and metric draws a tqdm bar on stderr (none with progress off), and
+    the run starts with one line estimating the work."""
+    import logging
+
+    from masksae.evaluate.data import EvalDataConfig
+    from masksae.evaluate.downstream import DownstreamConfig
+    from masksae.evaluate.runner import EvaluateConfig, evaluate_checkpoints
+
+    def run(progress: bool, out: str) -> str:
+        cfg = EvaluateConfig(
+            metrics=("core", "cooccurrence"),
+            data=EvalDataConfig(n_tokens=200, context_length=32),
+            downstream=DownstreamConfig(n_sequences=4),
+            device="cpu",
+            progress=progress,
+        )
+        with caplog.at_level(logging.INFO, logger="masksae"):
+            evaluate_checkpoints([sweep / "run-k4-p0"], tmp_path / out, cfg)
+        return capsys.readouterr().err
+
+    err = run(True, "a")
+    for desc in ("eval activations (LLM)", "core (SAE)", "CE/KL (LLM splice)", "co-occurrence"):
+        assert desc in err, desc
+    assert re.search(r"CE/KL \(LLM splice\): +0%\S* +\S* 0/4 ", err)  # the 4 sequences
+    estimate = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate:")]
+    assert estimate == [
+        "evaluate: 1 checkpoint(s) x 2 metric(s) (core, cooccurrence); eval activations: 200 "
+        "LLM tokens per model/layer (1 model/layer(s), 0 cached); CE/KL: 128 tokens x 1 "
+        "checkpoint(s), 2 LLM passes each (clean and zero-ablation passes once per evaluation "
+        "set, reused after the first)"
+    ]
+    assert "CE/KL" not in run(False, "b")
