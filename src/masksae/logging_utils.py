@@ -21,13 +21,17 @@ class TqdmLoggingHandler(logging.Handler):
 
 def setup_logging(verbose: bool = False) -> None:
     """Send masksae's log records to stderr (through tqdm, see :class:`TqdmLoggingHandler`),
-    INFO by default and DEBUG when verbose."""
+    INFO by default and DEBUG when verbose.
+
+    May be called again (``-v`` after a subcommand): the levels follow the last call.
+    """
     level = logging.DEBUG if verbose else logging.INFO
     handler = TqdmLoggingHandler()
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     )
     logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger().setLevel(level)
     # third-party chatter stays at WARNING unless the user asked for everything
     for noisy in ("transformers", "urllib3", "fsspec", "numcodecs", "zarr", "filelock"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -1,10 +1,15 @@
 """CLI commands of this stage (registered by masksae.cli): ``evaluate``, ``report`` and the
-``tasks`` group (``tasks list``)."""
+``tasks`` group (``tasks list``).
+
+``evaluate``'s flags are generated from :class:`masksae.evaluate.runner.EvaluateConfig` and
+its nested configs (masksae.cli_config); ``--config FILE.toml`` holds the same keys.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -20,183 +25,162 @@ tasks_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the top-level app."""
-    app.command("evaluate")(evaluate_cmd)
+    """Add ``report`` and ``tasks``; ``evaluate`` is built lazily (masksae.cli.LAZY_COMMANDS)."""
     app.command("report")(report_cmd)
     app.add_typer(tasks_app, name="tasks")
 
 
-def _names(value: str | None) -> tuple[str, ...] | None:
-    """A comma list option as a tuple (None when not given)."""
-    if value is None:
-        return None
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+#: older flag names kept working (the canonical name is the config path, e.g. --data.n-tokens)
+ALIASES: dict[str, tuple[str, ...]] = {
+    "cache_dir": ("--cache",),
+    "model_override": ("--model",),
+    "storage_options": ("--storage-option",),
+    "data.n_tokens": ("--eval-tokens",),
+    "data.corpus": ("--eval-corpus",),
+    "data.corpus_field": ("--eval-corpus-field",),
+    "data.corpus_filter": ("--eval-corpus-filter",),
+    "data.corpus_split": ("--eval-corpus-split",),
+    "data.skip_tokens": ("--eval-skip-tokens",),
+    "data.context_length": ("--context-length",),
+    "downstream.n_sequences": ("--ce-sequences",),
+    "absorption.max_words_per_letter": ("--absorption-max-words",),
+    "cooccurrence.min_firing_rate": ("--cooccurrence-min-rate",),
+    "cooccurrence.max_latents": ("--cooccurrence-max-latents",),
+    "probing.preset": ("--probing-preset",),
+    "probing.sparse_probing.tasks": ("--sparse-probing-tasks",),
+    "probing.scr.tasks": ("--scr-tasks",),
+    "probing.tpp.tasks": ("--tpp-tasks",),
+    "probing.ood.tasks": ("--ood-tasks",),
+}
+DEFAULT_METRICS = ("core", "absorption")
+"""--metrics of ``masksae evaluate`` when neither the file nor a flag sets it."""
+DEFAULT_PRESET = "demo"
+"""Absorption vocabulary and probing preset of the CLI (CPU-sized; "paper"/"all" for the
+references' sizes)."""
+HELP = """Score checkpoints (core, absorption, co-occurrence, probing metrics) into one result JSON
+per checkpoint.
+
+CHECKPOINT: run, checkpoint or sweep directories (also accepted after --checkpoints).
+Every flag is a key of a --config TOML file: top-level keys (metrics, device, ...) and the
+tables [data], [core], [downstream], [absorption], [cooccurrence], [probing] (with
+[probing.sparse_probing], [probing.scr], [probing.tpp], [probing.ood]); flags override the
+file. probing.preset (--probing-preset) picks the probing defaults the other probing keys
+change; absorption.max_words_per_letter also takes a preset (demo, study, all).
+"""
+
+
+def cli_base() -> Any:
+    """The EvaluateConfig the CLI starts from (CPU-sized vocabulary and probing preset)."""
+    from masksae.evaluate.absorption import AbsorptionConfig
+    from masksae.evaluate.absorption.config import parse_max_words
+    from masksae.evaluate.probing import probing_preset
+    from masksae.evaluate.runner import EvaluateConfig
+
+    return EvaluateConfig(
+        metrics=DEFAULT_METRICS,
+        absorption=AbsorptionConfig(max_words_per_letter=parse_max_words(DEFAULT_PRESET)),
+        probing=probing_preset(DEFAULT_PRESET),
+    )
+
+
+def evaluate_command() -> Any:
+    """The ``masksae evaluate`` command, its flags generated from EvaluateConfig."""
+    from masksae.cli_config import build_command, common_options, dataclass_parameters, own_option
+
+    own = [
+        own_option(
+            "checkpoints",
+            list[Path] | None,
+            typer.Argument(None, metavar="CHECKPOINT", show_default=False),
+        ),
+        own_option(
+            "more_checkpoints",
+            list[Path] | None,
+            typer.Option(
+                None,
+                "--checkpoints",
+                metavar="DIR",
+                help="A run, checkpoint or sweep directory (repeatable; the same as the "
+                "CHECKPOINT arguments).",
+            ),
+        ),
+        own_option(
+            "out",
+            Path | None,
+            typer.Option(
+                None,
+                "--out",
+                metavar="DIR",
+                help="Directory for one result JSON per checkpoint. Required.",
+            ),
+        ),
+        *common_options(),
+    ]
+    generated = dataclass_parameters(
+        cli_base(),
+        aliases=ALIASES,
+        exclude=("progress",),
+        as_text=("absorption.max_words_per_letter",),
+    )
+    return build_command("evaluate", HELP, own, generated, _run_evaluate)
+
+
+def load_evaluate_config(config: str | Path | None, overrides: dict[str, Any]) -> Any:
+    """EvaluateConfig from the CLI's base < the TOML file ``config`` < ``overrides`` (the
+    flags as a nested dict). A probing.preset given in either replaces the base preset
+    before the other probing keys apply."""
+    import dataclasses
+
+    from masksae.config import deep_merge, load_toml, merge_into
+    from masksae.evaluate.absorption.config import parse_max_words
+    from masksae.evaluate.probing import probing_preset
+
+    data = deep_merge(load_toml(config) if config else {}, overrides)
+    base = cli_base()
+    preset = data.get("probing", {}).get("preset") if isinstance(data.get("probing"), dict) else None
+    if preset is not None:
+        base = dataclasses.replace(base, probing=probing_preset(str(preset)))
+    hooks = {"absorption.max_words_per_letter": parse_max_words}
+    cfg = merge_into(base, data, where=str(config) if config else "evaluate flags", hooks=hooks)
+    cfg.probing.validate()
+    return cfg
+
+
+def evaluate_toml(cfg: Any) -> str:
+    """The config as TOML that ``--config`` reads back to the same config."""
+    from masksae.config import dumps_toml, to_dict
+
+    data = to_dict(cfg)
+    data.pop("progress", None)
+    if data["absorption"].get("max_words_per_letter") is None:
+        data["absorption"]["max_words_per_letter"] = "all"  # None (omitted) reads as the base
+    return dumps_toml(data)
 
 
 @user_errors
-def evaluate_cmd(
-    checkpoints: list[Path] = typer.Option(
-        ...,
-        "--checkpoints",
-        help="Run, checkpoint or sweep directories: --checkpoints A B C (or repeat the flag).",
-    ),
-    more_checkpoints: list[Path] | None = typer.Argument(
-        None, metavar="[DIR]...", help="More checkpoint directories (what follows --checkpoints A)."
-    ),
-    out: Path = typer.Option(..., "--out", help="Directory for one result JSON per checkpoint."),
-    metrics: str = typer.Option(
-        "core,absorption",
-        "--metrics",
-        help="Comma list of core, reconstruction, absorption, cooccurrence, sparse_probing, "
-        "scr, tpp, ood; or all.",
-    ),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Cache of LLM activations reused across checkpoints and runs."
-    ),
-    eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Held-out activations scored."),
-    eval_corpus: str = typer.Option(
-        "bundled",
-        "--eval-corpus",
-        help="'bundled', a local .txt/.jsonl/.parquet file or folder, or a Hugging Face "
-        "dataset id (read like harvest's --corpus; held out from a harvest's start).",
-    ),
-    eval_corpus_field: str = typer.Option(
-        "text", "--eval-corpus-field", help="Record field holding the text (jsonl/parquet/Hub)."
-    ),
-    eval_corpus_filter: list[str] | None = typer.Option(
-        None, "--eval-corpus-filter", help="key=value a record must match (repeatable)."
-    ),
-    eval_corpus_split: str = typer.Option(
-        "train", "--eval-corpus-split", help="Dataset split (Hugging Face datasets)."
-    ),
-    eval_skip_tokens: int | None = typer.Option(
-        None,
-        "--eval-skip-tokens",
-        help="Read forward, skipping documents within the first N tokens (default: files "
-        "are read from the end, Hub streams skip 1M tokens).",
-    ),
-    context_length: int = typer.Option(128, "--context-length", help="Evaluation sequence length."),
-    ce_sequences: int = typer.Option(
-        32, "--ce-sequences", help="Sequences scored for CE loss recovered / KL."
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    eval_masked: bool = typer.Option(
-        False, "--eval-masked", help="Also report core metrics on masked activations."
-    ),
-    eval_store: str | None = typer.Option(
-        None,
-        "--eval-store",
-        help="Take reconstruction activations from this store's end (a directory or a URL "
-        "such as s3://bucket/prefix).",
-    ),
-    storage_option: list[str] = typer.Option(
-        [],
-        "--storage-option",
-        help="Option of the --eval-store filesystem, KEY=VALUE (repeatable).",
-    ),
-    model: str | None = typer.Option(
-        None, "--model", help="Override the LLM spec recorded in the checkpoints."
-    ),
-    absorption_max_words: str = typer.Option(
-        "demo",
-        "--absorption-max-words",
-        help="Absorption vocabulary cap per letter: a number, a preset (demo = 100, "
-        "study = 400) or 0 / all for the whole vocabulary (SAEBench; slow on CPU).",
-    ),
-    cooccurrence_min_rate: float = typer.Option(
-        0.005,
-        "--cooccurrence-min-rate",
-        help="Co-occurrence: latents firing on at least this fraction of tokens form pairs.",
-    ),
-    cooccurrence_max_latents: int = typer.Option(
-        2048, "--cooccurrence-max-latents", help="Co-occurrence: at most this many latents."
-    ),
-    probing_preset: str = typer.Option(
-        "demo",
-        "--probing-preset",
-        help="Probing tasks and sizes: demo (offline, CPU-sized), offline (sae-probes tasks, "
-        "near-reference sizes), paper (SAEBench's Hub datasets, reference sizes), tiny (smoke).",
-    ),
-    sparse_probing_tasks: str | None = typer.Option(
-        None, "--sparse-probing-tasks", help="Comma list replacing the preset's (tasks list)."
-    ),
-    scr_tasks: str | None = typer.Option(
-        None, "--scr-tasks", help="Comma list of SCR tasks replacing the preset's."
-    ),
-    tpp_tasks: str | None = typer.Option(
-        None, "--tpp-tasks", help="Comma list of TPP tasks replacing the preset's."
-    ),
-    ood_tasks: str | None = typer.Option(
-        None, "--ood-tasks", help="Comma list of OOD tasks replacing the preset's."
-    ),
-    progress: bool = typer.Option(
-        True,
-        "--progress/--no-progress",
-        help="Progress bars (rate, ETA) on every LLM pass and metric.",
-    ),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Recompute checkpoints whose result JSON exists with the same settings "
-        "(default: skip them; results with other settings are always recomputed).",
-    ),
-) -> None:
-    """Score checkpoints (core, absorption, co-occurrence, probing metrics) into one JSON per
-    checkpoint.
+def _run_evaluate(ctx: typer.Context, own: dict[str, Any], overrides: dict[str, Any]) -> None:
+    import dataclasses
 
-    Rerunning skips checkpoints whose result JSON exists with the same settings (--overwrite
-    redoes them); a result made with other settings is recomputed, with a warning.
-    """
-    from masksae.evaluate.absorption import AbsorptionConfig
-    from masksae.evaluate.absorption.config import parse_max_words
-    from masksae.evaluate.cooccurrence import CooccurrenceConfig
-    from masksae.evaluate.data import EvalDataConfig
+    from masksae.errors import ConfigError
     from masksae.evaluate.discover import find_checkpoints
-    from masksae.evaluate.downstream import DownstreamConfig
-    from masksae.evaluate.probing import probing_preset as make_probing
-    from masksae.evaluate.probing import with_tasks
-    from masksae.evaluate.runner import EvaluateConfig, evaluate_checkpoints
-    from masksae.storage.location import parse_storage_options
+    from masksae.evaluate.runner import evaluate_checkpoints
 
-    names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    cfg = load_evaluate_config(own["config"], overrides)
+    if own["print_config"]:
+        typer.echo(evaluate_toml(cfg), nl=False)
+        return
+    checkpoints = [*(own["checkpoints"] or []), *(own["more_checkpoints"] or [])]
+    if not checkpoints or own["out"] is None:
+        raise ConfigError(
+            "masksae evaluate needs checkpoints and --out: e.g. masksae evaluate runs/sae/demo "
+            "--out runs/eval"
+        )
+    out = Path(own["out"])
     check_output_dir(out, "--out")
-    if cache is not None:
-        check_output_dir(cache, "--cache")
-    cfg = EvaluateConfig(
-        metrics=names,
-        data=EvalDataConfig(
-            corpus=eval_corpus,
-            corpus_field=eval_corpus_field,
-            corpus_filter=tuple(eval_corpus_filter or ()),
-            corpus_split=eval_corpus_split,
-            skip_tokens=eval_skip_tokens,
-            n_tokens=eval_tokens,
-            context_length=context_length,
-        ),
-        downstream=DownstreamConfig(n_sequences=ce_sequences),
-        absorption=AbsorptionConfig(max_words_per_letter=parse_max_words(absorption_max_words)),
-        cooccurrence=CooccurrenceConfig(
-            min_firing_rate=cooccurrence_min_rate, max_latents=cooccurrence_max_latents
-        ),
-        cache_dir=cache,
-        device=device,
-        eval_masked=eval_masked,
-        eval_store=eval_store,
-        storage_options=parse_storage_options(storage_option) or None,
-        model_override=model,
-        probing=with_tasks(
-            make_probing(probing_preset),
-            sparse_probing=_names(sparse_probing_tasks),
-            scr=_names(scr_tasks),
-            tpp=_names(tpp_tasks),
-            ood=_names(ood_tasks),
-        ),
-        progress=progress,
-        overwrite=overwrite,
-    )
-    cfg.probing.validate()
-    # click options take one value each; the positional list lets `--checkpoints A B` work too
-    checkpoints = [*checkpoints, *(more_checkpoints or [])]
+    if cfg.cache_dir is not None:
+        check_output_dir(Path(cfg.cache_dir), "--cache")
+        cfg = dataclasses.replace(cfg, cache_dir=Path(cfg.cache_dir))
+    cfg = dataclasses.replace(cfg, progress=own["progress"])
     found = find_checkpoints(checkpoints)
     log.info("%d checkpoint(s) to evaluate", len(found))
     written = evaluate_checkpoints(found, out, cfg, roots=checkpoints)

@@ -39,7 +39,7 @@ class EvalDataConfig:
     a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id."""
     corpus_field: str = "text"
     """Record field holding the text (jsonl, parquet, Hugging Face datasets)."""
-    corpus_filter: tuple[str, ...] = ()
+    corpus_filter: tuple[str, ...] = field(default=(), metadata={"cli_split": False})
     """``key=value`` conditions a record must meet (jsonl, parquet, Hugging Face datasets)."""
     corpus_split: str = "train"
     """Dataset split (Hugging Face datasets)."""

@@ -40,8 +40,9 @@ class HarvestConfig:
     """"bundled", a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id."""
     corpus_field: str = "text"
     """Text field of jsonl/parquet records and Hugging Face datasets."""
-    corpus_filter: tuple[str, ...] = field(default_factory=tuple)
-    """key=value conditions on records, e.g. meta.pile_set_name=Pile-CC."""
+    corpus_filter: tuple[str, ...] = field(default_factory=tuple, metadata={"cli_split": False})
+    """key=value conditions on records, e.g. meta.pile_set_name=Pile-CC (CLI: repeat the
+    flag, one condition each)."""
     corpus_split: str = "train"
     """Hugging Face dataset split."""
     dataset_revision: str | None = None

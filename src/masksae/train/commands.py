@@ -1,8 +1,14 @@
-"""CLI commands of the train stage: ``masksae train`` and ``masksae export``."""
+"""CLI commands of the train stage: ``masksae train`` and ``masksae export``.
+
+``train``'s flags are generated from the sweep file's tables (masksae.cli_config):
+``--train.*`` from :class:`masksae.train.config.TrainConfig`, ``--sae.*`` from the SAE
+config dataclasses of every architecture; ``--config`` takes a sweep TOML ([train], [sae],
+[grid]) and flags override it.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,198 +17,241 @@ import typer
 
 from masksae.cli_utils import check_output_dir, user_errors
 
-_SAE_FLAGS = ("architecture", "k", "d_sae")
+log = logging.getLogger(__name__)
+
 #: architectures whose sparsity is set by ``k``
 _TOPK_FAMILY = ("topk", "batch_topk", "matryoshka_batch_topk")
+#: the SAE of ``masksae train`` without a [sae] table
+DEFAULT_SAE = {"architecture": "matryoshka_batch_topk", "d_sae": 4096}
+DEFAULT_K = 40
+"""k of a TopK-family SAE when neither the file nor a flag sets it."""
+#: older (and shorter) flag names kept working
+ALIASES: dict[str, tuple[str, ...]] = {
+    "train.steps": ("--steps",),
+    "train.tokens": ("--tokens",),
+    "train.batch_size": ("--batch-size",),
+    "train.lr": ("--lr",),
+    "train.seed": ("--seed",),
+    "train.device": ("--device",),
+    "train.devices": ("--devices",),
+    "train.distributed": ("--distributed",),
+    "train.storage_options": ("--storage-option",),
+    "train.cache_dir": ("--cache-dir",),
+    "train.cache_size": ("--cache-size",),
+    "train.threads": ("--threads",),
+    "train.normalize_activations": ("--normalize/--no-normalize",),
+    "train.autocast_bf16": ("--bf16/--no-bf16",),
+    "train.checkpoint_every": ("--checkpoint-every",),
+    "train.log_every": ("--log-every",),
+    "sae.architecture": ("--architecture",),
+    "sae.k": ("--k",),
+    "sae.d_sae": ("--d-sae",),
+}
+HELP = """Train one SAE or a sweep of SAEs on an activation store (one pass for all of them).
+
+Without --config the flags define one SAE (matryoshka_batch_topk, d_sae 4096, k 40 unless
+set). A --config sweep TOML has [train], [sae] and [grid] tables; every flag below is a key
+of those tables (--train.warmup-steps is warmup_steps in [train]) and overrides the file;
+a --sae.X or --lr/--seed flag replaces a [grid] list of the same key. Recipe steps left
+unset (warmup, threshold start, dead-latent window) are scaled down for short runs.
+
+Ctrl-C finishes the current step, writes a checkpoint of it and stops; a second Ctrl-C
+stops at once. Rerun the same command with --resume to continue.
+"""
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the top-level app."""
-    app.command("train")(train_command)
+    """Add ``export``; ``train`` is built lazily (masksae.cli.LAZY_COMMANDS)."""
     app.command("export")(export_command)
 
 
-@user_errors
-def train_command(
-    store: str = typer.Option(
-        ...,
-        "--store",
-        help="Activation store (masksae harvest --out): a directory or a URL such as "
-        "s3://bucket/prefix (read through a local chunk cache, see --cache-dir).",
-    ),
-    out: Path = typer.Option(..., "--out", help="Output folder: one sub-folder per SAE."),
-    config: Path | None = typer.Option(
-        None,
-        "--config",
-        help="Sweep TOML with train, sae and grid tables. Without it the flags below define one SAE.",
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the run held in --out (same config)."
-    ),
-    architecture: str | None = typer.Option(
-        None, help="SAE architecture (single-SAE mode; default matryoshka_batch_topk)."
-    ),
-    k: int | None = typer.Option(None, help="Active latents per token (TopK family; default 40)."),
-    d_sae: int | None = typer.Option(None, "--d-sae", help="Dictionary size (default 4096)."),
-    lr: float | None = typer.Option(None, help="Peak lr (default 2e-4 / sqrt(d_sae / 16384))."),
-    steps: int | None = typer.Option(
-        None, help="Training steps (default: one pass over the store)."
-    ),
-    tokens: int | None = typer.Option(None, help="Training tokens (instead of --steps)."),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Activations per step (default 2048)."
-    ),
-    seed: int | None = typer.Option(None, help="SAE init seed (default 0)."),
-    device: str | None = typer.Option(
-        None, help="auto | cpu | cuda | cuda:N: where every SAE trains."
-    ),
-    devices: str | None = typer.Option(
-        None,
-        "--devices",
-        help="Spread a sweep over several devices of this machine, e.g. cuda:0,cuda:1: one "
-        "rank per device in a local process group, as torchrun --nproc-per-node N would "
-        "start them (see --distributed). Instead of --device.",
-    ),
-    distributed: str | None = typer.Option(
-        None,
-        "--distributed",
-        help="How ranks (torchrun, accelerate launch, --devices) share the sweep: runs (rank r "
-        "trains runs i with i % world == r), data (each run data-parallel with DDP), or "
-        "auto (data for a single run, else runs; default).",
-    ),
-    storage_option: list[str] = typer.Option(
-        [],
-        "--storage-option",
-        help="Option of a remote store's filesystem, KEY=VALUE (repeatable).",
-    ),
-    cache_dir: str | None = typer.Option(
-        None,
-        "--cache-dir",
-        help="Local chunk cache of a remote store (default $MASKSAE_CACHE/store-cache).",
-    ),
-    cache_size: str | None = typer.Option(
-        None, "--cache-size", help="Size limit of the chunk cache, e.g. 20GiB (the default)."
-    ),
-    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's)."),
-    normalize: bool | None = typer.Option(
-        None,
-        "--normalize/--no-normalize",
-        help="Scale activations so E||x||^2 = d_model (folded back at save).",
-    ),
-    autocast_bf16: bool | None = typer.Option(
-        None, "--bf16/--no-bf16", help="bf16 autocast for the SAE forward."
-    ),
-    checkpoint_every: int | None = typer.Option(
-        None, "--checkpoint-every", help="Steps between resumable checkpoints."
-    ),
-    log_every: int | None = typer.Option(
-        None, "--log-every", help="Steps between metrics records."
-    ),
-    verify: bool = typer.Option(
-        False, "--verify", help="Check every chunk checksum of the store first."
-    ),
-    progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Progress bars on stderr."
-    ),
-) -> None:
-    """Train one SAE or a sweep of SAEs (one pass over the store for all of them).
+def sae_fields() -> dict[str, tuple[Any, Any, str, list[str]]]:
+    """Every SAE config field but d_in, over all architectures: name -> (type, default,
+    help, architectures having it)."""
+    import dataclasses
+    import typing
 
-    Ctrl-C finishes the current step, writes a checkpoint of it and stops.
+    from masksae.config import field_docs
+    from masksae.train.sae import ARCHITECTURES, config_class
 
-    A second Ctrl-C stops at once. Rerun the same command with --resume to continue.
+    out: dict[str, tuple[Any, Any, str, list[str]]] = {}
+    for arch in ARCHITECTURES:
+        cls = config_class(arch)
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "d_in":
+                continue
+            if f.name in out:
+                out[f.name][3].append(arch)
+                continue
+            default = None if f.default is dataclasses.MISSING else f.default
+            out[f.name] = (hints[f.name], default, docs.get(f.name, ""), [arch])
+    return out
+
+
+def _sae_parameters() -> list[Any]:
+    from masksae.cli_config import field_parameter
+    from masksae.train.sae import ARCHITECTURES
+
+    fields = sae_fields()
+    params = []
+    for name, (annotation, default, doc, archs) in fields.items():
+        if name == "architecture":
+            default, doc = DEFAULT_SAE["architecture"], f"One of {', '.join(ARCHITECTURES)}."
+        elif name == "d_sae":
+            default = DEFAULT_SAE["d_sae"]
+        elif name == "k":
+            default = DEFAULT_K
+        if len(archs) < len(ARCHITECTURES) and name != "architecture":
+            doc = f"{doc} ({', '.join(archs)})"
+        path = ("sae", name)
+        params.append(field_parameter(path, annotation, default, doc, ALIASES.get(f"sae.{name}", ())))
+    return params
+
+
+def train_command() -> Any:
+    """The ``masksae train`` command, its flags generated from the sweep's configs."""
+    from masksae.cli_config import build_command, common_options, dataclass_parameters, own_option
+    from masksae.train.config import TrainConfig
+
+    own = [
+        own_option(
+            "store",
+            str | None,
+            typer.Option(
+                None,
+                "--store",
+                help="Activation store (masksae harvest --out): a directory or a URL such as "
+                "s3://bucket/prefix (read through a local chunk cache, see --cache-dir). "
+                "Required.",
+            ),
+        ),
+        own_option(
+            "out",
+            Path | None,
+            typer.Option(None, "--out", help="Output folder: one sub-folder per SAE. Required."),
+        ),
+        own_option(
+            "resume",
+            bool,
+            typer.Option(False, "--resume", help="Continue the run held in --out (same config)."),
+        ),
+        own_option(
+            "verify",
+            bool,
+            typer.Option(False, "--verify", help="Check every chunk checksum of the store first."),
+        ),
+        *common_options(),
+    ]
+    generated = dataclass_parameters(TrainConfig(), prefix=("train",), aliases=ALIASES)
+    generated += _sae_parameters()
+    return build_command("train", HELP, own, generated, _run_train)
+
+
+def load_train_config(config: str | Path | None, overrides: dict[str, Any]) -> Any:
+    """The SweepConfig of defaults < the sweep TOML ``config`` < ``overrides`` (the flags,
+    a nested dict {"train": {...}, "sae": {...}}).
+
+    A flag for a key the file's [grid] varies replaces that grid list (--sae.k 20 trains
+    k = 20 only); --train.steps replaces the file's tokens and --train.tokens its steps.
     """
+    from masksae.config import check_keys, deep_merge, load_toml, merge_into
     from masksae.errors import ConfigError
-    from masksae.storage.location import parse_storage_options
-    from masksae.train.config import SweepConfig, TrainConfig, load_sweep
-    from masksae.train.sweep import single_run, train_sweep
+    from masksae.train.config import RUN_KEYS, SweepConfig, TrainConfig
+    from masksae.train.sae import ARCHITECTURES
 
-    train_overrides: dict[str, Any] = {
-        "distributed": distributed,
-        "storage_options": parse_storage_options(storage_option) or None,
-        "cache_dir": cache_dir,
-        "cache_size": cache_size,
-        "steps": steps,
-        "tokens": tokens,
-        "batch_size": batch_size,
-        "device": device,
-        "devices": _split_devices(devices),
-        "threads": threads,
-        "normalize_activations": normalize,
-        "autocast_bf16": autocast_bf16,
-        "checkpoint_every": checkpoint_every,
-        "log_every": log_every,
-    }
-    train_overrides = {key: v for key, v in train_overrides.items() if v is not None}
-    if steps is not None and tokens is not None:
+    where = str(config) if config else "train flags"
+    data = load_toml(config) if config else {}
+    check_keys(data, ("train", "sae", "grid"), where)
+    known_sae = set(sae_fields())
+    file_sae = dict(data.get("sae", {}))
+    grid = dict(data.get("grid", {}))
+    check_keys(file_sae, known_sae, f"{where} [sae]")
+    check_keys(grid, known_sae | set(RUN_KEYS), f"{where} [grid]")
+    flag_train = dict(overrides.get("train", {}))
+    flag_sae = dict(overrides.get("sae", {}))
+    if "steps" in flag_train and "tokens" in flag_train:
         raise ConfigError(
-            f"--steps {steps} and --tokens {tokens} cannot be combined: give one of them"
+            f"--steps {flag_train['steps']} and --tokens {flag_train['tokens']} cannot be "
+            "combined: give one of them"
         )
-    # a flag replaces the training length of a --config file, whichever way it was given
-    if steps is not None:
-        train_overrides["tokens"] = None
-    elif tokens is not None:
-        train_overrides["steps"] = None
-    check_output_dir(out, "--out")
-    if devices is not None:
-        if device is not None:
+    # a flag replaces the training length of the file, whichever way the file gave it
+    if "steps" in flag_train:
+        flag_train["tokens"] = None
+    elif "tokens" in flag_train:
+        flag_train["steps"] = None
+    if flag_train.get("devices") is not None:
+        if "device" in flag_train:
             raise ConfigError("--device and --devices cannot be combined: pass one of them")
-        train_overrides["device"] = "auto"  # --devices replaces a config file's device
-    if config is not None:
-        given = [
-            f"--{n.replace('_', '-')}"
-            for n, v in (
-                ("architecture", architecture),
-                ("k", k),
-                ("d_sae", d_sae),
-                ("lr", lr),
-                ("seed", seed),
-            )
-            if v is not None
-        ]
-        if given:
+        flag_train["device"] = "auto"  # --devices replaces the file's device
+    for name, value in (("d_sae", flag_sae.get("d_sae")), ("k", flag_sae.get("k"))):
+        if value is not None and value < 1:
             raise ConfigError(
-                f"{', '.join(given)} cannot be combined with --config: set them "
-                f"in the [sae]/[grid] tables of {config}"
+                f"--sae.{name.replace('_', '-')} {value} is invalid: expected a positive "
+                f"integer (e.g. --sae.{name.replace('_', '-')} {4096 if name == 'd_sae' else 40})"
             )
-        sweep = load_sweep(config)
-        sweep = dataclasses.replace(
-            sweep, train=dataclasses.replace(sweep.train, **train_overrides)
+    train_data = deep_merge(data.get("train", {}), flag_train)
+    train = merge_into(TrainConfig(), train_data, f"{where} [train]")
+    replaced = [(f"sae.{key}", key) for key in flag_sae] + [
+        (f"train.{key}", key) for key in RUN_KEYS if key in flag_train
+    ]
+    for flag, key in replaced:
+        if key in grid:
+            log.info("--%s replaces grid.%s = %s of %s", flag, key, grid.pop(key), where)
+    sae = {**DEFAULT_SAE, **file_sae, **flag_sae}
+    archs = grid.get("architecture", [sae["architecture"]])
+    for arch in archs:
+        if arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {arch!r} is unknown: expected one of {', '.join(ARCHITECTURES)}"
+            )
+    if "k" in flag_sae and any(a not in _TOPK_FAMILY for a in archs):
+        raise ConfigError(
+            f"--k {flag_sae['k']} does not apply to --architecture {sae['architecture']} (k is "
+            f"the sparsity of {', '.join(_TOPK_FAMILY)}): drop --k"
         )
-        runs = None
-    else:
-        from masksae.train.sae import ARCHITECTURES
+    if "k" not in sae and "k" not in grid and all(a in _TOPK_FAMILY for a in archs):
+        sae["k"] = DEFAULT_K
+    return SweepConfig(train=train, sae=sae, grid=grid)
 
-        arch = architecture or "matryoshka_batch_topk"
-        if arch not in ARCHITECTURES:  # before any flag that depends on it
-            raise ConfigError(
-                f"--architecture {arch!r} is unknown: expected one of {', '.join(ARCHITECTURES)}"
-            )
-        for flag, value in (("--d-sae", d_sae), ("--k", k)):
-            if value is not None and value < 1:
-                raise ConfigError(
-                    f"{flag} {value} is invalid: expected a positive integer "
-                    f"(e.g. {flag} {4096 if flag == '--d-sae' else 40})"
-                )
-        if k is not None and arch not in _TOPK_FAMILY:
-            raise ConfigError(
-                f"--k {k} does not apply to --architecture {arch} (k is the sparsity of "
-                f"{', '.join(_TOPK_FAMILY)}): drop --k"
-            )
-        sae: dict[str, Any] = {"architecture": arch, "d_sae": 4096 if d_sae is None else d_sae}
-        if k is not None:
-            sae["k"] = k
-        elif arch in _TOPK_FAMILY:
-            sae["k"] = 40
-        train_cfg = TrainConfig(
-            **train_overrides,
-            **({"lr": lr} if lr is not None else {}),
-            **({"seed": seed} if seed is not None else {}),
+
+def sweep_toml(sweep: Any) -> str:
+    """The sweep as TOML that ``--config`` reads back to the same sweep."""
+    from masksae.config import dumps_toml, to_dict
+
+    tables: dict[str, Any] = {"train": to_dict(sweep.train), "sae": dict(sweep.sae)}
+    if sweep.grid:
+        tables["grid"] = dict(sweep.grid)
+    return dumps_toml(tables)
+
+
+@user_errors
+def _run_train(ctx: typer.Context, own: dict[str, Any], overrides: dict[str, Any]) -> None:
+    from masksae.errors import ConfigError
+    from masksae.train.sweep import train_sweep
+
+    sweep = load_train_config(own["config"], overrides)
+    if own["print_config"]:
+        typer.echo(sweep_toml(sweep), nl=False)
+        return
+    missing = [flag for flag in ("store", "out") if own[flag] is None]
+    if missing:
+        raise ConfigError(
+            f"masksae train needs {' and '.join('--' + m for m in missing)}: e.g. "
+            "masksae train --store runs/stores/demo --out runs/sae/demo"
         )
-        sweep = SweepConfig(train=train_cfg, sae=sae)
-        runs = [single_run(sae, lr=None, seed=train_cfg.seed)]
+    store, out = own["store"], Path(own["out"])
+    check_output_dir(out, "--out")
+    sweep.runs()  # a bad grid is refused before the store is opened
     try:
         summary = train_sweep(
-            store, sweep, out, resume=resume, progress=progress, verify=verify, runs=runs
+            store,
+            sweep,
+            out,
+            resume=own["resume"],
+            progress=own["progress"],
+            verify=own["verify"],
         )
     except KeyboardInterrupt:
         typer.echo(
@@ -222,20 +271,6 @@ def train_command(
             f"l0 {m.get('l0', float('nan')):.1f}  dead {m.get('dead_frac', float('nan')):.3f}"
         )
     typer.echo(f"data wait: {100 * summary.data_wait_frac:.1f}% of step time")
-
-
-def _split_devices(value: str | None) -> list[str] | None:
-    """``"cuda:0, cuda:1"`` -> ``["cuda:0", "cuda:1"]`` (None stays None)."""
-    if value is None:
-        return None
-    from masksae.errors import ConfigError
-
-    names = [part.strip() for part in value.split(",")]
-    if not all(names):
-        raise ConfigError(
-            f"--devices {value!r}: expected comma-separated device names, e.g. cuda:0,cuda:1"
-        )
-    return names
 
 
 @user_errors

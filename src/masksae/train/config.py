@@ -71,8 +71,9 @@ class TrainConfig:
     """Peak learning rate; None -> 2e-4 / sqrt(d_sae / 16384) per SAE (reference rule)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam (beta1, beta2)."""
-    warmup_steps: int = 1000
-    """Linear lr warmup length in steps."""
+    warmup_steps: int | None = None
+    """Linear lr warmup length in steps; None = the recipe's 1000, capped at a tenth of the
+    run's steps (a short run gets a short warmup; see ``fit_recipe_to_run``)."""
     decay_start_frac: float = 0.8
     """Linear decay to 0 starts at this fraction of the steps (1.0: no decay)."""
     grad_clip: float = 1.0
@@ -160,7 +161,12 @@ class TrainConfig:
                 self.adam_betas,
                 "two floats in [0, 1)",
             ),
-            (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0"),
+            (
+                self.warmup_steps is None or self.warmup_steps >= 0,
+                "warmup_steps",
+                self.warmup_steps,
+                ">= 0 (or unset)",
+            ),
             (
                 0 <= self.decay_start_frac <= 1,
                 "decay_start_frac",
@@ -217,6 +223,84 @@ class TrainConfig:
                     f"train.device = {self.device!r} and train.devices = {self.devices!r} are "
                     "both set: use devices alone to spread a sweep over several devices"
                 )
+
+
+RECIPE_WARMUP_STEPS = 1000
+"""dictionary_learning's warmup (steps), used when ``warmup_steps`` is unset."""
+SHORT_RUN_DIVISOR = 10
+"""Unset step-valued recipe knobs are capped at total_steps // SHORT_RUN_DIVISOR."""
+DEAD_WINDOW_DIVISOR = 5
+"""An unset dead-latent window is capped at a fifth of the run's training tokens."""
+#: SAE config fields counted in steps that are scaled to a short run when left unset
+SCALED_SAE_STEP_FIELDS = ("threshold_start_step", "sparsity_warmup_steps")
+
+
+def fit_recipe_to_run(
+    train: TrainConfig, runs: list[RunSpec], total_steps: int
+) -> tuple[TrainConfig, list[RunSpec], list[str]]:
+    """Fill the recipe knobs the user left unset, scaled to a run of ``total_steps``.
+
+    The reference recipe (warmup 1000 steps, threshold updates from step 1000, a 10M-token
+    dead-latent window) is sized for runs of ~10^5 steps; a short run would end still in
+    its warmup with no learned inference threshold. Unset values become
+    ``min(recipe, total_steps // 10)`` for warmup_steps, threshold_start_step and
+    sparsity_warmup_steps, and ``min(recipe, tokens // 5)`` for dead_tokens_threshold
+    (never less than one batch); the lr decay start is already a fraction of the run.
+    Values set in a config file or by a flag are kept. Returns (train, runs, notes of what
+    was scaled, e.g. "warmup_steps 1000 -> 0").
+    """
+    from masksae.train.sae import config_class
+
+    notes: dict[str, None] = {}
+    cap = total_steps // SHORT_RUN_DIVISOR
+    if train.warmup_steps is None:
+        warmup = min(RECIPE_WARMUP_STEPS, cap)
+        if warmup != RECIPE_WARMUP_STEPS:
+            notes[f"warmup_steps {RECIPE_WARMUP_STEPS} -> {warmup}"] = None
+        train = dataclasses.replace(train, warmup_steps=warmup)
+    window = max(train.batch_size, total_steps * train.batch_size // DEAD_WINDOW_DIVISOR)
+    fitted: list[RunSpec] = []
+    for run in runs:
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(config_class(str(run.sae.get("architecture"))))
+            if isinstance(f.default, int) and not isinstance(f.default, bool)
+        }
+        sae = dict(run.sae)
+        targets = {name: cap for name in SCALED_SAE_STEP_FIELDS}
+        targets["dead_tokens_threshold"] = window
+        for name, limit in targets.items():
+            if name in defaults and name not in sae and limit < defaults[name]:
+                sae[name] = limit
+                notes[f"{name} {defaults[name]} -> {limit}"] = None
+        fitted.append(dataclasses.replace(run, sae=sae))
+    return train, fitted, list(notes)
+
+
+def check_recipe_fits(
+    train: TrainConfig, runs: list[RunSpec], sae_configs: list[Any], total_steps: int
+) -> None:
+    """Refuse, before anything is written, a run that could only produce a useless SAE: a
+    threshold_start_step at or past the last step (no inference threshold is ever learned,
+    so the SAE cannot be used or exported). Warns when the warmup outlasts the run."""
+    import logging
+
+    for run, cfg in zip(runs, sae_configs, strict=True):
+        start = getattr(cfg, "threshold_start_step", None)
+        if start is not None and start >= total_steps:
+            raise ConfigError(
+                f"run {run.name}: threshold_start_step = {start} but the run has only "
+                f"{total_steps} steps, so the SAE would never learn its inference threshold: "
+                f"lower it (--sae.threshold-start-step {total_steps // SHORT_RUN_DIVISOR}, or "
+                "threshold_start_step in the [sae] table) or train longer (--steps)"
+            )
+    if train.warmup_steps is not None and train.warmup_steps >= total_steps:
+        logging.getLogger(__name__).warning(
+            "warmup_steps = %d >= the %d training steps: the lr never reaches its peak; "
+            "lower it with --train.warmup-steps (or warmup_steps in the [train] table)",
+            train.warmup_steps,
+            total_steps,
+        )
 
 
 def resolve_select_dtype(name: str, device: Any) -> str:

@@ -124,8 +124,9 @@ def _scalar_threshold(sae: Any) -> float:
     if theta < 0:
         raise CheckpointError(
             f"the {sae.cfg.architecture} SAE has no learned inference threshold yet "
-            f"(threshold_start_step = {sae.cfg.threshold_start_step}); train for more steps "
-            "than threshold_start_step, or lower it in the [sae] config"
+            f"(threshold_start_step = {sae.cfg.threshold_start_step}): resume training past "
+            "that step (masksae train ... --resume), or retrain with a lower one "
+            "(--sae.threshold-start-step N, or threshold_start_step in the [sae] table)"
         )
     return theta
 

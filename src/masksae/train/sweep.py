@@ -147,7 +147,17 @@ def _train_rank(
         log.info(
             "training %d SAE(s) on %s: %s", len(runs), store_path, ", ".join(r.name for r in runs)
         )
-    trainer = Trainer(store, runs, sweep.train, out_dir, resume=resume, progress=progress, dist=ctx)
+    # strict: a run too short for its explicit recipe is refused before anything is written
+    trainer = Trainer(
+        store,
+        runs,
+        sweep.train,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        dist=ctx,
+        strict_recipe=True,
+    )
     return trainer.train()
 
 

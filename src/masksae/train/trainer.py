@@ -49,6 +49,8 @@ from masksae.errors import CheckpointError, ConfigError, MasksaeError, StoreErro
 from masksae.train import checkpoint as ckpt
 from masksae.train.config import (
     OPERATIONAL_FIELDS,
+    check_recipe_fits,
+    fit_recipe_to_run,
     RunSpec,
     TrainConfig,
     resolve_select_dtype,
@@ -465,6 +467,9 @@ class Trainer:
 
     ``resume=True`` continues the sweep found in ``out_dir`` (same config required);
     ``on_step(step)`` is called after each completed step (tests use it to simulate a crash).
+    Recipe knobs left unset are scaled to the run's length (``fit_recipe_to_run``);
+    ``strict_recipe=True`` (``masksae train``) also refuses explicit values that would leave
+    the SAE without a learned inference threshold (``check_recipe_fits``).
     """
 
     def __init__(
@@ -478,6 +483,7 @@ class Trainer:
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
         dist: DistContext | None = None,
+        strict_recipe: bool = False,
     ) -> None:
         if not runs:
             raise ConfigError("no SAE to train: the sweep's grid expands to zero runs")
@@ -485,23 +491,27 @@ class Trainer:
         if len(set(names)) != len(names):
             raise ConfigError(f"run names must be unique, got {names}")
         self.store = store
-        self.runs_spec = list(runs)
-        self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.resume = resume
         self.progress = progress
         self._bar: Any = None  # the sweep's one progress bar (rank 0)
         self.on_step = on_step
         # everything that can be refused is checked before anything is written
-        self.sae_configs = resolve_sae_configs(self.runs_spec, store.d_model)
         self.total_steps, self.epochs = plan_steps(store, cfg)
-        if cfg.warmup_steps >= self.total_steps:
-            log.warning(
-                "warmup_steps = %d >= the %d training steps: the lr never reaches its "
-                "peak; lower warmup_steps in the [train] table of a --config file",
-                cfg.warmup_steps,
+        # recipe knobs left unset are scaled to the run's length (a short run still
+        # learns its inference threshold); explicit values that cannot work are refused
+        cfg, runs, scaled = fit_recipe_to_run(cfg, list(runs), self.total_steps)
+        if scaled and (dist is None or dist.is_main):
+            log.info(
+                "short run (%d steps): scaled the recipe's %s (set them to override)",
                 self.total_steps,
+                ", ".join(scaled),
             )
+        self.runs_spec = list(runs)
+        self.cfg = cfg
+        self.sae_configs = resolve_sae_configs(self.runs_spec, store.d_model)
+        if strict_recipe:
+            check_recipe_fits(cfg, self.runs_spec, self.sae_configs, self.total_steps)
         self.scale: float | None = None
         if cfg.normalize_activations:
             self.scale = float(store.norm_scale())
