@@ -212,12 +212,20 @@ def tasks_list_cmd(
     details: bool = typer.Option(
         False, "--details", help="Also the dataset, labels, split, licence, origin and presets."
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print machine-readable JSON (every detail of every task)."
+    ),
 ) -> None:
     """The probing tasks, whether each is available on this machine and why not."""
     from masksae.errors import ConfigError
     from masksae.evaluate.tasks import KINDS
-    from masksae.evaluate.tasks.listing import task_table
+    from masksae.evaluate.tasks.listing import task_records, task_table
 
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(task_records(kind), indent=2))
+        return
     typer.echo(task_table(kind, details))

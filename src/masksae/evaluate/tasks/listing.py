@@ -58,3 +58,32 @@ def task_table(kind: str | None = None, details: bool = False) -> str:
         "sae-probes file also works as a classes task: sae_probes:<file stem>."
     )
     return "\n".join(lines)
+
+
+def task_records(kind: str | None = None) -> list[dict[str, object]]:
+    """The registry as JSON-able records (``masksae tasks list --json``)."""
+    uses = preset_uses()
+    records: list[dict[str, object]] = []
+    for spec in REGISTRY_LIST:
+        if kind is not None and spec.kind != kind:
+            continue
+        ok, why = availability(spec)
+        records.append(
+            {
+                "name": spec.name,
+                "kind": spec.kind,
+                "source": spec.source,
+                "available": ok,
+                "why": why,
+                "dataset": spec.dataset,
+                "description": spec.description,
+                "labels": spec.labels,
+                "split": spec.split,
+                "licence": spec.licence,
+                "class_counts": dict(spec.class_counts),
+                "origin": spec.origin,
+                "pooling": spec.pooling if spec.kind != "ood" else "last token",
+                "presets": uses.get(spec.name, []),
+            }
+        )
+    return records
