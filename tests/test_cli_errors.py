@@ -119,11 +119,11 @@ def test_evaluate_and_report_messages_name_the_fix(tmp_path):
 def test_bad_single_sae_flags_name_the_flag(tmp_path):
     base = ["train", "--store", str(tmp_path / "no-store"), "--out", str(tmp_path / "o")]
     zero = _invoke([*base, "--d-sae", "0", "--no-progress"])  # was silently 4096
-    _assert_user_error(zero, "--d-sae 0 is invalid: expected a positive integer")
-    _assert_user_error(_invoke([*base, "--k", "-3"]), "--k -3 is invalid")
+    _assert_user_error(zero, "--sae.d-sae 0 is invalid: expected a positive integer")
+    _assert_user_error(_invoke([*base, "--k", "-3"]), "--sae.k -3 is invalid")
     # the unknown architecture is the problem, not the --k that depends on it
     unknown = _invoke([*base, "--architecture", "foo", "--k", "20"])
-    _assert_user_error(unknown, "--architecture 'foo' is unknown: expected one of")
+    _assert_user_error(unknown, "architecture 'foo' is unknown: expected one of")
     assert "--k" not in unknown.output
     assert not (tmp_path / "o").exists()
 

@@ -47,9 +47,9 @@ def test_train_sweep_resume_and_export_cli(tmp_path):
     # a changed setting on resume is refused and named
     changed = runner.invoke(app, [*args, "--resume", "--batch-size", "64"])
     assert changed.exit_code == 2 and "batch_size: 128 -> 64" in changed.output
-    # SAE flags cannot be mixed with --config
-    mixed = runner.invoke(app, [*args, "--k", "3"])
-    assert mixed.exit_code == 2 and "--k" in mixed.output
+    # an SAE flag overrides --config (here on resume: a changed run, refused and named)
+    mixed = runner.invoke(app, [*args, "--resume", "--k", "3"])
+    assert mixed.exit_code == 2 and "batch_topk-k3-F32-s0" in mixed.output
 
     exported = runner.invoke(
         app, ["export", str(run_dir), "--format", "saelens", "--out", str(tmp_path / "sl")]

@@ -275,7 +275,7 @@ def _run_train(ctx: typer.Context, own: dict[str, Any], overrides: dict[str, Any
 
 @user_errors
 def export_command(
-    run_dir: Path = typer.Argument(..., help="A run folder written by masksae train (OUT/<run>)."),
+    run_dir: Path = typer.Argument(..., help="A run folder written by masksae train (OUT/RUN_NAME)."),
     fmt: str = typer.Option(..., "--format", help="saelens | dictionary_learning"),
     out: Path = typer.Option(..., "--out", help="Folder to write the exported SAE into."),
 ) -> None:

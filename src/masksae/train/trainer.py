@@ -497,6 +497,7 @@ class Trainer:
         self._bar: Any = None  # the sweep's one progress bar (rank 0)
         self.on_step = on_step
         # everything that can be refused is checked before anything is written
+        resolve_sae_configs(list(runs), store.d_model)  # bad SAE settings first
         self.total_steps, self.epochs = plan_steps(store, cfg)
         # recipe knobs left unset are scaled to the run's length (a short run still
         # learns its inference threshold); explicit values that cannot work are refused
