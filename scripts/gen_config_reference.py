@@ -19,10 +19,14 @@ OUT = ROOT / "docs" / "config-reference.md"
 SECTIONS: list[tuple[str, str, list[str]]] = [
     (
         "Harvest (`masksae harvest`)",
-        "CLI flags use the same names with dashes.",
+        "Keys of `masksae harvest --config FILE.toml` (top level); the flag of each is shown.",
         ["masksae.harvest.config:HarvestConfig"],
     ),
-    ("Training loop (`[train]` table of a sweep TOML)", "", ["masksae.train.config:TrainConfig"]),
+    (
+        "Training loop (`[train]` table of a sweep TOML)",
+        "`masksae train --config sweep.toml`; flags override the file.",
+        ["masksae.train.config:TrainConfig"],
+    ),
     (
         "SAE architectures (`[sae]` table and `[grid]` keys)",
         "Every architecture has the base fields; each adds its own.",
@@ -37,7 +41,8 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ),
     (
         "Evaluation (`masksae evaluate`)",
-        "",
+        "`masksae evaluate --config FILE.toml`: EvaluateConfig's keys at the top level, the "
+        "others in the table named by their flag prefix (`[data]`, `[absorption]`, ...).",
         [
             "masksae.evaluate.runner:EvaluateConfig",
             "masksae.evaluate.data:EvalDataConfig",
@@ -92,6 +97,68 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+#: class -> the flag prefix of its fields (its table in the config file)
+FLAG_PREFIX = {
+    "HarvestConfig": "",
+    "TrainConfig": "train.",
+    "SAEConfig": "sae.",
+    "TopKConfig": "sae.",
+    "BatchTopKConfig": "sae.",
+    "MatryoshkaBatchTopKConfig": "sae.",
+    "ReLUConfig": "sae.",
+    "JumpReLUConfig": "sae.",
+    "EvaluateConfig": "",
+    "EvalDataConfig": "data.",
+    "CoreConfig": "core.",
+    "DownstreamConfig": "downstream.",
+    "AbsorptionConfig": "absorption.",
+    "CooccurrenceConfig": "cooccurrence.",
+    "ProbingConfig": "probing.",
+    "SparseProbingConfig": "probing.sparse_probing.",
+    "ScrConfig": "probing.scr.",
+    "TppConfig": "probing.tpp.",
+    "OodConfig": "probing.ood.",
+}
+#: fields without a flag of their own (set by the command, or a nested table)
+NO_FLAG = {
+    "EvaluateConfig.progress",
+    "EvaluateConfig.absorption",
+    "EvaluateConfig.probing",
+    "SAEConfig.d_in",
+}
+
+
+def aliases() -> dict[str, tuple[str, ...]]:
+    """ "command:dotted key" -> the older flag names kept as aliases."""
+    from masksae.evaluate.commands import ALIASES as EVALUATE
+    from masksae.harvest.commands import ALIASES as HARVEST
+    from masksae.train.commands import ALIASES as TRAIN
+
+    out: dict[str, tuple[str, ...]] = {}
+    for command, table in (("harvest", HARVEST), ("train", TRAIN), ("evaluate", EVALUATE)):
+        out.update({f"{command}:{key}": names for key, names in table.items()})
+    return out
+
+
+def flag_cell(cls_name: str, field: dataclasses.Field) -> str:
+    """The flag (and its aliases) of a field, or "" for a nested table / no flag."""
+    if cls_name not in FLAG_PREFIX or f"{cls_name}.{field.name}" in NO_FLAG:
+        return ""
+    if field.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(  # type: ignore[misc]
+        field.default_factory()  # type: ignore[misc]
+    ):
+        return ""
+    key = FLAG_PREFIX[cls_name] + field.name
+    if cls_name == "HarvestConfig":
+        command = "harvest"
+    elif key.startswith(("train.", "sae.")):
+        command = "train"
+    else:
+        command = "evaluate"
+    flag = "--" + key.replace("_", "-")
+    return ", ".join(f"`{f}`" for f in (flag, *aliases().get(f"{command}:{key}", ())))
+
+
 def default_of(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
@@ -128,10 +195,18 @@ def render() -> str:
             summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
             if summary:
                 lines += [summary, ""]
-            lines += ["| field | default | meaning |", "|---|---|---|"]
+            with_flags = cls_name in FLAG_PREFIX
+            if with_flags:
+                lines += ["| field | flag | default | meaning |", "|---|---|---|---|"]
+            else:
+                lines += ["| field | default | meaning |", "|---|---|---|"]
             for f in own:
                 doc = docs.get(f.name, "").replace("|", "\\|")
-                lines.append(f"| `{f.name}` | `{default_of(f)}` | {doc} |")
+                if with_flags:
+                    flag = flag_cell(cls_name, f).replace("|", "\\|")
+                    lines.append(f"| `{f.name}` | {flag} | `{default_of(f)}` | {doc} |")
+                else:
+                    lines.append(f"| `{f.name}` | `{default_of(f)}` | {doc} |")
             lines.append("")
     return "\n".join(lines)
 

@@ -113,7 +113,14 @@ def split_list(text: str, items: Any, flag: str) -> list[Any]:
             return list(tomllib.loads(f"v = {text}")["v"])
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{flag} {text!r} is not a TOML list: {exc}") from None
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not text.strip():
+        return []
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise ConfigError(
+            f"{flag} {text!r} has an empty item: expected comma-separated values, e.g. "
+            f"{flag} a,b"
+        )
     kind = _unwrap_optional(items)
     if kind not in (int, float):
         return parts
@@ -236,9 +243,15 @@ def build_command(
     overrides)`` gets the own values and the given generated flags as a nested dict."""
     flags = [flag for _, flag in generated]
 
-    def callback(ctx: typer.Context, **values: Any) -> None:
+    from masksae.cli_utils import user_errors
+
+    @user_errors
+    def body(ctx: typer.Context, values: dict[str, Any]) -> None:
         own_values = {k: v for k, v in values.items() if not k.startswith(PREFIX)}
         run(ctx, own_values, given_overrides(ctx, flags, values))
+
+    def callback(ctx: typer.Context, **values: Any) -> None:
+        body(ctx, values)
 
     ctx_param = inspect.Parameter(
         "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
@@ -254,7 +267,9 @@ def build_command(
 
 def own_option(name: str, annotation: Any, option: Any) -> inspect.Parameter:
     """A hand-written parameter of a generated command (``--out``, ``--resume``, ...)."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+    )
 
 
 def common_options() -> list[inspect.Parameter]:

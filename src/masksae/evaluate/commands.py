@@ -137,7 +137,9 @@ def load_evaluate_config(config: str | Path | None, overrides: dict[str, Any]) -
 
     data = deep_merge(load_toml(config) if config else {}, overrides)
     base = cli_base()
-    preset = data.get("probing", {}).get("preset") if isinstance(data.get("probing"), dict) else None
+    preset = (
+        data.get("probing", {}).get("preset") if isinstance(data.get("probing"), dict) else None
+    )
     if preset is not None:
         base = dataclasses.replace(base, probing=probing_preset(str(preset)))
     hooks = {"absorption.max_words_per_letter": parse_max_words}

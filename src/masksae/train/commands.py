@@ -106,7 +106,9 @@ def _sae_parameters() -> list[Any]:
         if len(archs) < len(ARCHITECTURES) and name != "architecture":
             doc = f"{doc} ({', '.join(archs)})"
         path = ("sae", name)
-        params.append(field_parameter(path, annotation, default, doc, ALIASES.get(f"sae.{name}", ())))
+        params.append(
+            field_parameter(path, annotation, default, doc, ALIASES.get(f"sae.{name}", ()))
+        )
     return params
 
 
@@ -275,7 +277,9 @@ def _run_train(ctx: typer.Context, own: dict[str, Any], overrides: dict[str, Any
 
 @user_errors
 def export_command(
-    run_dir: Path = typer.Argument(..., help="A run folder written by masksae train (OUT/RUN_NAME)."),
+    run_dir: Path = typer.Argument(
+        ..., help="A run folder written by masksae train (OUT/RUN_NAME)."
+    ),
     fmt: str = typer.Option(..., "--format", help="saelens | dictionary_learning"),
     out: Path = typer.Option(..., "--out", help="Folder to write the exported SAE into."),
 ) -> None:

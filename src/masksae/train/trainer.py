@@ -49,10 +49,10 @@ from masksae.errors import CheckpointError, ConfigError, MasksaeError, StoreErro
 from masksae.train import checkpoint as ckpt
 from masksae.train.config import (
     OPERATIONAL_FIELDS,
-    check_recipe_fits,
-    fit_recipe_to_run,
     RunSpec,
     TrainConfig,
+    check_recipe_fits,
+    fit_recipe_to_run,
     resolve_select_dtype,
 )
 from masksae.train.metrics_log import (
