@@ -113,9 +113,9 @@ def split_list(text: str, items: Any, flag: str) -> list[Any]:
             return list(tomllib.loads(f"v = {text}")["v"])
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{flag} {text!r} is not a TOML list: {exc}") from None
-    if not text.strip():
-        return []
     parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        return []  # "" or ",": an empty list (the config then says what it needs)
     if not all(parts):
         raise ConfigError(
             f"{flag} {text!r} has an empty item: expected comma-separated values, e.g. "
