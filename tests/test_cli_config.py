@@ -200,8 +200,12 @@ def test_short_flag_only_run_scales_the_recipe_and_exports(tmp_path, caplog):
     exported = _invoke("export", run, "--format", "saelens", "--out", tmp_path / "sl")
     assert exported.exit_code == 0, exported.output
     # the run's folder shows as a sweep file that reproduces it
-    shown = tomllib.loads(_invoke("config", "show", run).output)
+    text = _invoke("config", "show", run).output
+    shown = tomllib.loads(text)
     assert shown["sae"]["threshold_start_step"] == 1 and shown["train"]["warmup_steps"] == 1
+    (tmp_path / "run.toml").write_text(text)
+    rerun = _printed("train", "--config", tmp_path / "run.toml")
+    assert rerun["sae"] == shown["sae"] and rerun["train"]["batch_size"] == 128
     # an explicit threshold start the run never reaches is refused before anything is written
     refused = _invoke(*base, "--sae.threshold-start-step", "100", "--out", tmp_path / "o2")
     assert refused.exit_code == 2 and "--sae.threshold-start-step" in refused.output
@@ -261,3 +265,19 @@ def test_help_is_complete_plain_and_cheap():
     assert usage.endswith("[OPTIONS] [CHECKPOINT]...")
     assert "--train.warmup-steps" in doc["helps"]["train"]
     assert "[default: 2048]" in doc["helps"]["train"]
+
+
+def test_study_harvest_args_parse_as_the_same_config():
+    from masksae.study.plan import harvest_args
+
+    settings = {
+        "tokens": 5000,
+        "break_lock": True,
+        "corpus_allow_undecodable": False,
+        "storage_options": {"anon": True, "endpoint_url": "http://127.0.0.1:9000"},
+        "corpus_filter": ["a=b,c"],
+        "devices": ["cpu", "cpu"],
+        "mask_prob": 0.25,
+    }
+    merged = _printed("harvest", *harvest_args(settings))
+    assert {k: merged[k] for k in settings} == settings

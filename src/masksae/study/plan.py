@@ -82,6 +82,12 @@ def harvest_args(settings: dict[str, Any]) -> list[str]:
             continue
         if name == "devices":
             args += [_flag(name), ",".join(value) if isinstance(value, list) else str(value)]
+        elif isinstance(value, bool):  # a --x/--no-x flag takes no value
+            args.append(_flag(name) if value else "--no-" + _flag(name)[2:])
+        elif isinstance(value, dict):  # storage_options: --storage-option KEY=VALUE each
+            for key, item in value.items():
+                text = item if isinstance(item, str) else json.dumps(item)
+                args += ["--storage-option", f"{key}={text}"]
         elif isinstance(value, (list, tuple)):
             for item in value:
                 args += [_flag(name), str(item)]

@@ -166,7 +166,7 @@ def load_train_config(config: str | Path | None, overrides: dict[str, Any]) -> A
     where = str(config) if config else "train flags"
     data = load_toml(config) if config else {}
     check_keys(data, ("train", "sae", "grid"), where)
-    known_sae = set(sae_fields())
+    known_sae = {*sae_fields(), "d_in"}  # d_in: the store's d_model when unset
     file_sae = dict(data.get("sae", {}))
     grid = dict(data.get("grid", {}))
     check_keys(file_sae, known_sae, f"{where} [sae]")
