@@ -118,8 +118,7 @@ def split_list(text: str, items: Any, flag: str) -> list[Any]:
         return []  # "" or ",": an empty list (the config then says what it needs)
     if not all(parts):
         raise ConfigError(
-            f"{flag} {text!r} has an empty item: expected comma-separated values, e.g. "
-            f"{flag} a,b"
+            f"{flag} {text!r} has an empty item: expected comma-separated values, e.g. {flag} a,b"
         )
     kind = _unwrap_optional(items)
     if kind not in (int, float):
@@ -262,7 +261,32 @@ def build_command(
     callback.__doc__ = help_text
     sub = typer.Typer(add_completion=False)
     sub.command(name, context_settings={"max_content_width": 100})(callback)
-    return typer.main.get_command(sub)
+    command = typer.main.get_command(sub)
+    command.parse_args = _one_line_unknown_options(command, command.parse_args)
+    return command
+
+
+def _one_line_unknown_options(command: Any, parse_args: Callable[..., Any]) -> Any:
+    """``parse_args`` answering an unknown flag with one line naming the closest flag."""
+
+    def parse(ctx: Any, args: list[str]) -> Any:
+        try:
+            return parse_args(ctx, args)
+        except Exception as exc:
+            if type(exc).__name__ != "NoSuchOption":
+                raise
+            from masksae.config import did_you_mean
+
+            flags = [o for p in command.params for o in (*p.opts, *p.secondary_opts)]
+            bad = str(getattr(exc, "option_name", "")) or str(exc)
+            typer.echo(
+                f"error: no such option {bad}{did_you_mean(bad, flags)}: masksae "
+                f"{command.name} --help lists every flag",
+                err=True,
+            )
+            raise typer.Exit(code=2) from None
+
+    return parse
 
 
 def own_option(name: str, annotation: Any, option: Any) -> inspect.Parameter:
