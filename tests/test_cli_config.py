@@ -198,6 +198,7 @@ def test_short_flag_only_run_scales_the_recipe_and_exports(tmp_path, caplog):
     assert "warmup_steps 1000 -> 1" in scaled and "threshold_start_step 1000 -> 1" in scaled
     assert "(15 steps)" in scaled
     assert "dead_tokens_threshold 10000000 -> 384" in scaled  # a fifth of 15 x 128 tokens
+    assert "threshold_beta 0.999 -> 0.7857" in scaled  # 1 - 3 / 14 updates
     run = tmp_path / "out" / "batch_topk-k2-F32-s0"
     meta = json.loads((run / "config.json").read_text())
     assert meta["train"]["warmup_steps"] == 1 and meta["sae"]["threshold_start_step"] == 1
@@ -222,6 +223,16 @@ def test_fit_recipe_keeps_explicit_values_and_long_runs():
     runs = [RunSpec("a", {"architecture": "batch_topk", "d_sae": 32, "k": 2})]
     train, fitted, notes = fit_recipe_to_run(TrainConfig(batch_size=2048), runs, 244_140)
     assert train.warmup_steps == 1000 and fitted[0].sae == runs[0].sae and notes == []
+    # a demo-sized run gets about the values configs/demo-sweep.toml chose by hand
+    # (warmup 30, dead window 25000, beta 0.98 over ~150 updates)
+    train, fitted, notes = fit_recipe_to_run(TrainConfig(batch_size=512), runs, 250)
+    assert train.warmup_steps == 25
+    assert fitted[0].sae == {
+        **runs[0].sae,
+        "threshold_start_step": 25,
+        "dead_tokens_threshold": 25600,
+        "threshold_beta": 0.9867,
+    }
     explicit = [RunSpec("a", {**runs[0].sae, "threshold_start_step": 50})]
     train, fitted, notes = fit_recipe_to_run(TrainConfig(warmup_steps=3), explicit, 40)
     assert train.warmup_steps == 3 and fitted[0].sae["threshold_start_step"] == 50

@@ -244,8 +244,10 @@ def fit_recipe_to_run(
     dead-latent window) is sized for runs of ~10^5 steps; a short run would end still in
     its warmup with no learned inference threshold. Unset values become
     ``min(recipe, total_steps // 10)`` for warmup_steps, threshold_start_step and
-    sparsity_warmup_steps, and ``min(recipe, tokens // 5)`` for dead_tokens_threshold
-    (never less than one batch); the lr decay start is already a fraction of the run.
+    sparsity_warmup_steps, ``min(recipe, tokens // 5)`` for dead_tokens_threshold (never
+    less than one batch), and ``min(0.999, 1 - 3 / U)`` for threshold_beta with U threshold
+    updates (the EMA settles within a third of them; the demo and study configs chose
+    0.98 by hand for ~150-200 updates); the lr decay start is already a fraction of the run.
     Values set in a config file or by a flag are kept. Returns (train, runs, notes of what
     was scaled, e.g. "warmup_steps 1000 -> 0").
     """
@@ -273,8 +275,39 @@ def fit_recipe_to_run(
             if name in defaults and name not in sae and limit < defaults[name]:
                 sae[name] = limit
                 notes[f"{name} {defaults[name]} -> {limit}"] = None
+        beta = _fitted_threshold_beta(run.sae, sae, total_steps)
+        if beta is not None:
+            notes[f"threshold_beta {THRESHOLD_BETA_RECIPE} -> {beta}"] = None
+            sae["threshold_beta"] = beta
         fitted.append(dataclasses.replace(run, sae=sae))
     return train, fitted, list(notes)
+
+
+THRESHOLD_BETA_RECIPE = 0.999
+"""dictionary_learning's EMA decay of the inference threshold (time constant 1000 updates)."""
+THRESHOLD_SETTLE_FRACTION = 3
+"""An unset threshold EMA is made to settle within a third of a short run's updates."""
+
+
+def _fitted_threshold_beta(given: dict[str, Any], sae: dict[str, Any], total_steps: int) -> Any:
+    """The threshold EMA decay for a short run, or None to keep the recipe's: with U threshold
+    updates, ``1 - 3 / U`` (time constant U / 3, so the EMA forgets its first estimates),
+    capped at the recipe's 0.999, when the user left it unset."""
+    from masksae.train.sae import config_class
+
+    cls = config_class(str(sae.get("architecture")))
+    if "threshold_beta" in given or "threshold_beta" not in {
+        f.name for f in dataclasses.fields(cls)
+    }:
+        return None
+    start = sae.get("threshold_start_step")
+    if start is None:
+        start = next(f.default for f in dataclasses.fields(cls) if f.name == "threshold_start_step")
+    updates = total_steps - int(start)
+    if updates <= 0:
+        return None
+    beta = round(max(0.0, 1.0 - THRESHOLD_SETTLE_FRACTION / updates), 4)
+    return beta if beta < THRESHOLD_BETA_RECIPE else None
 
 
 def check_recipe_fits(
