@@ -259,7 +259,7 @@ def build_command(
     callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     callback.__annotations__ = {p.name: p.annotation for p in params}
     callback.__doc__ = help_text
-    sub = typer.Typer(add_completion=False)
+    sub = typer.Typer(add_completion=False, rich_markup_mode=None)  # "[train]" is text
     sub.command(name, context_settings={"max_content_width": 100})(callback)
     command = typer.main.get_command(sub)
     command.parse_args = _one_line_unknown_options(command, command.parse_args)
