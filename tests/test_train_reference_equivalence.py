@@ -204,6 +204,7 @@ def test_trainer_equals_reference_update_rule(store, tmp_path, monkeypatch, arch
         "d_sae": F,
         "k": K,
         "threshold_start_step": THRESHOLD_START_REF + 1,  # ours: first step that updates
+        "threshold_beta": 0.999,  # the reference's (set: an unset one is fitted to short runs)
         "dead_tokens_threshold": DEAD_TOKENS,
     }
     seed = 3
