@@ -66,6 +66,9 @@ tables [data], [core], [downstream], [absorption], [cooccurrence], [probing] (wi
 [probing.sparse_probing], [probing.scr], [probing.tpp], [probing.ood]); flags override the
 file. probing.preset (--probing-preset) picks the probing defaults the other probing keys
 change; absorption.max_words_per_letter also takes a preset (demo, study, all).
+
+Rerunning skips checkpoints whose result JSON exists with the same settings (--overwrite
+redoes them); a result made with other settings is recomputed, with a warning.
 """
 
 
