@@ -58,6 +58,38 @@ def test_registry_and_round_trip():
         assert torch.allclose(sae.W_enc, sae.W_dec.t())
 
 
+def test_configs_live_in_sae_config_and_keep_their_old_import_paths():
+    from masksae.train import sae_config
+    from masksae.train.sae import (
+        base,
+        batch_topk,
+        jumprelu,
+        matryoshka_batch_topk,
+        registry,
+        relu,
+        topk,
+        topk_family,
+    )
+
+    old_paths = {
+        sae_config.SAEConfig: base.SAEConfig,
+        sae_config.TopKConfig: (topk.TopKConfig, topk_family.TopKConfig),
+        sae_config.BatchTopKConfig: batch_topk.BatchTopKConfig,
+        sae_config.MatryoshkaBatchTopKConfig: matryoshka_batch_topk.MatryoshkaBatchTopKConfig,
+        sae_config.ReLUConfig: relu.ReLUConfig,
+        sae_config.JumpReLUConfig: jumprelu.JumpReLUConfig,
+        sae_config.matryoshka_group_sizes: matryoshka_batch_topk.matryoshka_group_sizes,
+    }
+    for new, old in old_paths.items():
+        assert all(o is new for o in (old if isinstance(old, tuple) else (old,)))
+    assert sae_config.ARCHITECTURES == ARCHITECTURES
+    # each registered SAE class takes exactly the config the torch-free table names
+    for arch in ARCHITECTURES:
+        assert registry.sae_class(arch).config_class is sae_config.config_class(arch)
+    with pytest.raises(ConfigError, match="unknown SAE architecture 'nope'; valid"):
+        sae_config.config_class("nope")
+
+
 def test_group_sizes_4096():
     cfg = MatryoshkaBatchTopKConfig(d_in=8, d_sae=4096, k=20)
     assert cfg.group_sizes == [128, 256, 512, 1024, 2176]

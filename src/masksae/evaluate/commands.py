@@ -74,10 +74,9 @@ redoes them); a result made with other settings is recomputed, with a warning.
 
 def cli_base() -> Any:
     """The EvaluateConfig the CLI starts from (CPU-sized vocabulary and probing preset)."""
-    from masksae.evaluate.absorption import AbsorptionConfig
-    from masksae.evaluate.absorption.config import parse_max_words
+    from masksae.evaluate.absorption.config import AbsorptionConfig, parse_max_words
+    from masksae.evaluate.config import EvaluateConfig
     from masksae.evaluate.probing import probing_preset
-    from masksae.evaluate.runner import EvaluateConfig
 
     return EvaluateConfig(
         metrics=DEFAULT_METRICS,

@@ -34,38 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from masksae.errors import ConfigError
+from masksae.evaluate.config import CooccurrenceConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CooccurrenceConfig:
-    """Settings of the ``cooccurrence`` metric."""
-
-    min_firing_rate: float = 0.005
-    """A latent enters the pair statistics when it fires on at least this fraction of the
-    evaluation tokens (0.005 of 16k tokens = 82 firings, enough to estimate PMI)."""
-    max_latents: int = 2048
-    """At most this many of those latents (the most frequent) form the pairs."""
-    batch_size: int = 4096
-    """Tokens per SAE encode call (the dense [batch, F] code lives only inside a batch)."""
-    max_absorbers_per_letter: int = 3
-    """Parent-child pairs: the absorbing latents of a letter taken, most frequent first."""
-    quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
-    """Quantiles reported for each pair statistic."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.min_firing_rate <= 1.0:
-            raise ConfigError(
-                f"cooccurrence min_firing_rate={self.min_firing_rate}: expected 0 < rate <= 1 "
-                "(e.g. 0.005)"
-            )
-        for name in ("max_latents", "batch_size", "max_absorbers_per_letter"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"cooccurrence {name}={getattr(self, name)}: expected >= 1")
-        if any(not 0.0 <= q <= 1.0 for q in self.quantiles):
-            raise ConfigError(f"cooccurrence quantiles={self.quantiles}: expected values in [0, 1]")
 
 
 @dataclass

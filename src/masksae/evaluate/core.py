@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from masksae.errors import ConfigError
+from masksae.evaluate.config import CoreConfig
 
 
 class SAELike(Protocol):
@@ -33,29 +34,6 @@ class SAELike(Protocol):
     def encode(self, x_BD: Tensor) -> Tensor: ...
 
     def decode(self, f_BF: Tensor) -> Tensor: ...
-
-
-@dataclass
-class CoreConfig:
-    """Settings of the core reconstruction metrics."""
-
-    batch_size: int = 4096
-    """Tokens per SAE forward (also the batch over which the legacy EV centres tokens)."""
-    density_bin_min_log10: float = -8.0
-    """Lower edge of the log10 firing-frequency histogram (dead latents are counted apart)."""
-    density_bin_width: float = 0.5
-    """Width of one histogram bin in log10 units; the upper edge is 0 (always firing)."""
-    dense_threshold: float = 0.1
-    """A latent firing on more than this fraction of tokens counts as dense."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ConfigError(f"core batch_size={self.batch_size}: expected >= 2 tokens")
-        if self.density_bin_width <= 0 or self.density_bin_min_log10 >= 0:
-            raise ConfigError(
-                "density histogram needs density_bin_width > 0 and density_bin_min_log10 < 0, "
-                f"got {self.density_bin_width} and {self.density_bin_min_log10}"
-            )
 
 
 @dataclass

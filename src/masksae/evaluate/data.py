@@ -23,62 +23,12 @@ from torch import Tensor
 
 from masksae.atomic import atomic_write, atomic_write_json
 from masksae.errors import ConfigError, StoreError
+from masksae.evaluate.config import EvalDataConfig
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3
 """3: norm outliers excluded; 2: text read with masksae.harvest.Corpus; 1: own gensim reader."""
-
-
-@dataclass
-class EvalDataConfig:
-    """How the held-out evaluation activations are made."""
-
-    corpus: str = "bundled"
-    """Evaluation text, read with the harvest stage's ``masksae.harvest.Corpus``: "bundled",
-    a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id."""
-    corpus_field: str = "text"
-    """Record field holding the text (jsonl, parquet, Hugging Face datasets)."""
-    corpus_filter: tuple[str, ...] = field(default=(), metadata={"cli_split": False})
-    """``key=value`` conditions a record must meet (jsonl, parquet, Hugging Face datasets)."""
-    corpus_split: str = "train"
-    """Dataset split (Hugging Face datasets)."""
-    skip_tokens: int | None = None
-    """Held-out rule (``masksae.evaluate.texts``). None: finite corpora are read from the end
-    backwards, Hugging Face streams skip their first 1M tokens; N: read forward, skipping
-    every document that starts within the first N tokens."""
-    n_tokens: int = 16384
-    """Activations (non-excluded positions) used by the core reconstruction metrics."""
-    context_length: int = 128
-    """Tokens per evaluation sequence (BOS included where the model needs one)."""
-    seed: int = 1234
-    """Seed of the masking draws (with masked=True); distinct from training seeds."""
-    llm_batch_size: int = 8
-    """Sequences per LLM forward while capturing activations."""
-    cache_dtype: str = "float32"
-    """Dtype the activations are cached in ("float32", "bfloat16", "float16")."""
-    masked: bool = False
-    """Replace tokens with the mask token at probability mask_prob before the forward."""
-    mask_prob: float = 0.3
-    """Masking probability when masked=True."""
-    mask_token_id: int | None = None
-    """Mask token id when masked=True (None: the tokenization of mask_string)."""
-    mask_string: str = "..."
-    """Mask string (the paper's "...") used when mask_token_id is None."""
-    outlier_norm_factor: float = 10.0
-    """Positions whose activation norm exceeds this factor x the median norm are not
-    evaluated (and not spliced), the harvest's rule for training data; 0 keeps them."""
-
-    def __post_init__(self) -> None:
-        if self.n_tokens < 2:
-            raise ConfigError(f"--eval-tokens {self.n_tokens}: expected at least 2 tokens")
-        if self.context_length < 3:
-            raise ConfigError(f"eval context_length {self.context_length}: expected >= 3")
-        if self.skip_tokens is not None and self.skip_tokens < 0:
-            raise ConfigError(f"eval skip_tokens {self.skip_tokens}: expected >= 0 or None")
-        self.corpus_filter = tuple(self.corpus_filter)
-        if not 0.0 <= self.mask_prob < 1.0:
-            raise ConfigError(f"eval mask_prob {self.mask_prob}: expected 0 <= p < 1")
 
 
 @dataclass

@@ -24,34 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from masksae.errors import ConfigError
+from masksae.evaluate.config import DownstreamConfig
 from masksae.evaluate.core import SAELike
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DownstreamConfig:
-    """Settings of the spliced-reconstruction loss metrics."""
-
-    n_sequences: int = 32
-    """Held-out sequences scored (the first ones of the evaluation set)."""
-    batch_size: int = 8
-    """Sequences per LLM forward pass."""
-    clean_cache_mb: int = 1024
-    """Memory (MiB) for keeping the clean forward's results between checkpoints of one run
-    (on CPU): the residual stream at the SAE's layer (small: later checkpoints run only the
-    blocks after it) and the exact float32 log-probs (large: later checkpoints skip the
-    clean forward for the batches that fit). 0 disables it. The full distribution is kept
-    because exact KL needs it."""
-
-    def __post_init__(self) -> None:
-        if self.n_sequences < 1 or self.batch_size < 1:
-            raise ConfigError(
-                f"downstream n_sequences={self.n_sequences}, batch_size="
-                f"{self.batch_size}: expected >= 1"
-            )
-        if self.clean_cache_mb < 0:
-            raise ConfigError(f"downstream clean_cache_mb={self.clean_cache_mb}: expected >= 0")
 
 
 class CleanCache:

@@ -14,95 +14,36 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from masksae.atomic import atomic_write_json
 from masksae.config import to_dict
 from masksae.errors import CheckpointError, ConfigError
-from masksae.evaluate.cooccurrence import CooccurrenceConfig
-from masksae.evaluate.core import CoreConfig, iter_batches, reconstruction_metrics
+
+# the settings live in the torch-free masksae.evaluate.config (X as X: still importable here)
+from masksae.evaluate.config import ALL as ALL
+from masksae.evaluate.config import METRICS as METRICS
+from masksae.evaluate.config import PROBING_METRICS, EvaluateConfig
+from masksae.evaluate.config import CooccurrenceConfig as CooccurrenceConfig
+from masksae.evaluate.config import CoreConfig as CoreConfig
+from masksae.evaluate.config import DownstreamConfig as DownstreamConfig
+from masksae.evaluate.config import EvalDataConfig as EvalDataConfig
+from masksae.evaluate.core import iter_batches, reconstruction_metrics
 from masksae.evaluate.data import (
     EvalData,
-    EvalDataConfig,
     build_eval_data,
     has_entry,
     key_fields,
     load_or_build,
     store_activations,
 )
-from masksae.evaluate.downstream import DownstreamConfig, downstream_metrics
+from masksae.evaluate.downstream import downstream_metrics
 from masksae.evaluate.schema import make_result, provenance_from_meta
 from masksae.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
-
-PROBING_METRICS = ("sparse_probing", "scr", "tpp", "ood")
-"""The probing metrics (masksae.evaluate.probing), each its own result section."""
-METRICS = ("core", "reconstruction", "absorption", "cooccurrence", *PROBING_METRICS)
-"""core = reconstruction metrics + spliced CE/KL; reconstruction = without the LLM splice;
-cooccurrence = latent co-activation on the clean held-out activations (with absorption's
-parent-child pairs when absorption runs too); the probing metrics."""
-ALL = "all"
-"""``--metrics all``: every metric except ``reconstruction`` (which ``core`` contains)."""
-
-
-@dataclass
-class EvaluateConfig:
-    """Settings of ``masksae evaluate``."""
-
-    metrics: tuple[str, ...] = ("core",)
-    """Metric families to run: core, reconstruction (core without CE/KL), absorption,
-    cooccurrence, sparse_probing, scr, tpp, ood; "all" = every one but reconstruction."""
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    """Held-out evaluation activations."""
-    core: CoreConfig = field(default_factory=CoreConfig)
-    """Reconstruction metric settings."""
-    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
-    """Spliced CE / KL settings."""
-    absorption: Any = None
-    """An ``AbsorptionConfig`` (None: its defaults, i.e. SAEBench's whole vocabulary; the CLI
-    caps it with ``--absorption-max-words``, default the "demo" preset)."""
-    cooccurrence: CooccurrenceConfig = field(default_factory=CooccurrenceConfig)
-    """Latent co-occurrence settings."""
-    cache_dir: Path | None = None
-    """Directory of reusable LLM activations (None: nothing cached across runs)."""
-    device: str = "auto"
-    """Device of the LLM and the SAE."""
-    llm_dtype: str = "float32"
-    """Dtype the LLM is loaded in."""
-    eval_masked: bool = False
-    """Also report core metrics on masked activations (metrics["core_masked"])."""
-    eval_store: str | Path | None = None
-    """Activation store (directory or URL such as s3://bucket/prefix) to take the
-    reconstruction activations from instead of the corpus."""
-    storage_options: dict | None = None
-    """Options of a remote eval store's filesystem (CLI: --storage-option KEY=VALUE)."""
-    model_override: str | None = None
-    """Load this model spec instead of the one in the checkpoint provenance (same weights
-    at another path, e.g. offline)."""
-    probing: Any = None
-    """A ``ProbingConfig`` for sparse_probing, scr, tpp and ood (None: the "demo" preset)."""
-    progress: bool = True
-    """Progress bars (tqdm on stderr, with rate and ETA) on every LLM pass and metric."""
-    overwrite: bool = False
-    """Recompute checkpoints whose result file already exists with the same recorded
-    settings (default: skip them; a result with other settings is always recomputed)."""
-
-    def __post_init__(self) -> None:
-        if ALL in self.metrics:
-            rest = [m for m in METRICS if m != "reconstruction"]
-            self.metrics = tuple(dict.fromkeys([*rest, *(m for m in self.metrics if m != ALL)]))
-        if not self.metrics:
-            raise ConfigError(
-                f"--metrics names no metric: give a comma list from {', '.join(METRICS)} or {ALL}"
-            )
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown:
-            raise ConfigError(
-                f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)} or {ALL}"
-            )
 
 
 class Evaluator:

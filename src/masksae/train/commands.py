@@ -72,7 +72,7 @@ def sae_fields() -> dict[str, tuple[Any, Any, str, list[str]]]:
     import typing
 
     from masksae.config import field_docs
-    from masksae.train.sae import ARCHITECTURES, config_class
+    from masksae.train.sae_config import ARCHITECTURES, config_class
 
     out: dict[str, tuple[Any, Any, str, list[str]]] = {}
     for arch in ARCHITECTURES:
@@ -92,7 +92,7 @@ def sae_fields() -> dict[str, tuple[Any, Any, str, list[str]]]:
 
 def _sae_parameters() -> list[Any]:
     from masksae.cli_config import field_parameter
-    from masksae.train.sae import ARCHITECTURES
+    from masksae.train.sae_config import ARCHITECTURES
 
     fields = sae_fields()
     params = []
@@ -161,7 +161,7 @@ def load_train_config(config: str | Path | None, overrides: dict[str, Any]) -> A
     from masksae.config import check_keys, deep_merge, load_toml, merge_into
     from masksae.errors import ConfigError
     from masksae.train.config import RUN_KEYS, SweepConfig, TrainConfig
-    from masksae.train.sae import ARCHITECTURES
+    from masksae.train.sae_config import ARCHITECTURES
 
     where = str(config) if config else "train flags"
     data = load_toml(config) if config else {}

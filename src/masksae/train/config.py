@@ -251,7 +251,7 @@ def fit_recipe_to_run(
     Values set in a config file or by a flag are kept. Returns (train, runs, notes of what
     was scaled, e.g. "warmup_steps 1000 -> 0").
     """
-    from masksae.train.sae import config_class
+    from masksae.train.sae_config import config_class
 
     notes: dict[str, None] = {}
     cap = total_steps // SHORT_RUN_DIVISOR
@@ -293,7 +293,7 @@ def _fitted_threshold_beta(given: dict[str, Any], sae: dict[str, Any], total_ste
     """The threshold EMA decay for a short run, or None to keep the recipe's: with U threshold
     updates, ``1 - 3 / U`` (time constant U / 3, so the EMA forgets its first estimates),
     capped at the recipe's 0.999, when the user left it unset."""
-    from masksae.train.sae import config_class
+    from masksae.train.sae_config import config_class
 
     cls = config_class(str(sae.get("architecture")))
     if "threshold_beta" in given or "threshold_beta" not in {

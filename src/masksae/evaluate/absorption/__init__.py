@@ -6,18 +6,28 @@ letters) is lower-is-better; `absorption_paper_convention` = 100 * (1 - score) i
 higher-is-better; both come with binomial standard errors and true-positive counts.
 """
 
-from masksae.evaluate.absorption.config import AbsorptionConfig
-from masksae.evaluate.absorption.k_sparse import select_main_latents
-from masksae.evaluate.absorption.pipeline import run
-from masksae.evaluate.absorption.scoring import AbsorptionThresholds, LetterAbsorption, score_letter
-from masksae.evaluate.absorption.summary import paper_convention
+from __future__ import annotations
 
-__all__ = [
-    "AbsorptionConfig",
-    "AbsorptionThresholds",
-    "LetterAbsorption",
-    "paper_convention",
-    "run",
-    "score_letter",
-    "select_main_latents",
-]
+import importlib
+from typing import Any
+
+# Resolved on first use: the scoring modules import torch and sklearn, and ``masksae
+# evaluate --help`` reads AbsorptionConfig only.
+_EXPORTS = {
+    "AbsorptionConfig": "masksae.evaluate.absorption.config",
+    "AbsorptionThresholds": "masksae.evaluate.absorption.scoring",
+    "LetterAbsorption": "masksae.evaluate.absorption.scoring",
+    "paper_convention": "masksae.evaluate.absorption.summary",
+    "run": "masksae.evaluate.absorption.pipeline",
+    "score_letter": "masksae.evaluate.absorption.scoring",
+    "select_main_latents": "masksae.evaluate.absorption.k_sparse",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'masksae.evaluate.absorption' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

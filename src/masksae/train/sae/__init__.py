@@ -1,6 +1,7 @@
 """SAE architectures behind a registry (see docs/architecture.md for the contract).
 
-Build one with ``build_sae(sae_config_from_dict({"architecture": ..., ...}))``.
+Build one with ``build_sae(sae_config_from_dict({"architecture": ..., ...}))``. The config
+dataclasses live in ``masksae.train.sae_config`` (no torch) and are re-exported here.
 """
 
 from masksae.train.sae.base import SAEConfig, SparseAutoencoder, StepContext, StepOutput
@@ -15,8 +16,7 @@ from masksae.train.sae.matryoshka_batch_topk import (
 from masksae.train.sae.registry import build_sae, config_class, sae_class, sae_config_from_dict
 from masksae.train.sae.relu import ReLUConfig, ReLUSAE
 from masksae.train.sae.topk import TopKConfig, TopKSAE
-
-ARCHITECTURES = ("matryoshka_batch_topk", "batch_topk", "topk", "relu", "jumprelu")
+from masksae.train.sae_config import ARCHITECTURES
 
 __all__ = [
     "ARCHITECTURES",

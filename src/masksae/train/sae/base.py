@@ -1,6 +1,7 @@
 """The SAE contract: base config, step I/O tuples and the ``SparseAutoencoder`` module.
 
-Every architecture subclasses :class:`SAEConfig` (adding its own documented fields) and
+Every architecture subclasses :class:`SAEConfig` (adding its own documented fields; the
+configs live in the torch-free ``masksae.train.sae_config``, re-exported here) and
 :class:`SparseAutoencoder` (implementing ``encode`` and ``training_loss``). The trainer only
 uses what is defined here, so it never needs to know which architecture it trains.
 
@@ -10,10 +11,8 @@ Parameter layout (shared by all architectures, and by the dictionary_learning ex
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,53 +20,18 @@ from torch import Tensor, nn
 from masksae.errors import ConfigError
 from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.geometric_median import geometric_median
+from masksae.train.sae_config import SAEConfig, check_non_negative, check_unit_interval
+
+__all__ = [
+    "SAEConfig",
+    "SparseAutoencoder",
+    "StepContext",
+    "StepOutput",
+    "check_non_negative",
+    "check_unit_interval",
+]
 
 _FP32_EPS = torch.finfo(torch.float32).eps
-
-
-@dataclass(kw_only=True)
-class SAEConfig:
-    """Fields every architecture has. Use a subclass (one per architecture)."""
-
-    architecture: str
-    """Registry name of the architecture (one of ``ARCHITECTURES``)."""
-    d_in: int
-    """Input width D (the LLM's d_model)."""
-    d_sae: int
-    """Dictionary size F (number of latents)."""
-    dead_tokens_threshold: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead (the trainer
-    tracks it and passes ``StepContext.dead_mask_F``; AuxK trains those latents). Counted
-    as in dictionary_learning: a latent's counter includes the current batch."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the bad value; subclasses extend this."""
-        for name in ("d_in", "d_sae", "dead_tokens_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"SAE config: {name}={value!r} must be a positive integer")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict; ``sae_config_from_dict`` inverts it."""
-        out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-
-def check_unit_interval(name: str, value: float, *, closed_right: bool = False) -> None:
-    """ConfigError unless 0 <= value < 1 (or <= 1 with ``closed_right``)."""
-    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-        bound = "[0, 1]" if closed_right else "[0, 1)"
-        raise ConfigError(f"SAE config: {name}={value!r} must lie in {bound}")
-
-
-def check_non_negative(name: str, value: float) -> None:
-    """ConfigError unless value is a finite number >= 0."""
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ConfigError(f"SAE config: {name}={value!r} must be a finite number >= 0")
 
 
 class StepContext(NamedTuple):

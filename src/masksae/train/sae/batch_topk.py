@@ -6,38 +6,19 @@ smallest selected activation, learned from ``threshold_start_step`` on): f * (f 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from masksae.train.kernels.workspace import workspace
-from masksae.train.sae.base import StepContext, check_non_negative, check_unit_interval
+from masksae.train.sae.base import StepContext
 from masksae.train.sae.refine import ExactPreacts
 from masksae.train.sae.registry import register
 from masksae.train.sae.selection import Selection, batch_topk_select
 from masksae.train.sae.threshold import update_threshold_ema
-from masksae.train.sae.topk_family import TopKConfig, TopKFamilySAE
+from masksae.train.sae.topk_family import TopKFamilySAE
+from masksae.train.sae_config import BatchTopKConfig
 
 __all__ = ["BatchTopKConfig", "BatchTopKSAE"]
-
-
-@dataclass(kw_only=True)
-class BatchTopKConfig(TopKConfig):
-    """BatchTopK: k is the mean number of active latents per token."""
-
-    architecture: str = "batch_topk"
-    """Registry name."""
-    threshold_start_step: int = 1000
-    """First step (0-based, inclusive) at which the inference threshold is updated
-    (dictionary_learning updates from step threshold_start_step + 1 on)."""
-    threshold_beta: float = 0.999
-    """EMA decay of the threshold."""
-
-    def validate(self) -> None:
-        super().validate()
-        check_non_negative("threshold_start_step", self.threshold_start_step)
-        check_unit_interval("threshold_beta", self.threshold_beta)
 
 
 @register("batch_topk")

@@ -8,24 +8,16 @@ sparsity_coefficient * (L0 / target_l0 - 1)^2 (warmed up linearly).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from masksae.errors import ConfigError
-from masksae.train.sae.base import (
-    SAEConfig,
-    SparseAutoencoder,
-    StepContext,
-    StepOutput,
-    check_non_negative,
-)
+from masksae.train.sae.base import SparseAutoencoder, StepContext, StepOutput
 from masksae.train.sae.metrics import recon_metrics
 from masksae.train.sae.registry import register
 from masksae.train.sae.relu import linear_warmup
+from masksae.train.sae_config import JumpReLUConfig
 
 __all__ = ["JumpReLUConfig", "JumpReLUSAE", "jumprelu", "step_fn"]
 
@@ -73,34 +65,6 @@ def jumprelu(z_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
 def step_fn(z_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
     """1[z > theta]; no gradient to z, rectangle-kernel STE to theta."""
     return _Step.apply(z_BF, theta_F, bandwidth)
-
-
-@dataclass(kw_only=True)
-class JumpReLUConfig(SAEConfig):
-    """JumpReLU SAE with an L0 target."""
-
-    architecture: str = "jumprelu"
-    """Registry name."""
-    bandwidth: float = 0.001
-    """Width of the rectangle kernel of the straight-through estimators."""
-    target_l0: float = 20.0
-    """Desired mean number of active latents per token."""
-    sparsity_coefficient: float = 1.0
-    """Weight of (L0 / target_l0 - 1)^2."""
-    init_threshold: float = 0.001
-    """Initial value of every latent's threshold."""
-    sparsity_warmup_steps: int = 2000
-    """Steps over which the sparsity weight ramps linearly from 0."""
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.bandwidth > 0:
-            raise ConfigError(f"SAE config: bandwidth={self.bandwidth!r} must be > 0")
-        if not self.target_l0 > 0:
-            raise ConfigError(f"SAE config: target_l0={self.target_l0!r} must be > 0")
-        check_non_negative("sparsity_coefficient", self.sparsity_coefficient)
-        check_non_negative("init_threshold", self.init_threshold)
-        check_non_negative("sparsity_warmup_steps", self.sparsity_warmup_steps)
 
 
 @register("jumprelu")

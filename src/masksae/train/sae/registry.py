@@ -1,12 +1,13 @@
-"""Architecture registry: name -> (config class, SAE class)."""
+"""Architecture registry: name -> SAE class (its config class lives in the torch-free
+``masksae.train.sae_config``, which this module's config lookups re-export)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from masksae.config import from_dict
 from masksae.errors import ConfigError
 from masksae.train.sae.base import SAEConfig, SparseAutoencoder
+from masksae.train.sae_config import config_class, sae_config_from_dict
+
+__all__ = ["build_sae", "config_class", "register", "sae_class", "sae_config_from_dict"]
 
 _REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
@@ -17,6 +18,8 @@ def register(name: str):
     def wrap(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} registered twice")
+        if cls.config_class is not config_class(name):
+            raise ValueError(f"{cls.__name__}.config_class is not sae_config's {name!r} config")
         _REGISTRY[name] = cls
         return cls
 
@@ -33,20 +36,7 @@ def sae_class(name: str) -> type[SparseAutoencoder]:
         ) from None
 
 
-def config_class(name: str) -> type[SAEConfig]:
-    """The config dataclass of architecture ``name``."""
-    return sae_class(name).config_class
-
-
 def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     """A freshly initialised SAE (fp32, CPU) for ``cfg``."""
     cls = sae_class(cfg.architecture)
     return cls(cfg)
-
-
-def sae_config_from_dict(d: dict[str, Any]) -> SAEConfig:
-    """Config from a dict (TOML table / config.json); ``d["architecture"]`` picks the class."""
-    if "architecture" not in d:
-        raise ConfigError(f"SAE config needs an 'architecture' key; valid: {sorted(_REGISTRY)}")
-    cls = config_class(d["architecture"])
-    return from_dict(cls, dict(d), where=f"sae[{d['architecture']}]")

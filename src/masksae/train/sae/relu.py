@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
 from torch import Tensor
 
-from masksae.train.sae.base import (
-    SAEConfig,
-    SparseAutoencoder,
-    StepContext,
-    StepOutput,
-    check_non_negative,
-    check_unit_interval,
-)
+from masksae.train.sae.base import SparseAutoencoder, StepContext, StepOutput
 from masksae.train.sae.metrics import recon_metrics
 from masksae.train.sae.registry import register
+from masksae.train.sae_config import ReLUConfig
 
 __all__ = ["ReLUConfig", "ReLUSAE", "linear_warmup"]
 
@@ -24,23 +16,6 @@ __all__ = ["ReLUConfig", "ReLUSAE", "linear_warmup"]
 def linear_warmup(step: int, warmup_steps: float) -> float:
     """min(1, step / warmup_steps); 1 when there is no warmup."""
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
-
-
-@dataclass(kw_only=True)
-class ReLUConfig(SAEConfig):
-    """ReLU SAE trained with reconstruction + l1_coefficient * L1(f)."""
-
-    architecture: str = "relu"
-    """Registry name."""
-    l1_coefficient: float = 0.1
-    """Weight of the L1 penalty (dictionary_learning's l1_penalty)."""
-    l1_warmup_frac: float = 0.05
-    """Fraction of the run over which the L1 weight ramps linearly from 0."""
-
-    def validate(self) -> None:
-        super().validate()
-        check_non_negative("l1_coefficient", self.l1_coefficient)
-        check_unit_interval("l1_warmup_frac", self.l1_warmup_frac, closed_right=True)
 
 
 @register("relu")

@@ -8,48 +8,21 @@ dense reference path compute the same function and the same gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from masksae.errors import ConfigError
 from masksae.train.kernels import make_plan, selected_preacts, sparse_decode
 from masksae.train.kernels.prefix import prefix_squared_errors
 from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.auxk import auxk_select, normalized_auxk_loss
-from masksae.train.sae.base import (
-    SAEConfig,
-    SparseAutoencoder,
-    StepContext,
-    StepOutput,
-    check_non_negative,
-)
+from masksae.train.sae.base import SparseAutoencoder, StepContext, StepOutput
 from masksae.train.sae.metrics import recon_metrics_from_errors
 from masksae.train.sae.refine import ExactPreacts
 from masksae.train.sae.selection import Selection, fired_latents, selection_mask
+from masksae.train.sae_config import TopKConfig
 
-
-@dataclass(kw_only=True)
-class TopKConfig(SAEConfig):
-    """Per-token TopK SAE (Gao et al. 2024) with AuxK."""
-
-    architecture: str = "topk"
-    """Registry name."""
-    k: int
-    """Active latents per token (the target L0)."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss on dead latents."""
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
-            raise ConfigError(
-                f"SAE config: k={self.k!r} must be an integer in [1, d_sae={self.d_sae}]; "
-                "lower k or raise d_sae"
-            )
-        check_non_negative("auxk_alpha", self.auxk_alpha)
+__all__ = ["TopKConfig", "TopKFamilySAE"]
 
 
 class TopKFamilySAE(SparseAutoencoder):
