@@ -90,6 +90,67 @@ def test_torchrun_harvest_equals_single_process_and_resumes(
     assert_same_store(ActivationStore.open(out), ActivationStore.open(tmp_path / "single"))
 
 
+def _harvest_rank_without_weights(device: str, cfg: HarvestConfig, bad_layer_on: int) -> None:
+    """One rank of a distributed harvest (spawned as torchrun would) whose weights loader
+    fails the test; rank ``bad_layer_on`` alone asks for layer 99. Writes what the rank saw
+    to rank<N>.json beside the store, and returns normally so that the parent sees every
+    rank's outcome (spawn_local stops all ranks at the first one that raises)."""
+    import dataclasses
+    import json
+
+    import transformers
+
+    rank = int(os.environ["RANK"])
+    # a rank left waiting at a collective fails after this instead of hanging the test
+    os.environ["MASKSAE_DIST_TIMEOUT_S"] = "60"
+    loads: list[str] = []
+
+    def refuse(*args, **kwargs):
+        loads.append(str(args[0]) if args else "?")
+        raise AssertionError("the model's weights were loaded")
+
+    transformers.AutoModelForCausalLM.from_pretrained = refuse
+    if rank == bad_layer_on:
+        cfg = dataclasses.replace(cfg, layer=99)
+    try:
+        result = run_harvest(dataclasses.replace(cfg, device=device), progress=False)
+        seen = {"new_tokens": result.new_tokens, "summary": result.summary()}
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        seen = {"error": type(exc).__name__, "message": str(exc)}
+    seen["weight_loads"] = loads
+    (Path(cfg.out).parent / f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_torchrun_harvest_checks_before_weights_on_every_rank(
+    tmp_path, tiny_model_dir, tiny_corpus_jsonl
+):
+    """The launched (torchrun) path makes the weight-free checks first, as one process
+    does: a complete store ends every rank without loading weights, and one rank's refusal
+    fails every rank (no rank left at a barrier), also before any weights."""
+    import json
+
+    from masksae.distributed import spawn_local
+
+    kw = {**harvest_args(tmp_path / "done" / "store", tiny_model_dir, tiny_corpus_jsonl)}
+    kw.update(tokens=512, chunk_sequences=4)
+    cfg = HarvestConfig(**kw)
+    run_harvest(cfg, progress=False)  # the complete store (weights loaded here, not below)
+    bad = HarvestConfig(**{**kw, "out": str(tmp_path / "bad" / "store")})
+    (tmp_path / "bad").mkdir()
+    for case, bad_rank in ((cfg, -1), (bad, 1)):
+        spawn_local(_harvest_rank_without_weights, (case, bad_rank), ("cpu", "cpu"))
+    done = [json.loads((tmp_path / "done" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for seen in done:
+        assert seen["weight_loads"] == [] and seen["new_tokens"] == 0, seen
+        assert "nothing to compute" in seen["summary"]
+    refused = [json.loads((tmp_path / "bad" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for seen in refused:
+        assert seen["weight_loads"] == [], seen
+        assert seen["error"] == "ModelError", seen  # the same decision on both ranks
+        assert "rank 1 failed" in seen["message"] and "99" in seen["message"], seen
+    assert not (tmp_path / "bad" / "store").exists()  # nothing created
+
+
 def test_torchrun_data_parallel_resumes_and_matches_single_process(tmp_path):
     """One TopK SAE trained data-parallel (DDP, each rank half of every batch) after
     resuming from a single-process checkpoint: close to single-process training on the

@@ -5,8 +5,12 @@ Ranks come from a launcher (``torchrun --nproc-per-node N -m masksae harvest ...
 filesystem or object store) or from ``--devices cuda:0,cuda:1``, which spawns one local
 rank per device (:func:`masksae.distributed.spawn_local`): one implementation.
 
-Rank 0 validates the corpus, creates or resumes the store and holds its writer lock for
-the whole run; it broadcasts the lock's owner token and the chunks already complete, and
+Every rank first makes the checks that need no weights (the model's config and tokenizer
+only: layer, compression, provenance against an existing store; rank 0 also sizes the
+corpus), as a single-process harvest does, and the ranks share their outcomes: one refusal
+fails every rank, and a store that is already complete on every rank ends the run on all of
+them, before any rank loads the weights. Then rank 0 creates or resumes the store and holds
+its writer lock for the whole run; it broadcasts the lock's owner token and the chunks already complete, and
 the other ranks wait for that (the broadcast is the barrier), then attach to the store
 under rank 0's lock (:meth:`StoreWriter.attach` checks the token and that their settings
 equal the store's). The pending chunks are dealt round-robin over the ranks; each rank
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from masksae.errors import ConfigError
@@ -37,6 +42,7 @@ from masksae.harvest.runner import (
     log_start,
     make_result,
     plan_harvest,
+    precheck,
 )
 
 log = logging.getLogger(__name__)
@@ -90,8 +96,18 @@ def run_distributed_harvest(
     cfg = dataclasses.replace(cfg, device=ctx.device_for(cfg.device))
     if lm is not None:
         raise ConfigError("a distributed harvest loads the model in each rank: pass no lm")
-    # every rank validates its own settings; rank 0 alone reads the whole corpus once
-    plan = plan_harvest(cfg, check_corpus=ctx.is_main)
+    what = f"harvest into {cfg.out}"
+    # the checks that need no weights, on every rank (rank 0 alone reads the whole corpus)
+    done, complete = _agreed(
+        ctx, lambda: precheck(cfg, check_corpus=ctx.is_main), what, lambda r: r is not None
+    )
+    if all(complete):  # nothing to compute: no rank loads the weights
+        if ctx.is_main:
+            log_done(done)
+        return done
+    # ranks that disagree on completeness (the store finished meanwhile) carry on together:
+    # rank 0 opens the store below and deals out what is still pending
+    plan, _ = _agreed(ctx, lambda: plan_harvest(cfg, check_corpus=False), what)
     if plan.corruption is not None and plan.corruption.kind == "noise":
         # each rank measured the noise scale with its own forward pass: adopt rank 0's, so
         # every rank records and draws the same sigma (floating point differs across devices)
@@ -160,3 +176,22 @@ def run_distributed_harvest(
     if ctx.is_main:
         log_done(result)
     return result
+
+
+def _agreed(
+    ctx: Any, step: Callable[[], Any], what: str, summary: Callable[[Any], Any] = lambda _v: None
+) -> tuple[Any, list[Any]]:
+    """Run ``step`` on every rank and share the outcomes: when any rank failed, every rank
+    raises that rank's error (none is left waiting at a later collective). Returns this
+    rank's value and every rank's ``summary(value)``, in rank order."""
+    from masksae.distributed import describe_failure, raise_first_failure
+
+    value, outcome = None, None
+    try:
+        value = step()
+    except Exception as exc:  # noqa: BLE001 - every rank learns about it below
+        log.debug("rank %d: %s failed", ctx.rank, what, exc_info=True)
+        outcome = describe_failure(exc)
+    outcomes = ctx.gather((outcome, None if outcome else summary(value)))
+    raise_first_failure([o[0] for o in outcomes], what)
+    return value, [o[1] for o in outcomes]

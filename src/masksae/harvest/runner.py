@@ -358,8 +358,9 @@ def run_harvest(
                 "--devices spawns its own ranks: do not combine it with torchrun or "
                 "accelerate launch (use --device there; each rank takes its local GPU)"
             )
-        done = _precheck(dataclasses.replace(cfg, devices=()))
+        done = precheck(dataclasses.replace(cfg, devices=()))
         if done is not None:
+            log_done(done)
             return done
         return distributed.spawn_local(
             harvest_on_device, (dataclasses.replace(cfg, devices=()), progress), cfg.devices
@@ -443,19 +444,20 @@ def _plan_before_weights(cfg: HarvestConfig, lm: LoadedModel | None) -> HarvestP
     return plan
 
 
-def _precheck(cfg: HarvestConfig) -> HarvestResult | None:
-    """Before spawning the ranks of a multi-device harvest: every check that needs no
-    weights (as :func:`_run_single` makes them), and the result when the store at --out is
-    already complete (nothing to spawn); None otherwise."""
+def precheck(cfg: HarvestConfig, *, check_corpus: bool = False) -> HarvestResult | None:
+    """Every check that needs no weights (as :func:`_run_single` makes them; the corpus size
+    too with ``check_corpus``), and the result when the store at --out is already complete
+    (nothing to compute); None otherwise. Run before spawning the ranks of a multi-device
+    harvest, and by every rank of a distributed one before any of them loads the weights."""
     if _calibration_needs_model(cfg):  # the spec needs the calibration: validate only
-        plan_harvest(cfg, check_corpus=False, weights=False, resolve=False)
+        plan_harvest(cfg, check_corpus=check_corpus, weights=False, resolve=False)
         return None
     plan = plan_harvest(cfg, check_corpus=False, weights=False)
     existing = _existing_chunks(plan)
     if existing is not None and len(existing) == plan.store_spec().n_chunks:
-        result = make_result(plan, ChunkCounts(), len(existing), len(existing), 0.0)
-        log_done(result)
-        return result
+        return make_result(plan, ChunkCounts(), len(existing), len(existing), 0.0)
+    if check_corpus:
+        _check_corpus_size(plan)
     return None
 
 
