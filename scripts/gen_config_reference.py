@@ -31,12 +31,12 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
         "SAE architectures (`[sae]` table and `[grid]` keys)",
         "Every architecture has the base fields; each adds its own.",
         [
-            "masksae.train.sae.base:SAEConfig",
-            "masksae.train.sae.topk_family:TopKConfig",
-            "masksae.train.sae.batch_topk:BatchTopKConfig",
-            "masksae.train.sae.matryoshka_batch_topk:MatryoshkaBatchTopKConfig",
-            "masksae.train.sae.relu:ReLUConfig",
-            "masksae.train.sae.jumprelu:JumpReLUConfig",
+            "masksae.train.sae_config:SAEConfig",
+            "masksae.train.sae_config:TopKConfig",
+            "masksae.train.sae_config:BatchTopKConfig",
+            "masksae.train.sae_config:MatryoshkaBatchTopKConfig",
+            "masksae.train.sae_config:ReLUConfig",
+            "masksae.train.sae_config:JumpReLUConfig",
         ],
     ),
     (
@@ -44,12 +44,12 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
         "`masksae evaluate --config FILE.toml`: EvaluateConfig's keys at the top level, the "
         "others in the table named by their flag prefix (`[data]`, `[absorption]`, ...).",
         [
-            "masksae.evaluate.runner:EvaluateConfig",
-            "masksae.evaluate.data:EvalDataConfig",
-            "masksae.evaluate.core:CoreConfig",
-            "masksae.evaluate.downstream:DownstreamConfig",
+            "masksae.evaluate.config:EvaluateConfig",
+            "masksae.evaluate.config:EvalDataConfig",
+            "masksae.evaluate.config:CoreConfig",
+            "masksae.evaluate.config:DownstreamConfig",
             "masksae.evaluate.absorption.config:AbsorptionConfig",
-            "masksae.evaluate.cooccurrence:CooccurrenceConfig",
+            "masksae.evaluate.config:CooccurrenceConfig",
         ],
     ),
     (
