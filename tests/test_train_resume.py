@@ -114,7 +114,15 @@ def start_slow_train(store: Path, out: Path, delay: float) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
+        # a suite run as a background job inherits SIGINT ignored (POSIX shells do that for
+        # `cmd &`), and the trainer rightly leaves an ignored SIGINT alone: give the child
+        # the default disposition a terminal user's process has
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_checkpoint_and_progress(proc: subprocess.Popen, run_dir: Path, timeout=120.0) -> int:
