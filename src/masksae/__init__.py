@@ -9,9 +9,9 @@ stays light (no torch)::
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+
+from masksae.lazy_exports import lazy_exports
 
 try:
     __version__ = version("masksae")
@@ -37,14 +37,4 @@ __all__ = ["__version__", "evaluate", "harvest", "train", *sorted(_EXPORTS)]
 _CALLABLE_STAGES = ("harvest", "train", "evaluate")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _CALLABLE_STAGES:
-        return importlib.import_module(f"masksae.{name}")
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'masksae' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_CALLABLE_STAGES})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=_CALLABLE_STAGES)

@@ -11,8 +11,7 @@ Public API (imported lazily so ``masksae --help`` stays fast)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from masksae.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "load_sae": "masksae.train.checkpoint",
@@ -30,12 +29,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'masksae.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 from masksae.callable_stage import make_callable  # noqa: E402

@@ -8,8 +8,7 @@ higher-is-better; both come with binomial standard errors and true-positive coun
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from masksae.lazy_exports import lazy_exports
 
 # Resolved on first use: the scoring modules import torch and sklearn, and ``masksae
 # evaluate --help`` reads AbsorptionConfig only.
@@ -25,9 +24,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'masksae.evaluate.absorption' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
