@@ -128,11 +128,7 @@ class StoreWriter:
         try:
             listing = loc.listing()
             if layout.read_attrs(loc) is None:
-                if set(listing) - {store_lock.LOCK_FILE} and not layout.is_half_created(listing):
-                    raise StoreError(
-                        f"output location {loc} holds objects but no activation store: "
-                        "choose another --out (an empty prefix)"
-                    )
+                _refuse_foreign_objects(loc, listing)
                 try:
                     layout.create_remote_store(loc, spec)
                 except OSError as exc:
@@ -541,14 +537,20 @@ def existing_chunks(
         return set(_intact_records(local, spec, quiet=True))
     listing = loc.listing()
     if layout.read_attrs(loc) is None:
-        if set(listing) - {store_lock.LOCK_FILE} and not layout.is_half_created(listing):
-            raise StoreError(
-                f"output location {loc} holds objects but no activation store: "
-                "choose another --out (an empty prefix)"
-            )
+        _refuse_foreign_objects(loc, listing)
         return None
     _check_resumable(loc, spec)
     return set(_intact_records(loc, spec, quiet=True, listing=listing))
+
+
+def _refuse_foreign_objects(loc: StoreLocation, listing: Any) -> None:
+    """A prefix without store metadata may hold only the writer lock or a store whose creation
+    was interrupted; anything else is someone else's data."""
+    if set(listing) - {store_lock.LOCK_FILE} and not layout.is_half_created(listing):
+        raise StoreError(
+            f"output location {loc} holds objects but no activation store: "
+            "choose another --out (an empty prefix)"
+        )
 
 
 def _check_resumable(loc: StoreLocation, spec: StoreSpec) -> StoreSpec:
