@@ -47,7 +47,7 @@ from masksae.train.sae import metrics as metrics_mod
 from masksae.train.sae import selection as selection_mod
 from masksae.train.sae.refine import RefineStats
 from masksae.train.sae.selection import batch_topk_select
-from masksae.train.trainer import make_adam
+from masksae.train.optim import make_adam
 
 log = logging.getLogger(__name__)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bench" / "train_step.md"

@@ -112,7 +112,7 @@ class Ours:
     def __init__(self, arch: str, d: int, f: int, k: int) -> None:
         from masksae.train.config import resolve_select_dtype
         from masksae.train.sae import build_sae, sae_config_from_dict
-        from masksae.train.trainer import make_adam
+        from masksae.train.optim import make_adam
 
         torch.manual_seed(0)
         self.sae = build_sae(

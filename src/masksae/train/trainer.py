@@ -63,6 +63,7 @@ from masksae.train.metrics_log import (
     check_sinks_available,
     read_metrics,
 )
+from masksae.train.optim import make_adam
 from masksae.train.schedules import make_schedule, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -245,21 +246,6 @@ def sweep_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in sorted(set(a) | set(b))
         if a.get(key, "<unset>") != b.get(key, "<unset>")
     ]
-
-
-def make_adam(
-    params: Any, lr: float, betas: tuple[float, float], device: torch.device
-) -> torch.optim.Adam:
-    """Adam, fused (one multithreaded kernel per parameter, no temporaries) where this torch
-    has it for ``device``: measured 4x faster than the default foreach Adam on the CPU at
-    F 4096 and 16384 (docs/benchmarks.md); the foreach implementation elsewhere."""
-    params = list(params)
-    if device.type in ("cpu", "cuda"):
-        try:
-            return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # torch without fused Adam here
-            pass
-    return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 # ---------------------------------------------------------------------------- per-run state

@@ -1,0 +1,71 @@
+"""LayoutAdam: the same updates and state as torch's Adam, without the layout copies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from masksae.train.optim import LayoutAdam, make_adam
+
+
+def _latent_major(F: int, D: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(F, D, generator=g).t()  # [D, F] with strides (1, D), like W_enc
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_layout_adam_equals_adam_bit_for_bit(fused: bool, amsgrad: bool) -> None:
+    D, F = 12, 40
+    ours = [torch.nn.Parameter(_latent_major(F, D, 0).clone()), torch.nn.Parameter(torch.randn(F))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    assert ours[0].stride() == (1, D) and ref[0].stride() == (1, D)
+    kw = {"lr": 1e-2, "betas": (0.9, 0.99), "amsgrad": amsgrad, "fused": fused}
+    opt, ref_opt = LayoutAdam(ours, **kw), torch.optim.Adam(ref, **kw)
+    for step in range(5):
+        grads = [_latent_major(F, D, 10 + step), torch.randn(F)]
+        for p, q, g in zip(ours, ref, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(ours, ref, strict=True):
+            assert torch.equal(p, q)
+            assert p.shape == q.shape and p.stride() == q.stride()  # layout kept
+            assert p.grad.shape == p.shape
+    for p, q in zip(ours, ref, strict=True):
+        for key, value in ref_opt.state[q].items():
+            assert opt.state[p][key].shape == value.shape
+            assert torch.equal(opt.state[p][key], value)
+
+
+def test_layout_adam_state_dict_round_trip() -> None:
+    D, F = 8, 24
+    p = torch.nn.Parameter(_latent_major(F, D, 1).clone())
+    opt = make_adam([p], 1e-3, (0.9, 0.999), torch.device("cpu"))
+    assert isinstance(opt, LayoutAdam)
+    p.grad = _latent_major(F, D, 2)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # state_dict() returns the live tensors
+    assert saved["state"][0]["exp_avg"].shape == (D, F)
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = make_adam([q], 1e-3, (0.9, 0.999), torch.device("cpu"))
+    fresh.load_state_dict(saved)
+    g = _latent_major(F, D, 3)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    fresh.step()
+    assert torch.equal(p, q)
+
+
+def test_layout_adam_skips_a_gradient_in_another_layout() -> None:
+    D, F = 6, 10
+    p = torch.nn.Parameter(_latent_major(F, D, 4).clone())
+    q = torch.nn.Parameter(p.detach().clone())
+    opt, ref = LayoutAdam([p], lr=1e-2), torch.optim.Adam([q], lr=1e-2)
+    g = torch.randn(D, F)  # contiguous, not the parameter's layout
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    ref.step()
+    assert torch.equal(p, q) and p.stride() == (1, D)
