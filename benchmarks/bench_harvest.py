@@ -60,9 +60,16 @@ def _settings(quick: bool, work: Path) -> dict[str, Any]:
     )
 
 
-def main(quick: bool = False, dtype: str = "float32") -> dict[str, Any]:
+def main(
+    quick: bool = False,
+    dtype: str = "float32",
+    tokens: int | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
     """Run the benchmark with the model in ``dtype``; return the figures (tokens/s and the
-    ratio). The float32 run writes docs/bench/harvest.md, others harvest-<dtype>.md."""
+    ratio). The float32 run writes docs/bench/harvest.md, others harvest-<dtype>.md.
+    ``tokens`` / ``batch_size`` override the defaults (a longer run amortises the per-chunk
+    and per-run fixed costs a short one is dominated by)."""
     from masksae.harvest import HarvestConfig, plan_harvest, run_harvest
     from masksae.harvest.masking import mask_sequences
     from masksae.models import load_model
@@ -71,6 +78,7 @@ def main(quick: bool = False, dtype: str = "float32") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
         work = Path(tmp)
         s = _settings(quick, work)
+        s.update({k: v for k, v in (("tokens", tokens), ("batch_size", batch_size)) if v})
         lm = load_model(s["model"], dtype=dtype, device="cpu")
         cfg = HarvestConfig(
             out=str(work / "store"),
@@ -179,6 +187,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model")
     parser.add_argument("--dtype", default="float32", help="model dtype (e.g. bfloat16)")
+    parser.add_argument("--tokens", type=int, help="tokens to harvest (default 8,192)")
+    parser.add_argument("--batch-size", type=int, help="sequences per forward (default 8)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parser.parse_args()
-    main(quick=args.quick, dtype=args.dtype)
+    main(quick=args.quick, dtype=args.dtype, tokens=args.tokens, batch_size=args.batch_size)

@@ -40,6 +40,7 @@ import torch
 import legacy_step
 from masksae.train.kernels import prefix as prefix_mod
 from masksae.train.kernels.workspace import Workspace, release_workspace, workspace
+from masksae.train.optim import make_adam
 from masksae.train.sae import MatryoshkaBatchTopKConfig, StepContext, build_sae, topk_family
 from masksae.train.sae import base as base_mod
 from masksae.train.sae import batch_topk as batch_topk_mod
@@ -47,7 +48,6 @@ from masksae.train.sae import metrics as metrics_mod
 from masksae.train.sae import selection as selection_mod
 from masksae.train.sae.refine import RefineStats
 from masksae.train.sae.selection import batch_topk_select
-from masksae.train.optim import make_adam
 
 log = logging.getLogger(__name__)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bench" / "train_step.md"

@@ -111,8 +111,8 @@ class Ours:
 
     def __init__(self, arch: str, d: int, f: int, k: int) -> None:
         from masksae.train.config import resolve_select_dtype
-        from masksae.train.sae import build_sae, sae_config_from_dict
         from masksae.train.optim import make_adam
+        from masksae.train.sae import build_sae, sae_config_from_dict
 
         torch.manual_seed(0)
         self.sae = build_sae(
@@ -134,4 +134,4 @@ class Ours:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         self.opt.step()
         sae.normalize_decoder()
-        return float(out.loss)
+        return float(out.loss.detach())

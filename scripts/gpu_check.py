@@ -146,8 +146,8 @@ def harvest(model: str, device: torch.device, dtype: str, sizes: dict, out: Path
 
 # ---------------------------------------------------------------------------- 3. step
 def step_bench(device: torch.device, sizes: dict, steps: int, warmup: int) -> list[dict]:
-    from masksae.train.sae import MatryoshkaBatchTopKConfig, StepContext, build_sae
     from masksae.train.optim import make_adam
+    from masksae.train.sae import MatryoshkaBatchTopKConfig, StepContext, build_sae
 
     d, batch, k = sizes["d"], sizes["batch"], sizes["k"]
     g = torch.Generator().manual_seed(0)

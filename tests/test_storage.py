@@ -544,7 +544,8 @@ def test_stream_zero_copy_path_equals_zarr_path(tmp_path, data, monkeypatch):
         ActivationStore.open(tmp_path / "zstd"),
     )
     views = plain.activation_views(3)
-    assert [v.shape[0] for v in views] == [64, 64, 64, 40]  # 232 rows in the last chunk
+    # inner chunks written back to back come as one view (232 rows in the last chunk)
+    assert [v.shape[0] for v in views] == [232]
     assert packed.activation_views(0) is None
     for kwargs in ({}, {"include_masked": False}, {"include_excluded": True}):
         a = list(plain.stream(32, seed=2, shuffle_buffer_tokens=96, epochs=2, **kwargs))
@@ -557,6 +558,58 @@ def test_stream_zero_copy_path_equals_zarr_path(tmp_path, data, monkeypatch):
     # column 0 holds the token index; bf16 rounds large indices, so compare rounded values
     expect = torch.from_numpy(data.activations[:, 0]).to(torch.bfloat16).to(torch.int64).numpy()
     assert sorted(ids) == sorted(expect)
+
+
+def test_stream_row_references_equal_row_copies(tmp_path, data, monkeypatch):
+    """Local plain stores fill the shuffle buffer with (source, row) references into the
+    mapped shards; the batches equal those of the copying buffer, and sources no slot
+    points into any more are released."""
+    from masksae.storage import stream as stream_mod
+
+    monkeypatch.setattr(store_layout, "_INNER_CHUNK_BYTES", 64 * D_MODEL * 2)
+    write_store(tmp_path / "plain", make_spec("bfloat16", "none"), data)
+    store = ActivationStore.open(tmp_path / "plain")
+    assert store.memory_mapped_reads()
+    held: list[int] = []
+    real_fill = stream_mod._RowReferences.fill
+
+    def counting_fill(self, slots, segments):
+        n = real_fill(self, slots, segments)
+        held.append(len(self._arrays))
+        return n
+
+    monkeypatch.setattr(stream_mod._RowReferences, "fill", counting_fill)
+    cases = [
+        {"shuffle_buffer_tokens": 96, "epochs": 2},
+        {"shuffle_buffer_tokens": 64, "include_masked": False, "skip_batches": 5},
+        {"shuffle_buffer_tokens": 10_000, "include_excluded": True},  # one partial fill
+        {"shuffle_buffer_tokens": 256, "dtype": torch.bfloat16, "chunk_range": (1, 4)},
+    ]
+    by_reference = [list(store.stream(16, seed=4, **kw)) for kw in cases]
+    assert held and max(held) <= store.n_chunks  # a source per mapped chunk at most
+    monkeypatch.setattr(ActivationStore, "memory_mapped_reads", lambda self: False)
+    by_copy = [list(store.stream(16, seed=4, **kw)) for kw in cases]
+    for a, b in zip(by_reference, by_copy, strict=True):
+        assert len(a) == len(b) > 0
+        assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_shard_views_merge_only_adjacent_inner_chunks():
+    from masksae.storage.fastread import buffer_views
+
+    d, inner, dtype = 3, 2, np.dtype(np.float32)
+    rows = np.arange(4 * inner * d, dtype=np.float32).reshape(-1, d)  # 4 inner chunks
+    row_bytes = d * 4
+    # inner chunks stored in the order 0, 1, 3, 2: views [0, 1], [2], [3] in row order
+    order = [0, 1, 3, 2]
+    payload = b"".join(rows[j * inner : (j + 1) * inner].tobytes() for j in order)
+    index = np.zeros((4, 2), dtype="<u8")
+    for position, j in enumerate(order):
+        index[j] = (position * inner * row_bytes, inner * row_bytes)
+    raw = np.frombuffer(payload + index.tobytes() + b"\0" * 4, dtype=np.uint8)
+    views = buffer_views(raw, 4 * inner, d, dtype, inner, 4)
+    assert [v.shape[0] for v in views] == [2 * inner, inner, inner]
+    assert np.array_equal(np.concatenate(views), rows)
 
 
 def test_stream_bf16_output_and_errors(f32_store):

@@ -94,7 +94,7 @@ def buffer_views(
         return None
     index = raw[-index_bytes:-4].view("<u8").reshape(inner_per_shard, 2)
     row_bytes = d_model * dtype.itemsize
-    views: list[np.ndarray] = []
+    spans: list[list[int]] = []  # [start, stop) byte ranges; adjacent inner chunks merged
     for j in range(inner_per_shard):
         rows = min(inner_rows, n_rows - j * inner_rows)
         if rows <= 0:
@@ -107,5 +107,8 @@ def buffer_views(
         ):
             return None
         start = int(offset)
-        views.append(raw[start : start + rows * row_bytes].view(dtype).reshape(rows, d_model))
-    return views
+        if spans and spans[-1][1] == start:  # written back to back: one view (and one
+            spans[-1][1] = start + rows * row_bytes  # source for the stream's references)
+        else:
+            spans.append([start, start + rows * row_bytes])
+    return [raw[a:b].view(dtype).reshape(-1, d_model) for a, b in spans]

@@ -462,14 +462,10 @@ class ActivationStore:
         keys = [array_keys(index)[name] for name in names]
         return self.decode_chunk_files(index, cache.read_files(index, keys), names)
 
-    def activation_views(self, index: int) -> list[np.ndarray] | None:
-        """Zero-copy read-only views of chunk ``index``'s activations (inner chunks in
-        order, at-rest dtype), or None when the codec is not ``"none"`` (read via zarr)."""
+    def _plain_shard_rows(self) -> int | bool:
+        """Inner rows per chunk of the activations' plain uncompressed shards, or False."""
         from masksae.storage import fastread
-        from masksae.storage.schema import STORE_DTYPES
 
-        if self._plain_rows is False:
-            return None
         if self._plain_rows is None:
             where: Any = (
                 self._metadata.get("activations/zarr.json", b"")
@@ -477,8 +473,22 @@ class ActivationStore:
                 else self.location.local_path / "activations"
             )
             self._plain_rows = fastread.plain_shard_rows(where) or False
-            if self._plain_rows is False:
-                return None
+        return self._plain_rows
+
+    def memory_mapped_reads(self) -> bool:
+        """True when chunks are read as memory-mapped views of files that no one else
+        deletes: a local store with uncompressed shards (remote stores map files of the
+        bounded chunk cache, which evicts them)."""
+        return not self.is_remote and bool(self._plain_shard_rows())
+
+    def activation_views(self, index: int) -> list[np.ndarray] | None:
+        """Zero-copy read-only views of chunk ``index``'s activations (inner chunks in
+        order, at-rest dtype), or None when the codec is not ``"none"`` (read via zarr)."""
+        from masksae.storage import fastread
+        from masksae.storage.schema import STORE_DTYPES
+
+        if not self._plain_shard_rows():
+            return None
         start, stop = self.chunk_bounds(index)
         inner = int(self._plain_rows)
         key = layout.chunk_keys(index)[0]

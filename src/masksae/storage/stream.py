@@ -5,8 +5,11 @@ that order (zero-copy mmap views for uncompressed shards, zarr otherwise) and ma
 tokens to keep; the main thread mixes tokens through a slot buffer: it draws a random half
 of the buffer's slots as batches, then refills exactly those slots, in random order, with
 the next incoming tokens. Because tokens land in random slots, a batch can be gathered in
-ascending slot order (memory locality) and still be in random token order. Every token is
-copied once into the buffer and once out of it. All randomness comes from generators
+ascending slot order (memory locality) and still be in random token order. For a local
+store with uncompressed shards a slot holds a reference (mapped chunk, row), and each token
+is copied once, from the page cache into its batch (:class:`_RowReferences`); otherwise
+the slot holds a copy of the row (:class:`_CopiedRows`), copied in and later out. Both give
+the same batches. All randomness comes from generators
 seeded by (seed, epoch), so the stream is a pure function of its arguments and
 ``skip_batches`` replays it without materialising the skipped batches.
 
@@ -15,8 +18,9 @@ copies that do not suffer from OpenMP barriers on a busy machine); only the fina
 conversion and device transfer of each batch use torch (bf16 -> float32 on CPU is an exact
 numpy bit shift).
 
-Memory: the buffer holds ``max(shuffle_buffer_tokens, 2 * batch_size)`` rows at rest
-(131072 x 576 bf16 = 151 MB by default) plus ``prefetch`` chunks read ahead.
+Memory: the buffer holds ``max(shuffle_buffer_tokens, 2 * batch_size)`` slots (copies:
+131072 x 576 bf16 = 151 MB by default; references: 12 bytes each, plus the address space of
+the mapped chunks they point into) and ``prefetch`` chunks read ahead.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -266,6 +270,106 @@ def scatter_rows(buffer: np.ndarray, slots: np.ndarray, segments: list[Segment])
     return pos
 
 
+class _CopiedRows:
+    """Slot buffer holding a copy of each row (any source: zarr-decoded chunks too)."""
+
+    def __init__(self, capacity: int, words_dtype: np.dtype, width: int) -> None:
+        self.rows = np.empty((capacity, width), dtype=words_dtype)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def fill(self, slots: np.ndarray, segments: list[Segment]) -> int:
+        """Put the segments' rows into ``slots[:n]``; returns n."""
+        return scatter_rows(self.rows, slots, segments)
+
+    def compact(self, live: np.ndarray) -> None:
+        """Keep only slots ``live`` (renumbered 0..len(live)-1 in that order)."""
+        self.rows = np.take(self.rows, live, axis=0)
+
+    def gather(self, index_B: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows of slots ``index_B`` into ``out`` [B, W]."""
+        return np.take(self.rows, index_B, axis=0, out=out, mode="clip")
+
+
+class _RowReferences:
+    """Slot buffer holding (source, row) references into memory-mapped chunk views.
+
+    Same slots, same batches as :class:`_CopiedRows`, but filling a slot writes two integers
+    instead of copying the row: each row is copied once, from the page cache straight into
+    its batch (the copy design wrote it into the buffer first and read it back later, two
+    random accesses over the 151 MB buffer). Only for zero-copy views of uncompressed local
+    shards: sources stay referenced while a slot points into them, which costs address
+    space, not memory (decoded chunks would stay resident instead).
+    """
+
+    def __init__(self, capacity: int, words_dtype: np.dtype, width: int) -> None:
+        self._source = np.zeros(capacity, dtype=np.int32)
+        self._row = np.zeros(capacity, dtype=np.int64)
+        self._arrays: dict[int, np.ndarray] = {}  # source id -> row-word view
+        self._ids: dict[int, int] = {}  # id(view) -> source id, for views still referenced
+        self._next_id = 0
+        self._in_use = 0
+        self._staging: np.ndarray | None = None
+        self._dtype, self._width = words_dtype, width
+
+    def __len__(self) -> int:
+        return self._source.shape[0]
+
+    def _source_id(self, words: np.ndarray) -> int:
+        sid = self._ids.get(id(words))
+        if sid is None:
+            sid = self._next_id
+            self._next_id += 1
+            self._ids[id(words)] = sid
+            self._arrays[sid] = words  # holds the view alive, so id(words) stays unique
+        return sid
+
+    def fill(self, slots: np.ndarray, segments: list[Segment]) -> int:
+        pos = 0
+        for words, sel in segments:
+            n = _segment_rows((words, sel))
+            targets = slots[pos : pos + n]
+            self._source[targets] = self._source_id(words)
+            self._row[targets] = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel
+            pos += n
+        if pos:  # slots in use: 0..n-1 after the epoch's first fill, all of them afterwards
+            self._in_use = max(self._in_use, int(slots[:pos].max()) + 1)
+        self._release_unreferenced()
+        return pos
+
+    def compact(self, live: np.ndarray) -> None:
+        self._source = self._source[live]
+        self._row = self._row[live]
+        self._in_use = live.shape[0]
+        self._release_unreferenced()
+
+    def _release_unreferenced(self) -> None:
+        """Forget the sources no slot in use points into (their views can be unmapped)."""
+        used = np.bincount(self._source[: self._in_use], minlength=self._next_id)
+        for sid in [sid for sid in self._arrays if not used[sid]]:
+            words = self._arrays.pop(sid)
+            del self._ids[id(words)]
+
+    def gather(self, index_B: np.ndarray, out: np.ndarray) -> np.ndarray:
+        source_B, row_B = self._source[index_B], self._row[index_B]
+        order = np.lexsort((row_B, source_B))  # by source, then row: sequential-ish reads
+        by_source = source_B[order]
+        if self._staging is None or self._staging.shape[0] < order.shape[0]:
+            self._staging = np.empty((order.shape[0], self._width), dtype=self._dtype)
+        staged = self._staging[: order.shape[0]]
+        bounds = np.flatnonzero(by_source[1:] != by_source[:-1]) + 1
+        for lo, hi in zip(
+            np.concatenate(([0], bounds)), np.concatenate((bounds, [order.shape[0]])), strict=True
+        ):
+            rows = row_B[order[lo:hi]]
+            np.take(self._arrays[int(by_source[lo])], rows, axis=0, out=staged[lo:hi], mode="clip")
+        # back into slot order: the batch equals the copy design's, row for row
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.shape[0])
+        return np.take(staged, inverse, axis=0, out=out, mode="clip")
+
+
 def stream_batches(
     store: ActivationStore,
     batch_size: int,
@@ -373,23 +477,35 @@ def _generate(
         return batch.to(out_dtype) if batch.dtype != out_dtype else batch
 
     scratch: np.ndarray | None = None
+    slot_buffer = _RowReferences if store.memory_mapped_reads() else _CopiedRows
 
-    def gather(buffer: np.ndarray, index_B: np.ndarray) -> np.ndarray:
+    def gather(buffer: _CopiedRows | _RowReferences, index_B: np.ndarray) -> np.ndarray:
         nonlocal scratch
+        width, words_dtype = buffer_shape[0], buffer_shape[1]
         if not fast_f32:  # the batch itself: a fresh array
-            return np.take(buffer, index_B, axis=0)
+            return buffer.gather(index_B, np.empty((index_B.shape[0], width), words_dtype))
         # bf16 -> fp32 on the CPU: the gathered bits are converted into a fresh array right
         # away, so they go to a reused scratch (mode="clip": no internal buffering)
-        shape = (index_B.shape[0], buffer.shape[1])
-        if scratch is None or scratch.shape != shape or scratch.dtype != buffer.dtype:
-            scratch = np.empty(shape, dtype=buffer.dtype)
-        return np.take(buffer, index_B, axis=0, out=scratch, mode="clip")
+        shape = (index_B.shape[0], width)
+        if scratch is None or scratch.shape != shape or scratch.dtype != words_dtype:
+            scratch = np.empty(shape, dtype=words_dtype)
+        return buffer.gather(index_B, scratch)
+
+    buffer_shape: list[Any] = [0, None]
+
+    def make_buffer(capacity: int, words_dtype: np.dtype, width: int):
+        buffer_shape[:] = [width, words_dtype]
+        return slot_buffer(capacity, words_dtype, width)
 
     try:
         skip = skip_in_epoch
         for epoch in epoch_range:
             for buffer, index_B in _epoch_batches(
-                _Incoming(prefetcher), _mix_generator(seed, epoch), batch_size, capacity
+                _Incoming(prefetcher),
+                _mix_generator(seed, epoch),
+                batch_size,
+                capacity,
+                make_buffer,
             ):
                 if skip > 0:  # replayed, never materialised
                     skip -= 1
@@ -401,20 +517,26 @@ def _generate(
 
 
 def _epoch_batches(
-    incoming: _Incoming, rng: np.random.Generator, batch_size: int, capacity: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Mix one epoch's rows through the slot buffer.
+    incoming: _Incoming,
+    rng: np.random.Generator,
+    batch_size: int,
+    capacity: int,
+    make_buffer: Callable[[int, np.dtype, int], Any] | None = None,
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """Mix one epoch's rows through the slot buffer (``make_buffer(capacity, words dtype,
+    width)``, default :class:`_CopiedRows`).
 
-    Yields (buffer, row indices) per full batch; the consumer must gather the rows before
+    Yields (buffer, slot indices) per full batch; the consumer must gather the rows before
     resuming the generator (the slots are refilled afterwards).
     """
     first = incoming.take(capacity)
     if not first:
         return
-    buffer = np.empty((capacity, first[0][0].shape[1]), dtype=first[0][0].dtype)
+    words = first[0][0]
+    buffer = (make_buffer or _CopiedRows)(capacity, words.dtype, words.shape[1])
     n_first = sum(_segment_rows(segment) for segment in first)
-    n_rows = scatter_rows(buffer, rng.permutation(n_first), first)  # slots 0..n-1, shuffled
-    del first
+    n_rows = buffer.fill(rng.permutation(n_first), first)  # slots 0..n-1, shuffled
+    del first, words
     while n_rows == capacity:
         # steady state: buffer full; emit a random half, refill the freed slots
         n_out = (n_rows // 2) // batch_size * batch_size
@@ -424,11 +546,10 @@ def _epoch_batches(
             yield buffer, np.sort(freed[start : start + batch_size])
         # incoming rows go to the freed slots in random order, so a batch read in ascending
         # slot order (for memory locality) is still in random token order
-        n_new = scatter_rows(buffer, freed, incoming.take(n_out))
+        n_new = buffer.fill(freed, incoming.take(n_out))
         if n_new < n_out:  # the epoch's data ran out: compact the live slots and drain
-            live = np.concatenate([perm[n_out:], freed[:n_new]])
-            buffer = np.take(buffer, live, axis=0)
-            n_rows = buffer.shape[0]
+            buffer.compact(np.concatenate([perm[n_out:], freed[:n_new]]))
+            n_rows = len(buffer)
             break
     perm = rng.permutation(n_rows)
     for start in range(0, n_rows - batch_size + 1, batch_size):
