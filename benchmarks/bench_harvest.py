@@ -15,9 +15,11 @@ tiny random Llama), prints a table, and writes it with the machine to docs/bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,11 +67,15 @@ def main(
     dtype: str = "float32",
     tokens: int | None = None,
     batch_size: int | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Run the benchmark with the model in ``dtype``; return the figures (tokens/s and the
     ratio). The float32 run writes docs/bench/harvest.md, others harvest-<dtype>.md.
     ``tokens`` / ``batch_size`` override the defaults (a longer run amortises the per-chunk
-    and per-run fixed costs a short one is dominated by)."""
+    and per-run fixed costs a short one is dominated by). ``rounds`` > 1 alternates bare passes
+    and harvests (bare, harvest, bare, harvest, ..., bare) and reports the median of each
+    harvest's ratio to the bare passes on either side of it: robust to a machine whose speed
+    drifts during the run."""
     from masksae.harvest import HarvestConfig, plan_harvest, run_harvest
     from masksae.harvest.masking import mask_sequences
     from masksae.models import load_model
@@ -104,13 +110,25 @@ def main(
             special_ids=plan.special_ids,
         )
         _bare_tokens_per_s(plan, masked_ids[: s["batch_size"]])  # warm-up
-        bare_before = _bare_tokens_per_s(plan, masked_ids)
-        wall_start = time.perf_counter()
-        result = run_harvest(cfg, lm=lm, progress=False)
-        wall = time.perf_counter() - wall_start
-        bare_after = _bare_tokens_per_s(plan, masked_ids)
-        store_bytes = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
-    bare = (bare_before + bare_after) / 2
+        bares = [_bare_tokens_per_s(plan, masked_ids)]
+        harvests: list[tuple[Any, float]] = []
+        for r in range(max(1, rounds)):
+            run_cfg = dataclasses.replace(cfg, out=str(work / f"store{r}"))
+            wall_start = time.perf_counter()
+            harvests.append((run_harvest(run_cfg, lm=lm, progress=False), 0.0))
+            harvests[-1] = (harvests[-1][0], time.perf_counter() - wall_start)
+            bares.append(_bare_tokens_per_s(plan, masked_ids))
+        store_bytes = sum(f.stat().st_size for f in (work / "store0").rglob("*") if f.is_file())
+    ratios = [
+        h.tokens_per_s / ((bares[i] + bares[i + 1]) / 2) for i, (h, _wall) in enumerate(harvests)
+    ]
+    walls = [
+        h.total_tokens / wall / ((bares[i] + bares[i + 1]) / 2)
+        for i, (h, wall) in enumerate(harvests)
+    ]
+    bare_before, bare_after = bares[0], bares[-1]
+    bare = statistics.median(bares)
+    result = harvests[0][0]
     figures = {
         "model": s["model"] if not quick else "tiny random llama (4 x 64)",
         "layer": s["layer"],
@@ -121,10 +139,20 @@ def main(
         "bare_tokens_per_s": bare,
         "bare_before": bare_before,
         "bare_after": bare_after,
-        "harvest_tokens_per_s": result.tokens_per_s,
-        "harvest_wall_tokens_per_s": result.total_tokens / wall,
-        "ratio": result.tokens_per_s / bare,
-        "ratio_wall": result.total_tokens / wall / bare,
+        "harvest_tokens_per_s": statistics.median(h.tokens_per_s for h, _ in harvests),
+        "harvest_wall_tokens_per_s": statistics.median(h.total_tokens / w for h, w in harvests),
+        "ratio": statistics.median(ratios),
+        "ratio_wall": statistics.median(walls),
+        "rounds": len(harvests),
+        "command": " ".join(
+            ["benchmarks/bench_harvest.py"]
+            + (["--quick"] if quick else [])
+            + ([f"--dtype {dtype}"] if dtype != "float32" else [])
+            + ([f"--tokens {tokens}"] if tokens else [])
+            + ([f"--batch-size {batch_size}"] if batch_size else [])
+            + ([f"--rounds {rounds}"] if rounds > 1 else [])
+        ),
+        "round_ratios": ratios,
         "store_mib": store_bytes / 2**20,
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}",
@@ -141,7 +169,7 @@ def main(
 def _table(f: dict[str, Any]) -> str:
     rows = [
         (
-            "bare truncated forward (before / after harvest)",
+            "bare truncated forward (first / last pass)",
             f"{f['bare_before']:,.0f} / {f['bare_after']:,.0f} tok/s",
         ),
         (
@@ -152,7 +180,16 @@ def _table(f: dict[str, Any]) -> str:
             "harvest incl. planning (corpus check, store open, close)",
             f"{f['harvest_wall_tokens_per_s']:,.0f} tok/s",
         ),
-        ("**ratio harvest loop / bare**", f"**{f['ratio']:.3f}**"),
+        (
+            "**ratio harvest loop / bare**"
+            + (f" (median of {f['rounds']} rounds)" if f["rounds"] > 1 else ""),
+            f"**{f['ratio']:.3f}**"
+            + (
+                " (" + ", ".join(f"{r:.3f}" for r in f["round_ratios"]) + ")"
+                if f["rounds"] > 1
+                else ""
+            ),
+        ),
         ("ratio incl. planning / bare", f"{f['ratio_wall']:.3f}"),
         ("store size", f"{f['store_mib']:.1f} MiB"),
     ]
@@ -163,7 +200,7 @@ def _table(f: dict[str, Any]) -> str:
 def _doc(f: dict[str, Any], table: str) -> str:
     return f"""# Harvest throughput
 
-`benchmarks/bench_harvest.py{" --quick" if f["quick"] else ""}`: {f["model"]}, layer
+`{f["command"]}`: {f["model"]}, layer
 {f["layer"]}, {f["tokens"]:,} tokens (context {f["context_length"]}, batch {f["batch_size"]},
 {f["dtype"]}, p = 0.3, bundled corpus, storage-default compression), CPU.
 
@@ -189,6 +226,15 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float32", help="model dtype (e.g. bfloat16)")
     parser.add_argument("--tokens", type=int, help="tokens to harvest (default 8,192)")
     parser.add_argument("--batch-size", type=int, help="sequences per forward (default 8)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate bare passes and harvests N times"
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parser.parse_args()
-    main(quick=args.quick, dtype=args.dtype, tokens=args.tokens, batch_size=args.batch_size)
+    main(
+        quick=args.quick,
+        dtype=args.dtype,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+    )

@@ -99,7 +99,7 @@ def main(quick: bool = False) -> dict:
     if quick:
         sizes = dict(d=64, f=1024, k=8, batch=256, steps=4, warmup=1, busy=1)
     else:
-        sizes = dict(d=576, f=4096, k=20, batch=2048, steps=8, warmup=2, busy=4 * cpus)
+        sizes = dict(d=576, f=4096, k=20, batch=2048, steps=16, warmup=3, busy=4 * cpus)
     args = [f"--{k}={v}" for k, v in sizes.items()]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = {name: run_setting(env, args) for name, env in SETTINGS.items()}

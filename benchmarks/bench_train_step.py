@@ -10,7 +10,8 @@ processes on a shared machine hits all alike, and only ratios within this run ar
 - ``legacy``: the step before issue 14 (``legacy_step.py``, frozen), foreach Adam.
 - ``fp32`` / ``bf16``: today's step, selection product in fp32 / in bf16 re-ranked in fp32.
 - ``bf16 -X``: today's bf16 step with optimisation X undone (fresh buffers each step,
-  foreach Adam, autograd prefix loss, plain float compare + nonzero, plain sample stride):
+  foreach Adam, torch's fused Adam copying W_enc's latent-major layout (``-layout``),
+  autograd prefix loss, plain float compare + nonzero, plain sample stride):
   the ratio to ``bf16`` is that optimisation's own gain.
 - ``dense``: the dense reference path (F 4096 only).
 - ``+auxk``: with a quarter of the latents dead (AuxK on).
@@ -167,11 +168,12 @@ class Variant:
                 True
             )
         foreach = name == "legacy" or name == "bf16 -adam"
-        self.opt = (
-            torch.optim.Adam(self.sae.parameters(), lr=4e-4, foreach=True)
-            if foreach
-            else make_adam(self.sae.parameters(), 4e-4, (0.9, 0.999), torch.device("cpu"))
-        )
+        if foreach:
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=4e-4, foreach=True)
+        elif name == "bf16 -layout":  # torch's fused Adam: copies W_enc's layout each step
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=4e-4, fused=True)
+        else:
+            self.opt = make_adam(self.sae.parameters(), 4e-4, (0.9, 0.999), torch.device("cpu"))
         self.select_dtype = "float32" if name.startswith(("fp32", "dense")) else "bfloat16"
         if name.startswith("gemm"):
             W = self.sae.W_enc.detach()
@@ -251,6 +253,7 @@ def measure(d: int, f: int, batch: int, k: int, steps: int, warmup: int) -> dict
         "bf16",
         "bf16 -buffers",
         "bf16 -adam",
+        "bf16 -layout",
         "bf16 -prefix",
         "bf16 -scan",
         "bf16 -stride",

@@ -69,3 +69,23 @@ def test_layout_adam_skips_a_gradient_in_another_layout() -> None:
     opt.step()
     ref.step()
     assert torch.equal(p, q) and p.stride() == (1, D)
+
+
+def test_layout_adam_runs_a_closure_on_the_real_shapes() -> None:
+    D, F = 5, 9
+    p = torch.nn.Parameter(_latent_major(F, D, 5).clone())
+    q = torch.nn.Parameter(p.detach().clone())
+    x = torch.randn(3, D)
+    opt, ref = LayoutAdam([p], lr=1e-2), torch.optim.Adam([q], lr=1e-2)
+
+    def closure_for(param, optimizer):
+        def closure():
+            optimizer.zero_grad()
+            loss = (x @ param).square().sum()  # needs param as [D, F]
+            loss.backward()
+            return loss
+
+        return closure
+
+    assert torch.equal(opt.step(closure_for(p, opt)), ref.step(closure_for(q, ref)))
+    assert torch.equal(p, q) and p.shape == (D, F)

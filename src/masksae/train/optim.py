@@ -30,10 +30,14 @@ def _stored_transposed(p: Tensor) -> bool:
 class LayoutAdam(torch.optim.Adam):
     """``torch.optim.Adam`` that steps transposed-stored 2-D parameters in their storage order."""
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        with self._storage_order():
-            return super().step(closure)
+        loss = None
+        if closure is not None:  # before the swap: the closure's forward needs the real shapes
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad(), self._storage_order():
+            super().step()
+        return loss
 
     @contextmanager
     def _storage_order(self) -> Iterator[None]:
