@@ -38,7 +38,11 @@ class Workspace:
             numel *= size
         key = (name, dtype, device)
         buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
+        # a buffer first made under torch.inference_mode is an inference tensor, which may not
+        # be written in place outside that mode (inference code, e.g. an evaluation's encode,
+        # and a training step can share a thread): replace it by a normal one
+        stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+        if buf is None or stale or buf.numel() < numel:
             self._buffers.pop(key, None)  # free the old one before allocating the larger one
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buf
