@@ -274,6 +274,7 @@ class _CopiedRows:
     """Slot buffer holding a copy of each row (any source: zarr-decoded chunks too)."""
 
     def __init__(self, capacity: int, words_dtype: np.dtype, width: int) -> None:
+        self.words_dtype, self.width = words_dtype, width
         self.rows = np.empty((capacity, width), dtype=words_dtype)
 
     def __len__(self) -> int:
@@ -311,7 +312,7 @@ class _RowReferences:
         self._next_id = 0
         self._in_use = 0
         self._staging: np.ndarray | None = None
-        self._dtype, self._width = words_dtype, width
+        self.words_dtype, self.width = words_dtype, width
 
     def __len__(self) -> int:
         return self._source.shape[0]
@@ -356,7 +357,7 @@ class _RowReferences:
         order = np.lexsort((row_B, source_B))  # by source, then row: sequential-ish reads
         by_source = source_B[order]
         if self._staging is None or self._staging.shape[0] < order.shape[0]:
-            self._staging = np.empty((order.shape[0], self._width), dtype=self._dtype)
+            self._staging = np.empty((order.shape[0], self.width), dtype=self.words_dtype)
         staged = self._staging[: order.shape[0]]
         bounds = np.flatnonzero(by_source[1:] != by_source[:-1]) + 1
         for lo, hi in zip(
@@ -481,21 +482,14 @@ def _generate(
 
     def gather(buffer: _CopiedRows | _RowReferences, index_B: np.ndarray) -> np.ndarray:
         nonlocal scratch
-        width, words_dtype = buffer_shape[0], buffer_shape[1]
+        shape = (index_B.shape[0], buffer.width)
         if not fast_f32:  # the batch itself: a fresh array
-            return buffer.gather(index_B, np.empty((index_B.shape[0], width), words_dtype))
+            return buffer.gather(index_B, np.empty(shape, dtype=buffer.words_dtype))
         # bf16 -> fp32 on the CPU: the gathered bits are converted into a fresh array right
         # away, so they go to a reused scratch (mode="clip": no internal buffering)
-        shape = (index_B.shape[0], width)
-        if scratch is None or scratch.shape != shape or scratch.dtype != words_dtype:
-            scratch = np.empty(shape, dtype=words_dtype)
+        if scratch is None or scratch.shape != shape or scratch.dtype != buffer.words_dtype:
+            scratch = np.empty(shape, dtype=buffer.words_dtype)
         return buffer.gather(index_B, scratch)
-
-    buffer_shape: list[Any] = [0, None]
-
-    def make_buffer(capacity: int, words_dtype: np.dtype, width: int):
-        buffer_shape[:] = [width, words_dtype]
-        return slot_buffer(capacity, words_dtype, width)
 
     try:
         skip = skip_in_epoch
@@ -505,7 +499,7 @@ def _generate(
                 _mix_generator(seed, epoch),
                 batch_size,
                 capacity,
-                make_buffer,
+                slot_buffer,
             ):
                 if skip > 0:  # replayed, never materialised
                     skip -= 1
