@@ -300,7 +300,7 @@ class _RowReferences:
     instead of copying the row: each row is copied once, from the page cache straight into
     its batch (the copy design wrote it into the buffer first and read it back later, two
     random accesses over the 151 MB buffer). Only for zero-copy views of uncompressed local
-    shards: sources stay referenced while a slot points into them (about 2 x buffer / chunk
+    shards: sources stay referenced while a slot points into them (about buffer / (2 chunk)
     x log2(chunk) chunks: ~30 at the defaults), which costs address space and clean,
     reclaimable page cache, not process memory (decoded chunks would stay resident).
     """
