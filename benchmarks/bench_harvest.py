@@ -115,17 +115,14 @@ def main(
         for r in range(max(1, rounds)):
             run_cfg = dataclasses.replace(cfg, out=str(work / f"store{r}"))
             wall_start = time.perf_counter()
-            harvests.append((run_harvest(run_cfg, lm=lm, progress=False), 0.0))
-            harvests[-1] = (harvests[-1][0], time.perf_counter() - wall_start)
+            result = run_harvest(run_cfg, lm=lm, progress=False)
+            harvests.append((result, time.perf_counter() - wall_start))
             bares.append(_bare_tokens_per_s(plan, masked_ids))
         store_bytes = sum(f.stat().st_size for f in (work / "store0").rglob("*") if f.is_file())
-    ratios = [
-        h.tokens_per_s / ((bares[i] + bares[i + 1]) / 2) for i, (h, _wall) in enumerate(harvests)
-    ]
-    walls = [
-        h.total_tokens / wall / ((bares[i] + bares[i + 1]) / 2)
-        for i, (h, wall) in enumerate(harvests)
-    ]
+    # each harvest against the mean of the bare passes just before and just after it
+    around = [(a + b) / 2 for a, b in zip(bares, bares[1:], strict=False)]
+    ratios = [h.tokens_per_s / bare for (h, _), bare in zip(harvests, around, strict=True)]
+    walls = [h.total_tokens / wall / bare for (h, wall), bare in zip(harvests, around, strict=True)]
     bare_before, bare_after = bares[0], bares[-1]
     bare = statistics.median(bares)
     result = harvests[0][0]

@@ -6,7 +6,6 @@ drifts from the code: rerun `make docs` after changing a config.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib
 import inspect
@@ -14,6 +13,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from masksae.config import field_docs  # noqa: E402 - after the source path is set
+
 OUT = ROOT / "docs" / "config-reference.md"
 
 SECTIONS: list[tuple[str, str, list[str]]] = [
@@ -78,23 +81,6 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
         ],
     ),
 ]
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written as a string statement right under each annotated field."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for stmt, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(stmt, ast.AnnAssign)
-            and isinstance(stmt.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 #: class -> the flag prefix of its fields (its table in the config file)
@@ -186,10 +172,11 @@ def render() -> str:
             module_name, cls_name = target.split(":")
             cls = getattr(importlib.import_module(module_name), cls_name)
             docs = field_docs(cls)
+            # fields declared in this class (field_docs also holds the bases' documentation)
             own = [
                 f
                 for f in dataclasses.fields(cls)
-                if f.name in docs or f.name in cls.__dict__.get("__annotations__", {})
+                if f.name in cls.__dict__.get("__annotations__", {})
             ]
             lines += [f"### `{cls_name}`", ""]
             summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
@@ -212,7 +199,6 @@ def render() -> str:
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT / "src"))
     OUT.write_text(render())
     print(f"wrote {OUT.relative_to(ROOT)}")
     return 0

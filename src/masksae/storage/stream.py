@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -516,10 +516,9 @@ def _epoch_batches(
     rng: np.random.Generator,
     batch_size: int,
     capacity: int,
-    make_buffer: Callable[[int, np.dtype, int], Any] | None = None,
-) -> Iterator[tuple[Any, np.ndarray]]:
-    """Mix one epoch's rows through the slot buffer (``make_buffer(capacity, words dtype,
-    width)``, default :class:`_CopiedRows`).
+    slot_buffer: type[_CopiedRows] | type[_RowReferences],
+) -> Iterator[tuple[_CopiedRows | _RowReferences, np.ndarray]]:
+    """Mix one epoch's rows through a slot buffer of class ``slot_buffer``.
 
     Yields (buffer, slot indices) per full batch; the consumer must gather the rows before
     resuming the generator (the slots are refilled afterwards).
@@ -528,7 +527,7 @@ def _epoch_batches(
     if not first:
         return
     words = first[0][0]
-    buffer = (make_buffer or _CopiedRows)(capacity, words.dtype, words.shape[1])
+    buffer = slot_buffer(capacity, words.dtype, words.shape[1])
     n_first = sum(_segment_rows(segment) for segment in first)
     n_rows = buffer.fill(rng.permutation(n_first), first)  # slots 0..n-1, shuffled
     del first, words
