@@ -272,6 +272,31 @@ def test_tiny_harvest_store_contents(tmp_path, tiny_lm, tiny_model_dir, corpus_f
     assert "0 tok/s" not in again.summary()
 
 
+def test_sequences_kept_from_the_size_check_give_the_same_store(
+    tmp_path, tiny_lm, tiny_model_dir, corpus_file, monkeypatch
+):
+    """The corpus size check's packed sequences are reused by the run when they fit the
+    budget (no second tokenisation); over it the run tokenises again. Same store either
+    way, and a too-small corpus is still counted to the end and refused."""
+    from masksae.harvest import runner
+    from masksae.storage import ActivationStore
+
+    cfg = _cfg(tmp_path / "kept", tiny_model_dir, corpus_file)
+    plan = plan_harvest(cfg, lm=tiny_lm)
+    assert plan.packed is not None and plan.packed.shape == (32, 32)
+    assert np.array_equal(plan.packed, np.stack(list(plan.sequences())))
+    run_harvest(cfg, lm=tiny_lm, progress=False)
+
+    monkeypatch.setattr(runner, "KEEP_PACKED_TOKENS", 100)  # below the 1,024 tokens
+    streamed = _cfg(tmp_path / "streamed", tiny_model_dir, corpus_file)
+    assert plan_harvest(streamed, lm=tiny_lm).packed is None
+    run_harvest(streamed, lm=tiny_lm, progress=False)
+    kept_store = ActivationStore.open(tmp_path / "kept")
+    assert kept_store.fingerprint == ActivationStore.open(tmp_path / "streamed").fingerprint
+    with pytest.raises(CorpusError, match="holds only"):
+        plan_harvest(_cfg(tmp_path / "big", tiny_model_dir, corpus_file, tokens=10**7), lm=tiny_lm)
+
+
 def test_harvest_at_p0_verifies_and_reads_back_through_plain_zarr(
     tmp_path, tiny_lm, tiny_model_dir, corpus_file
 ):

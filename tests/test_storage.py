@@ -127,6 +127,41 @@ def test_bf16_bits_and_attributes(tmp_path, data):
     assert attrs["fingerprint"] == store.fingerprint
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_caller_reuses_one_buffer_and_every_input_form_is_stored_alike(tmp_path, data, dtype):
+    """write_chunk copies (into buffers the writer recycles): a caller that overwrites its
+    one buffer right after each call still gets every chunk stored as handed over, and
+    numpy / torch, float32 / float64 / the at-rest dtype / bf16 bits all store the same
+    bytes as the reference conversion."""
+    spec = make_spec(dtype)
+    reference = at_rest(data.activations, dtype)
+    forms = [
+        lambda a: a,  # float32 numpy
+        lambda a: a.astype(np.float64),
+        lambda a: torch.from_numpy(a),
+        lambda a: torch.from_numpy(a).to(getattr(torch, dtype)),
+    ]
+    if dtype == "bfloat16":  # raw bits, as numpy uint16 and torch int16
+        forms += [
+            lambda a: at_rest(a, dtype).view(torch.int16).numpy().view(np.uint16),
+            lambda a: at_rest(a, dtype).view(torch.int16),
+        ]
+    for n, form in enumerate(forms):
+        writer = StoreWriter.open(tmp_path / f"s{n}", spec, queue_size=1)
+        shared = torch.empty((CHUNK, D_MODEL))  # the caller's one reused buffer
+        for index in range(writer.n_chunks):
+            start, stop = writer.chunk_bounds(index)
+            shared[: stop - start] = torch.from_numpy(data.activations[start:stop])
+            chunk = slice_data(data, start, stop)
+            chunk.activations = form(shared[: stop - start].numpy())
+            writer.write_chunk(index, chunk)
+            shared.fill_(float("nan"))  # at once: the writer must hold its own copy
+        writer.close()
+        assert len(writer._spare_buffers) <= 2  # queue_size + 1 kept for reuse
+        back = ActivationStore.open(tmp_path / f"s{n}").read(0, N_TOKENS)
+        assert torch.equal(back.activations_torch(dtype), reference), n
+
+
 @pytest.mark.parametrize("compression", ["zstd:1", "blosc-lz4-shuffle", "blosc-zstd-bitshuffle:3"])
 def test_compressed_roundtrip(tmp_path, data, compression):
     write_store(tmp_path / "s", make_spec("bfloat16", compression), data)

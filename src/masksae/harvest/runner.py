@@ -62,6 +62,9 @@ from masksae.models import validate_layer as _validate_layer
 log = logging.getLogger(__name__)
 
 HOOK = "resid_post"
+KEEP_PACKED_TOKENS = 1 << 25
+"""Largest harvest (tokens) whose packed sequences the corpus size check keeps for the run
+(int32 ids: 128 MiB); larger ones are tokenised again, streaming, by the run."""
 
 
 @dataclass
@@ -146,6 +149,9 @@ class HarvestPlan:
     corruption_record: dict[str, Any] | None = None
     """The provenance ``corruption`` table; None for plain masking (see
     masksae.storage.provenance)."""
+    packed: np.ndarray | None = None
+    """The packed sequences [n_sequences, context_length], kept from the corpus size check
+    when they fit ``KEEP_PACKED_TOKENS`` (the run then does not tokenise them again)."""
 
     @property
     def total_tokens(self) -> int:
@@ -153,6 +159,8 @@ class HarvestPlan:
 
     def sequences(self) -> Iterator[np.ndarray]:
         """The packed (unmasked) sequences, in order, exactly ``n_sequences`` of them."""
+        if self.packed is not None:
+            return iter(self.packed)
         packed = pack_sequences(
             self.corpus, self.lm.tokenizer, self.context_length, prepend_bos=self.lm.prepend_bos
         )
@@ -313,7 +321,17 @@ def _check_corpus_size(plan: HarvestPlan) -> None:
     """CorpusError up front if the corpus is empty, or (finite sources) too small."""
     packed = plan.sequences()
     streaming = plan.corpus.kind == "hub"  # only check that something comes out
-    count = (1 if next(packed, None) is not None else 0) if streaming else sum(1 for _ in packed)
+    kept: list[np.ndarray] | None = None
+    if streaming:
+        count = 1 if next(packed, None) is not None else 0
+    else:  # tokenised here anyway: kept for the run when small enough
+        kept, count = [], 0
+        for sequence in packed:
+            count += 1
+            if kept is not None:
+                kept.append(sequence)
+                if count * plan.context_length > KEEP_PACKED_TOKENS:
+                    kept = None  # too many to hold: the run tokenises again
     if count == 0:
         raise CorpusError(
             f"corpus {plan.corpus.spec.source!r} yields no sequence of {plan.context_length} "
@@ -327,6 +345,8 @@ def _check_corpus_size(plan: HarvestPlan) -> None:
             f"{plan.context_length} tokens ({available} tokens), fewer than --tokens "
             f"{plan.cfg.tokens} needs: use --tokens {available} or less, or a larger corpus"
         )
+    if kept is not None:
+        plan.packed = np.stack(kept)
 
 
 def run_harvest(
@@ -508,6 +528,7 @@ def harvest_chunks(
     completed = writer.completed_chunks
     sequences = _prefetch(plan.sequences(), depth=4 * plan.chunk_sequences)
     counts = ChunkCounts()
+    buffers = _ChunkBuffers.allocate(plan)
     for index in range(writer.n_chunks):
         n_seq = min(plan.chunk_sequences, plan.n_sequences - index * plan.chunk_sequences)
         block = list(itertools.islice(sequences, n_seq))
@@ -521,7 +542,7 @@ def harvest_chunks(
         if before_chunk is not None:
             before_chunk(index)
         data, n_outliers, n_deleted = _harvest_chunk(
-            plan, np.stack(block), index * plan.chunk_sequences, on_tokens
+            plan, np.stack(block), index * plan.chunk_sequences, on_tokens, buffers
         )
         extra = {"n_norm_outliers": n_outliers}
         if plan.cfg.corruption == "delete":
@@ -609,12 +630,35 @@ def _chunk_len(spec: Any, index: int) -> int:
     return hi - lo
 
 
+@dataclass
+class _ChunkBuffers:
+    """Host buffers one chunk's activations and norms are gathered into, reused for every
+    chunk (the writer copies what it is handed): no chunk-sized allocation per chunk, and on
+    CUDA page-locked memory, which the device copies into directly."""
+
+    activations: torch.Tensor
+    norms: torch.Tensor
+
+    @classmethod
+    def allocate(cls, plan: HarvestPlan) -> _ChunkBuffers:
+        rows = plan.chunk_sequences * plan.context_length
+        pinned = torch.device(plan.lm.device).type == "cuda"
+        return cls(
+            torch.empty((rows, plan.lm.d_model), dtype=plan.lm.dtype, pin_memory=pinned),
+            torch.empty(rows, dtype=torch.float32, pin_memory=pinned),
+        )
+
+
 def _harvest_chunk(
-    plan: HarvestPlan, ids_ST: np.ndarray, first_seq: int, on_tokens: Callable[[int], Any]
+    plan: HarvestPlan,
+    ids_ST: np.ndarray,
+    first_seq: int,
+    on_tokens: Callable[[int], Any],
+    buffers: _ChunkBuffers,
 ) -> tuple[Any, int, int]:
     """Corrupt, run the truncated forward in batches, flag norm outliers, and assemble one
-    chunk's ChunkData; returns it with the numbers of norm outliers flagged and of tokens
-    deleted."""
+    chunk's ChunkData (its activations and norms views of ``buffers``); returns it with the
+    numbers of norm outliers flagged and of tokens deleted."""
     from masksae.storage import ChunkData
 
     assert plan.corruption is not None
@@ -622,8 +666,8 @@ def _harvest_chunk(
     seq_idx_S = np.arange(first_seq, first_seq + n_seq, dtype=np.int64)
     block = corrupt_block(ids_ST, seq_idx_S, plan.corruption, plan.special_ids)
     noisy = plan.corruption.kind == "noise" and plan.corruption.noise_sigma > 0
-    acts = torch.empty((n_seq * length, plan.lm.d_model), dtype=plan.lm.dtype)
-    norms = torch.empty(n_seq * length, dtype=torch.float32)
+    acts = buffers.activations[: n_seq * length]
+    norms = buffers.norms[: n_seq * length]
     input_ids = torch.from_numpy(block.ids.astype(np.int64))
     attention = torch.ones_like(input_ids)
     batch = plan.cfg.batch_size
@@ -636,8 +680,8 @@ def _harvest_chunk(
                 seq_idx_S[lo:hi], block.excluded[lo:hi], plan.lm.d_model, plan.corruption
             )
             h_ND = (h_ND.float().cpu() + torch.from_numpy(noise)).to(plan.lm.dtype)
-        acts[lo * length : hi * length] = h_ND.to("cpu")
-        norms[lo * length : hi * length] = row_norms(h_ND).to("cpu")
+        acts[lo * length : hi * length].copy_(h_ND)
+        norms[lo * length : hi * length].copy_(row_norms(h_ND))
         on_tokens((hi - lo) * length)
     excluded_N = block.excluded.reshape(-1)
     outliers_N = flag_norm_outliers(norms, excluded_N, plan.outlier_norm_factor)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,16 @@ class StoreWriter:
         self._closed = False
         self._arrays: dict[str, Any] | None = None
         self._worker = worker  # chunk writer under another's lock: no lock, no finalising
+        # at-rest activation buffers handed back after each chunk's write: a harvest then
+        # copies into memory it already touched instead of faulting in a fresh chunk-sized
+        # allocation per chunk (tens of MB; the kernel zeroes every page of a fresh one)
+        self._spare_buffers: list[np.ndarray] = []
+        self._max_spare = max(1, queue_size) + 1
+        # the checksum and statistics run on this helper while the writer thread writes
+        # the files (both only read the chunk; hashlib, numpy and file I/O release the GIL)
+        self._summary_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"masksae-store-summary:{self.location.name}"
+        )
         self.writer_lock = writer_lock
         """The writer lock held by this writer (None for workers attached under another's)."""
         self._thread = threading.Thread(
@@ -336,6 +347,7 @@ class StoreWriter:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
+        self._summary_pool.shutdown()
         try:
             self._raise_pending_error()
             if not self._worker:
@@ -370,12 +382,13 @@ class StoreWriter:
         n_rows = stop - start
         if isinstance(data, dict):
             data = ChunkData(**data)
-        acts = _activations_at_rest(data.activations, self.spec.dtype)
-        if acts.shape != (n_rows, self.spec.d_model):
+        shape = tuple(getattr(data.activations, "shape", np.shape(data.activations)))
+        if shape != (n_rows, self.spec.d_model):
             raise StoreError(
-                f"chunk {index} activations have shape {tuple(acts.shape)}, expected "
+                f"chunk {index} activations have shape {shape}, expected "
                 f"({n_rows}, {self.spec.d_model}) (tokens {start}..{stop} of the store)"
             )
+        acts = _activations_at_rest(data.activations, self.spec.dtype, self._buffer(n_rows))
         fields: dict[str, np.ndarray] = {"activations": acts}
         for name, dtype in TOKEN_ARRAYS.items():
             array = layout.as_numpy(getattr(data, name), dtype)
@@ -408,8 +421,27 @@ class StoreWriter:
                     except BaseException as exc:  # noqa: BLE001 - surfaced to the caller
                         log.debug("writer thread failed on chunk %d", index, exc_info=True)
                         self._error = (index, exc)
+                self._recycle(data.activations)
             finally:
                 self._queue.task_done()
+
+    def _buffer(self, n_rows: int) -> np.ndarray:
+        """An at-rest activation buffer for ``n_rows`` rows: a spare one if any."""
+        with self._lock:
+            spare = self._spare_buffers.pop() if self._spare_buffers else None
+        if spare is None:
+            dtype = STORE_DTYPES[self.spec.dtype]
+            spare = np.empty((self.spec.chunk_tokens, self.spec.d_model), dtype=dtype)
+        return spare[:n_rows]
+
+    def _recycle(self, acts: np.ndarray) -> None:
+        """Hand a written chunk's activation buffer back for a later chunk."""
+        whole = acts.base if isinstance(acts.base, np.ndarray) else acts
+        if whole.shape != (self.spec.chunk_tokens, self.spec.d_model):
+            return
+        with self._lock:
+            if len(self._spare_buffers) < self._max_spare:
+                self._spare_buffers.append(whole)
 
     def _open_arrays(self) -> dict[str, Any]:
         if self._arrays is None:
@@ -440,13 +472,15 @@ class StoreWriter:
                 if key in self._stale:
                     self.location.delete(key)
                     self._stale.discard(key)
-        stats = chunk_stats(data.activations, data.excluded, self.spec.dtype)
-        checksum = chunk_checksum(data)
-        arrays = self._open_arrays()
-        for name in ARRAY_NAMES:
-            arrays[name][start:stop] = getattr(data, name)
-        if self.location.local_path is not None:  # object PUTs are durable once they return
-            layout.fsync_files(layout.chunk_files(self.location.local_path, index))
+        summary = self._summary_pool.submit(_summarise, data, self.spec.dtype)
+        try:
+            arrays = self._open_arrays()
+            for name in ARRAY_NAMES:
+                arrays[name][start:stop] = getattr(data, name)
+            if self.location.local_path is not None:  # object PUTs are durable on return
+                layout.fsync_files(layout.chunk_files(self.location.local_path, index))
+        finally:
+            stats, checksum = summary.result()  # never leave it reading a recycled buffer
         masked, excluded = data.masked, data.excluded
         record = {
             "index": index,
@@ -602,33 +636,39 @@ def _intact_records(
     return intact
 
 
-def _activations_at_rest(value: Any, dtype: str) -> np.ndarray:
-    """Activations (numpy or torch, any float dtype) as the store's at-rest numpy array."""
+def _summarise(data: ChunkData, dtype: str) -> tuple[ChunkStats, str]:
+    """A chunk's partial statistics and checksum (run beside the file writes)."""
+    return chunk_stats(data.activations, data.excluded, dtype), chunk_checksum(data)
+
+
+def _activations_at_rest(value: Any, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Copy activations (numpy or torch on any device, any float dtype; for bfloat16 also
+    the raw bits as int16/uint16) into ``out``, an at-rest numpy array of their shape, in one
+    pass (conversion and device transfer included); returns ``out``."""
     import torch
 
-    target = STORE_DTYPES[dtype]
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach()
-        if dtype == "bfloat16":
-            if tensor.dtype == torch.int16 or tensor.dtype == torch.uint16:
-                bits = tensor
+    if dtype == "bfloat16":
+        # the bits as int16, so torch can convert into them (round to nearest even)
+        bits = torch.from_numpy(out.view(np.int16))
+        if isinstance(value, torch.Tensor):
+            source = value.detach()
+            if source.dtype in (torch.int16, torch.uint16):
+                bits.copy_(source.view(torch.int16))
             else:
-                bits = tensor.to(torch.bfloat16).view(torch.int16)
-            array = bits.cpu().numpy().view(np.uint16)
-        else:
-            array = tensor.to(getattr(torch, dtype)).cpu().numpy()
-        return array.copy() if tensor.device.type == "cpu" else array  # .cpu() already copied
-    array = np.asarray(value)
-    if dtype == "bfloat16" and array.dtype != np.uint16:
-        if array.dtype.kind != "f":
+                bits.view(torch.bfloat16).copy_(source)
+            return out
+        array = np.asarray(value)
+        if array.dtype == np.uint16 or array.dtype == np.int16:
+            np.copyto(out, array, casting="unsafe")
+        elif array.dtype.kind != "f":
             raise StoreError(
                 f"bfloat16 activations must be floats or uint16 bits, got {array.dtype}"
             )
-        return (
-            torch.from_numpy(np.ascontiguousarray(array))
-            .to(torch.bfloat16)
-            .view(torch.int16)
-            .numpy()
-            .view(np.uint16)
-        )
-    return array.astype(target, copy=True)
+        else:
+            bits.view(torch.bfloat16).copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        return out
+    if isinstance(value, torch.Tensor):
+        torch.from_numpy(out).copy_(value.detach())
+    else:
+        np.copyto(out, np.asarray(value), casting="unsafe")
+    return out
