@@ -10,9 +10,11 @@ Writes ``docs/bench/downstream.md``.
 
 from __future__ import annotations
 
+from masksae.allocator import keep_freed_memory
 from masksae.threads import apply_thread_env_defaults
 
 apply_thread_env_defaults()  # as the CLI does, before torch starts OpenMP
+keep_freed_memory()  # as the CLI does (masksae.allocator)
 
 import contextlib
 import os

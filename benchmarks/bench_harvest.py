@@ -14,7 +14,14 @@ tiny random Llama), prints a table, and writes it with the machine to docs/bench
 
 from __future__ import annotations
 
-import argparse
+from masksae.allocator import keep_freed_memory
+from masksae.threads import apply_thread_env_defaults
+
+# as the CLI does, before torch starts OpenMP; the bare passes before the first harvest too
+apply_thread_env_defaults()
+keep_freed_memory()
+
+import argparse  # noqa: E402
 import dataclasses
 import logging
 import os

@@ -23,9 +23,11 @@ E||x||^2 = d), else synthetic sparse codes. ``main(quick=False)`` writes
 
 from __future__ import annotations
 
+from masksae.allocator import keep_freed_memory
 from masksae.threads import apply_thread_env_defaults
 
 apply_thread_env_defaults()  # as the CLI does, before torch starts OpenMP
+keep_freed_memory()  # as the CLI does (masksae.allocator)
 
 import contextlib
 import logging

@@ -17,10 +17,12 @@ import time
 import traceback
 from pathlib import Path
 
+from masksae.allocator import keep_freed_memory
 from masksae.threads import apply_thread_env_defaults
 
 # what the CLI runs with (before any benchmark imports torch)
 apply_thread_env_defaults()
+keep_freed_memory()
 
 HERE = Path(__file__).resolve().parent
 ORDER = (

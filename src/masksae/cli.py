@@ -17,11 +17,14 @@ from __future__ import annotations
 import importlib
 import os
 
+from masksae.allocator import keep_freed_memory
 from masksae.threads import apply_thread_env_defaults
 
 # OpenMP's wait policy must be in the environment before torch (and its OpenMP runtime) is
 # imported: idle workers sleep instead of spinning on a shared machine (masksae.threads).
 apply_thread_env_defaults()
+# CPU forwards reuse their freed temporaries instead of re-faulting them (masksae.allocator)
+keep_freed_memory()
 # Plain click help: with this many options, typer's rich tables truncate option names and
 # defaults at 80 columns. Users can still opt in with TYPER_USE_RICH=1.
 os.environ.setdefault("TYPER_USE_RICH", "0")

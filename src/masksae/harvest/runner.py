@@ -360,7 +360,9 @@ def run_harvest(
     single-process run.
     """
     from masksae import distributed
+    from masksae.allocator import keep_freed_memory
 
+    keep_freed_memory()  # the CPU forward's temporaries stay mapped between batches
     if not progress:  # --no-progress also silences transformers' weight-loading bar
         import transformers
 

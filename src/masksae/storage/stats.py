@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-_BLOCK_ROWS = 8192  # float64 conversion block: bounds the temporary memory
+_BLOCK_ROWS = 1024  # rows per widening block: the scratch stays in the L2 cache
 
 
 @dataclass
@@ -102,7 +102,8 @@ def chunk_stats(acts_ND: np.ndarray, excluded_N: np.ndarray, storage_dtype: str)
 
     bf16/fp16 values and their squares are exact in float32 (8/11-bit mantissas), so those
     are computed in float32 and only accumulated in float64; float32 data goes through
-    float64 entirely. Blocks of rows bound the temporary memory.
+    float64 entirely. Blocks of rows go through two small scratch arrays (cache-resident,
+    allocated once per call): no chunk-sized temporaries.
     """
     keep = ~np.asarray(excluded_N, dtype=bool)
     d_model = acts_ND.shape[1]
@@ -110,19 +111,25 @@ def chunk_stats(acts_ND: np.ndarray, excluded_N: np.ndarray, storage_dtype: str)
     sumsq_D = np.zeros(d_model, dtype=np.float64)
     sum_norm = 0.0
     sum_sq_norm = 0.0
+    wide = np.float64 if storage_dtype == "float32" else np.float32
+    x_scratch = np.empty((min(_BLOCK_ROWS, len(acts_ND)), d_model), dtype=wide)
+    sq_scratch = np.empty_like(x_scratch)
     for start in range(0, acts_ND.shape[0], _BLOCK_ROWS):
         rows = acts_ND[start : start + _BLOCK_ROWS]
         keep_block = keep[start : start + _BLOCK_ROWS]
-        if not keep_block.all():
-            rows = rows[keep_block]
-        if rows.shape[0] == 0:
+        n_kept = int(keep_block.sum())
+        if n_kept == 0:
             continue
-        x_BD = (
-            to_float64(rows, storage_dtype)
-            if storage_dtype == "float32"
-            else to_float32(rows, storage_dtype)
-        )
-        sq_BD = x_BD * x_BD  # exact for bf16/fp16 inputs
+        if n_kept < len(rows):
+            rows = rows[keep_block]
+        x_BD, sq_BD = x_scratch[:n_kept], sq_scratch[:n_kept]
+        if storage_dtype == "bfloat16":  # the bits, widened and shifted, are the float32
+            bits_BD = x_BD.view(np.uint32)
+            np.copyto(bits_BD, rows)
+            np.left_shift(bits_BD, 16, out=bits_BD)
+        else:
+            np.copyto(x_BD, rows)
+        np.multiply(x_BD, x_BD, out=sq_BD)  # exact for bf16/fp16 inputs
         sum_D += x_BD.sum(axis=0, dtype=np.float64)
         sumsq_D += sq_BD.sum(axis=0, dtype=np.float64)
         sq_norm_B = sq_BD.sum(axis=1, dtype=np.float64)
@@ -148,19 +155,3 @@ def aggregate(chunks: list[ChunkStats], d_model: int) -> ActivationStats:
     mean_D = sum_D / n
     var_D = np.maximum(sumsq_D / n - mean_D * mean_D, 0.0)
     return ActivationStats(count, mean_D, var_D, sum_norm / n, sum_sq_norm / n)
-
-
-def to_float32(acts: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """At-rest activations (bf16 as uint16 bits) as float32 (exact for bf16/fp16)."""
-    if storage_dtype == "bfloat16":
-        bits32 = acts.astype(np.uint32)
-        bits32 <<= 16
-        return bits32.view(np.float32)
-    return acts.astype(np.float32)
-
-
-def to_float64(acts: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """At-rest activations (bf16 as uint16 bits) as float64."""
-    if storage_dtype == "bfloat16":
-        return to_float32(acts, storage_dtype).astype(np.float64)
-    return acts.astype(np.float64)
