@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -479,8 +479,10 @@ class StoreWriter:
                 arrays[name][start:stop] = getattr(data, name)
             if self.location.local_path is not None:  # object PUTs are durable on return
                 layout.fsync_files(layout.chunk_files(self.location.local_path, index))
-        finally:
-            stats, checksum = summary.result()  # never leave it reading a recycled buffer
+        except BaseException:
+            wait([summary])  # never leave it reading a buffer about to be recycled
+            raise
+        stats, checksum = summary.result()
         masked, excluded = data.masked, data.excluded
         record = {
             "index": index,
