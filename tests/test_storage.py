@@ -162,6 +162,41 @@ def test_caller_reuses_one_buffer_and_every_input_form_is_stored_alike(tmp_path,
         assert torch.equal(back.activations_torch(dtype), reference), n
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("inner_bytes", [2048, 4 << 20])  # 12 or 6 / one inner chunk(s)
+def test_plain_shards_written_directly_are_zarrs_bytes(tmp_path, data, dtype, inner_bytes):
+    """Full plain shards are written by fastread.write_plain_shard (no zarr encode copies):
+    every file of the store is byte for byte what zarr writes, and reads back and verifies."""
+    from masksae.storage import fastread
+
+    calls = []
+    real = fastread.write_plain_shard
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].name)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store_layout, "_INNER_CHUNK_BYTES", inner_bytes)
+        mp.setattr(fastread, "write_plain_shard", spy)
+        write_store(tmp_path / "direct", make_spec(dtype), data)
+        assert len(calls) == 3  # the three full chunks; zarr writes the short last one
+        mp.setattr(StoreWriter, "_plain_inner_rows", lambda self: None)
+        write_store(tmp_path / "zarr", make_spec(dtype), data)
+    files = sorted(
+        p.relative_to(tmp_path / "zarr")
+        for p in (tmp_path / "zarr").rglob("*")
+        if p.is_file() and "/c/" in f"/{p.relative_to(tmp_path / 'zarr')}"
+    )
+    assert len(files) == 4 * len(ARRAY_NAMES)
+    for rel in files:
+        assert (tmp_path / "direct" / rel).read_bytes() == (tmp_path / "zarr" / rel).read_bytes()
+    store = ActivationStore.open(tmp_path / "direct")
+    back = store.read(0, N_TOKENS).activations_torch(dtype)
+    assert torch.equal(back, at_rest(data.activations, dtype)) and store.verify() == []
+    assert store.fingerprint == ActivationStore.open(tmp_path / "zarr").fingerprint
+
+
 @pytest.mark.parametrize("compression", ["zstd:1", "blosc-lz4-shuffle", "blosc-zstd-bitshuffle:3"])
 def test_compressed_roundtrip(tmp_path, data, compression):
     write_store(tmp_path / "s", make_spec("bfloat16", compression), data)

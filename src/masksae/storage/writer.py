@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from masksae.errors import ProvenanceMismatchError, StoreError
-from masksae.storage import layout
+from masksae.storage import fastread, layout
 from masksae.storage import lock as store_lock
 from masksae.storage.location import StoreLocation
 from masksae.storage.schema import (
@@ -92,6 +92,7 @@ class StoreWriter:
         # copies into memory it already touched instead of faulting in a fresh chunk-sized
         # allocation per chunk (tens of MB; the kernel zeroes every page of a fresh one)
         self._spare_buffers: list[np.ndarray] = []
+        self._plain_rows: int | None = None  # see _plain_inner_rows
         self._max_spare = max(1, queue_size) + 1
         # the checksum and statistics run on this helper while the writer thread writes
         # the files (both only read the chunk; hashlib, numpy and file I/O release the GIL)
@@ -425,6 +426,14 @@ class StoreWriter:
             finally:
                 self._queue.task_done()
 
+    def _plain_inner_rows(self) -> int | None:
+        """Rows per inner chunk when the activations are plain shards of a local store
+        (written by :func:`fastread.write_plain_shard`), else None (zarr writes them)."""
+        if self._plain_rows is None:
+            local = self.location.local_path
+            self._plain_rows = (local and fastread.plain_shard_rows(local / "activations")) or 0
+        return self._plain_rows or None
+
     def _buffer(self, n_rows: int) -> np.ndarray:
         """An at-rest activation buffer for ``n_rows`` rows: a spare one if any."""
         with self._lock:
@@ -475,7 +484,14 @@ class StoreWriter:
         summary = self._summary_pool.submit(_summarise, data, self.spec.dtype)
         try:
             arrays = self._open_arrays()
-            for name in ARRAY_NAMES:
+            names = ARRAY_NAMES
+            inner_rows = self._plain_inner_rows()
+            if inner_rows and stop - start == self.spec.chunk_tokens:  # full plain shard
+                assert self.location.local_path is not None and names[0] == "activations"
+                shard = self.location.local_path / layout.chunk_keys(index)[0]
+                fastread.write_plain_shard(shard, data.activations, inner_rows)
+                names = ARRAY_NAMES[1:]
+            for name in names:
                 arrays[name][start:stop] = getattr(data, name)
             if self.location.local_path is not None:  # object PUTs are durable on return
                 layout.fsync_files(layout.chunk_files(self.location.local_path, index))
