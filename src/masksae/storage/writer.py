@@ -485,16 +485,17 @@ class StoreWriter:
         try:
             arrays = self._open_arrays()
             names = ARRAY_NAMES
+            local = self.location.local_path
             inner_rows = self._plain_inner_rows()
-            if inner_rows and stop - start == self.spec.chunk_tokens:  # full plain shard
-                assert self.location.local_path is not None and names[0] == "activations"
-                shard = self.location.local_path / layout.chunk_keys(index)[0]
-                fastread.write_plain_shard(shard, data.activations, inner_rows)
+            if local is not None and inner_rows and stop - start == self.spec.chunk_tokens:
+                # a full plain shard: the rows and zarr's index, without zarr's encode copies
+                activations_file = layout.chunk_files(local, index)[0]  # ARRAY_NAMES order
+                fastread.write_plain_shard(activations_file, data.activations, inner_rows)
                 names = ARRAY_NAMES[1:]
             for name in names:
                 arrays[name][start:stop] = getattr(data, name)
-            if self.location.local_path is not None:  # object PUTs are durable on return
-                layout.fsync_files(layout.chunk_files(self.location.local_path, index))
+            if local is not None:  # object PUTs are durable once they return
+                layout.fsync_files(layout.chunk_files(local, index))
         except BaseException:
             wait([summary])  # never leave it reading a buffer about to be recycled
             raise
