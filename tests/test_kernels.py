@@ -36,7 +36,11 @@ def run(sae, x, fused, dead, autocast=False):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_fused_matches_dense_fp32(arch, with_dead):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch-only"])
+def test_fused_matches_dense_fp32(arch, with_dead, native, monkeypatch):
+    # "native": the CPU C kernels where a compiler is present; "torch-only": the PyTorch
+    # kernels a machine without one runs
+    monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", native)
     sae = make(arch)
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(3)) * 2
     dead = None

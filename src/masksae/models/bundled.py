@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masksae.atomic import default_dir_mode
+from masksae.cache_dirs import cache_dir
 from masksae.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,7 @@ BUNDLED: dict[str, BundledModel] = {
 
 def cache_root() -> Path:
     """Where dequantised bundled models live: ``$MASKSAE_CACHE/models`` or ~/.cache/masksae/models."""
-    base = os.environ.get("MASKSAE_CACHE")
-    root = Path(base) if base else Path.home() / ".cache" / "masksae"
-    return root / "models"
+    return cache_dir("models")
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from masksae.cache_dirs import cache_dir as masksae_cache_dir
 from masksae.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
@@ -71,8 +72,7 @@ def parse_size(text: str | int) -> int:
 
 def default_cache_dir() -> Path:
     """``$MASKSAE_CACHE/store-cache`` (default ``~/.cache/masksae/store-cache``)."""
-    root = os.environ.get("MASKSAE_CACHE") or os.path.join("~", ".cache", "masksae")
-    return Path(root).expanduser() / "store-cache"
+    return masksae_cache_dir("store-cache")
 
 
 def cache_key(url: str) -> str:

@@ -21,6 +21,10 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from masksae.train.kernels import native
+from masksae.train.kernels.autograd import sparse_decode
+from masksae.train.kernels.dispatch import segment_gather_sum
+from masksae.train.kernels.plan import SparsePlan
 from masksae.train.kernels.workspace import workspace
 
 
@@ -72,6 +76,70 @@ class _PrefixSquaredErrors(Function):
                 grad_b_dec = total_BD.sum(dim=0).to(ctx.b_dtype)
             grad_parts = grad_parts_BGD.to(ctx.parts_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_b_dec, grad_parts
+
+
+class _NativePrefixDecodeErrors(Function):
+    """sparse decode + prefix squared errors in one C pass per token (``native_cpu.c``)."""
+
+    @staticmethod
+    def forward(ctx, vals_N, x_BD, b_dec_D, W_dec_FD, plan: SparsePlan, n_groups: int):
+        B, D = x_BD.shape
+        resid_BGD = workspace().get("prefix_resids", (B, n_groups, D), torch.float32, x_BD.device)
+        err_BG = torch.empty(B, n_groups, dtype=torch.float32)
+        vals32_N = vals_N.detach().float().contiguous()
+        native.prefix_decode_forward(
+            x_BD.detach().float().contiguous(), b_dec_D.detach().float().contiguous(),
+            plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(), resid_BGD, err_BG,
+        )  # fmt: skip
+        # written through a pointer: tell autograd, so that a later overwrite of this
+        # workspace buffer before backward is caught by its in-place check
+        torch.autograd.graph.increment_version(resid_BGD)
+        ctx.save_for_backward(vals32_N, W_dec_FD, resid_BGD)
+        ctx.plan = plan
+        ctx.dtypes = (vals_N.dtype, x_BD.dtype, b_dec_D.dtype)
+        resid_BD = resid_BGD[:, n_groups - 1]
+        ctx.mark_non_differentiable(resid_BD)
+        return err_BG, resid_BD
+
+    @staticmethod
+    def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
+        vals_N, W_dec_FD, resid_BGD = ctx.saved_tensors
+        plan: SparsePlan = ctx.plan
+        vals_dtype, x_dtype, b_dtype = ctx.dtypes
+        B, G, D = resid_BGD.shape
+        grad_parts_BGD = workspace().get("prefix_grad", (B, G, D), torch.float32, W_dec_FD.device)
+        grad_vals_N = torch.empty_like(vals_N)
+        native.prefix_decode_backward(
+            resid_BGD, grad_err_BG.float().contiguous(), plan.bag_offsets, plan.lat_N,
+            W_dec_FD.detach(), grad_parts_BGD, grad_vals_N,
+        )  # fmt: skip
+        total_BD = grad_parts_BGD[:, 0]  # every residual is x - b_dec - ...
+        grad_x = (-total_BD).to(x_dtype) if ctx.needs_input_grad[1] else None
+        grad_b_dec = total_BD.sum(dim=0).to(b_dtype) if ctx.needs_input_grad[2] else None
+        grad_W_dec = None
+        if ctx.needs_input_grad[3]:
+            perm = plan.lat_perm_N
+            grad_W_dec = segment_gather_sum(
+                plan.lat_offsets, plan.bag_N[perm], vals_N[perm], grad_parts_BGD.view(B * G, D)
+            ).to(W_dec_FD.dtype)
+        return grad_vals_N.to(vals_dtype), grad_x, grad_b_dec, grad_W_dec, None, None
+
+
+def decoded_prefix_errors(
+    vals_N: Tensor, x_BD: Tensor, b_dec_D: Tensor, W_dec_FD: Tensor, plan: SparsePlan, n_groups: int
+) -> tuple[Tensor, Tensor]:
+    """Squared errors [B, G] of the nested reconstructions decoded from a sparse selection
+    (``sparse_decode`` of ``plan``'s bags, then :func:`prefix_squared_errors`), and the final
+    residual [B, D] (no gradient). On the CPU with fp32 weights one C pass per token does
+    both (``native``); elsewhere the two fused PyTorch/Triton steps."""
+    if (
+        W_dec_FD.dtype == torch.float32
+        and W_dec_FD.is_contiguous()
+        and native.enabled_for(W_dec_FD)
+    ):
+        return _NativePrefixDecodeErrors.apply(vals_N, x_BD, b_dec_D, W_dec_FD, plan, n_groups)
+    parts_BGD = sparse_decode(vals_N, W_dec_FD, plan).view(x_BD.shape[0], n_groups, -1)
+    return prefix_squared_errors(x_BD, b_dec_D, parts_BGD)
 
 
 def prefix_squared_errors(

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from masksae.train.kernels import native
+
 if TYPE_CHECKING:
     from masksae.train.sae.refine import ExactPreacts
 
@@ -71,6 +73,11 @@ def _greater(flat: Tensor, t: Tensor, mask_out: Tensor | None) -> Tensor:
     as_int = _SAME_WIDTH_INT.get(flat.dtype)
     if as_int is not None and flat.device.type == "cpu" and t.dtype == flat.dtype and t >= 0:
         flat, t = flat.view(as_int), t.abs().view(as_int)  # abs: -0.0 has the sign bit set
+        if flat.is_contiguous() and native.enabled_for(flat):
+            # one pass over the scores instead of compare + word scan + gather
+            hits = native.greater(flat, int(t), capacity=flat.numel() // 8)
+            if hits is not None:
+                return hits
     if mask_out is None:
         mask_out = flat > t
     else:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from masksae.train.kernels import make_plan, selected_preacts, sparse_decode
-from masksae.train.kernels.prefix import prefix_squared_errors
+from masksae.train.kernels.prefix import decoded_prefix_errors
 from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.auxk import auxk_select, normalized_auxk_loss
 from masksae.train.sae.base import SparseAutoencoder, StepContext, StepOutput
@@ -149,19 +149,14 @@ class TopKFamilySAE(SparseAutoencoder):
                 plan,
                 subtract_b_dec=self.subtract_b_dec_from_input,
             )
-            parts_BGD = sparse_decode(vals_N, self.W_dec, plan).view(B, G, -1)
+            # decode, prefix residuals and their norms fused (kernels/prefix.py)
+            err_BG, resid_BD = decoded_prefix_errors(vals_N, x_BD, self.b_dec, self.W_dec, plan, G)
+            x_hat_BD = x_BD.float() - resid_BD
         else:
             post_BF = self.post_relu(x_BD)
             sel = self.select(post_BF.detach())
             f_BF = post_BF * selection_mask(sel, (B, Fdim))
             parts_BGD = self._decode_groups_dense(f_BF)
-        self.update_threshold(sel, ctx)
-
-        if ctx.fused:
-            # one residual updated in place per group, custom backward (kernels/prefix.py)
-            err_BG, resid_BD = prefix_squared_errors(x_BD, self.b_dec, parts_BGD)
-            x_hat_BD = x_BD.float() - resid_BD
-        else:
             # the reference: prefix sums as explicit autograd adds over unbind(1) views
             # (indexing parts[:, i] would make each backward zero-fill a [B, G, D] gradient)
             x32_BD = x_BD.float()
@@ -172,6 +167,7 @@ class TopKFamilySAE(SparseAutoencoder):
                 err_list.append((x32_BD - x_hat_BD.float()).pow(2).sum(dim=-1))
             err_BG = torch.stack(err_list, dim=1)
             resid_BD = x32_BD - x_hat_BD.detach().float()
+        self.update_threshold(sel, ctx)
         weights_G = torch.tensor(self.group_weights, dtype=err_BG.dtype, device=err_BG.device)
         recon_loss = (err_BG.mean(dim=0) * weights_G).mean()
 

@@ -1,0 +1,112 @@
+/* CPU kernels of the fused step that PyTorch runs as several separate passes.
+ *
+ * Built on first use by masksae/train/kernels/native.py with the machine's C compiler and
+ * called through ctypes (the GIL is released during each call); every function works on a
+ * range of rows [r0, r1) so the caller splits a batch across threads. Plain C99, no
+ * dependencies: a missing compiler only means the PyTorch path runs instead.
+ *
+ * Layouts (all row-major, contiguous, float32 unless said):
+ *   x[B, x_stride], b_dec[D], W_dec[F, D]; bags: entries of bag j = row * G + group are
+ *   [bag_off[j], bag_off[j + 1]) in lat[] / vals[] (int64 / float32);
+ *   resid[B, G, D]: every prefix residual x - b_dec - sum of the groups up to g;
+ *   err[B, G]: their squared norms.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16 /* independent partial sums: lets the compiler vectorise the reductions */
+
+static float sum_of_squares(const float *r, int64_t D) {
+    float acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += r[d + j] * r[d + j];
+    float s = 0.0f;
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    for (; d < D; d++) s += r[d] * r[d];
+    return s;
+}
+
+static float dot(const float *a, const float *b, int64_t D) {
+    float acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[d + j] * b[d + j];
+    float s = 0.0f;
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    for (; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* resid[b, g] = x[b] - b_dec - sum over the bags (b, 0..g) of vals[e] * W_dec[lat[e]];
+ * err[b, g] = ||resid[b, g]||^2. The sparse decode, the prefix sums and the norms in one
+ * pass per token, each residual row staying in L1 while its bag is subtracted. */
+void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const float *x,
+                           int64_t x_stride, const float *b_dec, const int64_t *bag_off,
+                           const int64_t *lat, const float *vals, const float *W_dec,
+                           float *resid, float *err) {
+    for (int64_t b = r0; b < r1; b++) {
+        const float *xb = x + b * x_stride;
+        for (int64_t g = 0; g < G; g++) {
+            float *r = resid + (b * G + g) * D;
+            if (g == 0)
+                for (int64_t d = 0; d < D; d++) r[d] = xb[d] - b_dec[d];
+            else
+                memcpy(r, r - D, (size_t)D * sizeof(float));
+            for (int64_t e = bag_off[b * G + g]; e < bag_off[b * G + g + 1]; e++) {
+                const float *w = W_dec + lat[e] * D;
+                const float v = vals[e];
+                for (int64_t d = 0; d < D; d++) r[d] -= v * w[d];
+            }
+            err[b * G + g] = sum_of_squares(r, D);
+        }
+    }
+}
+
+/* Backward of prefix_decode_forward for d loss / d err[b, g] = grad_err[b, g]:
+ * grad_parts[b, g] = -2 sum_{i >= g} grad_err[b, i] resid[b, i] (the gradient of group g's
+ * decoded sum, written for the decoder-weight gradient) and, for each entry of bag (b, g),
+ * grad_vals[e] = <grad_parts[b, g], W_dec[lat[e]]>. */
+void prefix_decode_backward(int64_t r0, int64_t r1, int64_t G, int64_t D, const float *resid,
+                            const float *grad_err, const int64_t *bag_off, const int64_t *lat,
+                            const float *W_dec, float *grad_parts, float *grad_vals) {
+    for (int64_t b = r0; b < r1; b++) {
+        for (int64_t g = G - 1; g >= 0; g--) {
+            const float *r = resid + (b * G + g) * D;
+            float *p = grad_parts + (b * G + g) * D;
+            const float c = -2.0f * grad_err[b * G + g];
+            if (g == G - 1)
+                for (int64_t d = 0; d < D; d++) p[d] = c * r[d];
+            else
+                for (int64_t d = 0; d < D; d++) p[d] = p[D + d] + c * r[d];
+            for (int64_t e = bag_off[b * G + g]; e < bag_off[b * G + g + 1]; e++)
+                grad_vals[e] = dot(p, W_dec + lat[e] * D, D);
+        }
+    }
+}
+
+/* Increasing indices i in [i0, i1) with x[i] > t, written to out (at most cap of them).
+ * Returns how many, or -1 when more than cap (the caller then counts another way). Blocks
+ * with no hit, nearly all of them for a top-k cut, cost one vectorised compare. */
+#define SCAN_BLOCK 64
+#define DEFINE_GREATER(NAME, T)                                                            \
+    int64_t NAME(int64_t i0, int64_t i1, const T *x, T t, int64_t *out, int64_t cap) {     \
+        int64_t n = 0, i = i0;                                                             \
+        for (; i < i1; i += SCAN_BLOCK) {                                                  \
+            const int64_t end = i + SCAN_BLOCK < i1 ? i + SCAN_BLOCK : i1;                 \
+            int any = 0;                                                                   \
+            if (end - i == SCAN_BLOCK)                                                     \
+                for (int j = 0; j < SCAN_BLOCK; j++) any |= x[i + j] > t;                  \
+            else                                                                           \
+                any = 1;                                                                   \
+            if (!any) continue;                                                            \
+            for (int64_t j = i; j < end; j++)                                              \
+                if (x[j] > t) {                                                            \
+                    if (n == cap) return -1;                                               \
+                    out[n++] = j;                                                          \
+                }                                                                          \
+        }                                                                                  \
+        return n;                                                                          \
+    }
+DEFINE_GREATER(greater_i16, int16_t)
+DEFINE_GREATER(greater_i32, int32_t)

@@ -1,0 +1,214 @@
+"""The CPU C kernels (masksae.train.kernels.native) against PyTorch references, and the
+fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from masksae.train.kernels import make_plan, native, sparse_decode
+from masksae.train.kernels.prefix import decoded_prefix_errors, prefix_squared_errors
+from masksae.train.sae.selection import _greater
+
+needs_native = pytest.mark.skipif(
+    native.library() is None, reason="no C compiler: the native kernels cannot be built"
+)
+
+
+def _selection(B: int, F: int, k_max: int, G: int, g: torch.Generator):
+    """A random (row, latent)-sorted selection with 0..k_max entries per row (some rows and
+    so some bags empty), and its plan with G equal latent groups."""
+    rows, lats = [], []
+    for b in range(B):
+        n = int(torch.randint(0, k_max + 1, (1,), generator=g))
+        chosen = torch.randperm(F, generator=g)[:n].sort().values
+        rows.append(torch.full((n,), b))
+        lats.append(chosen)
+    rows_N, lat_N = torch.cat(rows), torch.cat(lats)
+    group_of_F = torch.arange(F) * G // F
+    plan = make_plan(rows_N, lat_N, n_rows=B, n_latents=F, group_of_F=group_of_F, n_groups=G)
+    return plan
+
+
+def _prefix_case(B, F, D, G, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    plan = _selection(B, F, 12, G, g)
+    vals = torch.rand(plan.lat_N.numel(), generator=g).requires_grad_()
+    x = torch.randn(B, D, generator=g).requires_grad_()
+    b_dec = torch.randn(D, generator=g).mul(0.1).requires_grad_()
+    W_dec = torch.randn(F, D, generator=g).mul(0.2).requires_grad_()
+    w_BG = torch.rand(B, G, generator=g)
+    return plan, (vals, x, b_dec, W_dec), w_BG
+
+
+def _run_prefix(plan, leaves, w_BG, G, native_on: bool, monkeypatch):
+    monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", "1" if native_on else "0")
+    for t in leaves:
+        t.grad = None
+    vals, x, b_dec, W_dec = leaves
+    err, resid = decoded_prefix_errors(vals, x, b_dec, W_dec, plan, G)
+    (err * w_BG).sum().backward()
+    return err.detach(), resid.clone(), [t.grad.clone() for t in leaves]
+
+
+@needs_native
+@pytest.mark.parametrize(("D", "G"), [(37, 1), (37, 3), (64, 4), (200, 2)])
+def test_prefix_decode_matches_the_pytorch_kernels(D, G, monkeypatch):
+    # D 37 and 200 exercise the tails after the 16-wide partial sums; empty bags included
+    plan, leaves, w_BG = _prefix_case(B=150, F=96, D=D, G=G)
+    err_n, resid_n, grads_n = _run_prefix(plan, leaves, w_BG, G, True, monkeypatch)
+    err_t, resid_t, grads_t = _run_prefix(plan, leaves, w_BG, G, False, monkeypatch)
+    assert torch.allclose(err_n, err_t, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(resid_n, resid_t, atol=1e-5)
+    for name, a, b in zip(("vals", "x", "b_dec", "W_dec"), grads_n, grads_t, strict=True):
+        assert b.abs().max() > 0, name
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), name
+
+
+@needs_native
+def test_prefix_decode_matches_a_float64_hand_computation(monkeypatch):
+    G, D, F = 3, 19, 30
+    plan, leaves, w_BG = _prefix_case(B=40, F=F, D=D, G=G, seed=3)
+    err, resid, grads = _run_prefix(plan, leaves, w_BG, G, True, monkeypatch)
+    vals, x, b_dec, W_dec = (t.detach().double().requires_grad_() for t in leaves)
+    # every prefix by hand: dense [B, F] codes, groups as latent ranges
+    f_BF = torch.zeros(40, F, dtype=torch.float64)
+    f_BF = f_BF.index_put((plan.rows_N, plan.lat_N), vals)
+    group_of_F = torch.arange(F) * G // F
+    ref = []
+    for i in range(G):
+        keep_F = (group_of_F <= i).double()
+        ref.append((x - b_dec - (f_BF * keep_F) @ W_dec).pow(2).sum(-1))
+    ref_BG = torch.stack(ref, dim=1)
+    (ref_BG * w_BG.double()).sum().backward()
+    assert torch.allclose(err.double(), ref_BG, rtol=1e-5)
+    assert torch.allclose(resid.double(), (x - b_dec - f_BF @ W_dec).detach(), atol=1e-5)
+    for a, t in zip(grads, (vals, x, b_dec, W_dec), strict=True):
+        assert torch.allclose(a.double(), t.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_split_across_threads_gives_the_same_bits(monkeypatch):
+    # each token is computed by one thread whatever the split: results are bit-identical
+    plan, leaves, w_BG = _prefix_case(B=300, F=64, D=48, G=2, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_prefix(plan, leaves, w_BG, 2, True, monkeypatch)
+        torch.set_num_threads(3)
+        three = _run_prefix(plan, leaves, w_BG, 2, True, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    for a, b in zip(one[2], three[2], strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_bad_indices_are_refused_not_read():
+    B, G, D, F = 4, 1, 8, 10
+    resid, err = torch.empty(B, G, D), torch.empty(B, G)
+    x, b_dec, W = torch.zeros(B, D), torch.zeros(D), torch.zeros(F, D)
+    offsets = torch.tensor([0, 1, 2, 3, 4])
+    vals = torch.ones(4)
+    with pytest.raises(ValueError, match="latent indices outside"):
+        native.prefix_decode_forward(
+            x, b_dec, offsets, torch.tensor([0, 1, 2, F]), vals, W, resid, err
+        )
+    with pytest.raises(ValueError, match="bag_offsets"):
+        native.prefix_decode_forward(
+            x, b_dec, offsets[:-1], torch.tensor([0, 1, 2]), vals[:3], W, resid, err
+        )
+    with pytest.raises(ValueError, match="float32"):
+        native.prefix_decode_forward(
+            x.double(), b_dec, offsets, torch.tensor([0, 1, 2, 3]), vals, W, resid, err
+        )
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 63, 64, 4099, 1 << 17])
+def test_greater_scan_matches_compare_and_nonzero(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    flat = torch.randn(n, generator=g).to(dtype)
+    flat[:: max(1, n // 7)] = 0.0
+    for t in (0.0, 1.5, 3.0):
+        cut = torch.tensor(t, dtype=dtype)
+        want = (flat > cut).nonzero().squeeze(1)
+        got = _greater(flat, cut, None)
+        assert torch.equal(got, want), (t, got.numel(), want.numel())
+    as_int = flat.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
+    # more hits than the capacity: None, so the caller counts another way
+    assert native.greater(as_int, 0, capacity=1) is None or int((flat > 0).sum()) <= 1
+
+
+def test_without_a_compiler_the_step_runs_the_pytorch_kernels(tmp_path):
+    # a fresh process: no cached library, CC naming a compiler that fails
+    fake_cc = tmp_path / "broken-cc"
+    fake_cc.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
+    fake_cc.chmod(0o755)
+    code = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from masksae.train.kernels import native\n"
+        "from masksae.train.sae import StepContext, build_sae, sae_config_from_dict\n"
+        "assert native.library() is None and not native.enabled_for(torch.zeros(1))\n"
+        "sae = build_sae(sae_config_from_dict({'architecture': 'matryoshka_batch_topk',\n"
+        "    'd_in': 16, 'd_sae': 64, 'k': 4}))\n"
+        "out = sae.training_loss(torch.randn(32, 16), StepContext(0, 1, None, True))\n"
+        "out.loss.backward()\n"
+        "print('step ok', float(out.loss))\n"
+    )
+    env = dict(os.environ, CC=str(fake_cc), MASKSAE_CACHE=str(tmp_path / "cache"))
+    env.pop("MASKSAE_NATIVE_KERNELS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "step ok" in proc.stdout
+    assert "could not build the CPU kernels" in proc.stderr
+    assert "MASKSAE_NATIVE_KERNELS=0" in proc.stderr  # the warning says how to silence it
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written library left
+
+
+@needs_native
+def test_library_is_built_once_into_the_cache(tmp_path):
+    code = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from masksae.train.kernels import native\n"
+        "assert native.library() is not None\n"
+    )
+    env = dict(os.environ, MASKSAE_CACHE=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "built the CPU kernels" in first.stderr
+    assert "built the CPU kernels" not in second.stderr
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and not built[0].name.endswith(".tmp")
+
+
+def test_switches_turn_the_native_kernels_off(monkeypatch):
+    t = torch.zeros(1)
+    monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", "0")
+    assert not native.enabled_for(t)
+    monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", "1")
+    monkeypatch.setenv("MASKSAE_KERNEL_BACKEND", "torch")
+    assert not native.enabled_for(t)
+    monkeypatch.delenv("MASKSAE_KERNEL_BACKEND")
+    assert native.enabled_for(t) == (native.library() is not None)
+
+
+def test_pytorch_path_is_sparse_decode_then_prefix_errors(monkeypatch):
+    # the fallback composes the two fused PyTorch steps exactly
+    monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", "0")
+    plan, (vals, x, b_dec, W_dec), _ = _prefix_case(B=20, F=32, D=8, G=2, seed=9)
+    err, resid = decoded_prefix_errors(vals, x, b_dec, W_dec, plan, 2)
+    parts = sparse_decode(vals, W_dec, plan).view(20, 2, 8)
+    err_ref, resid_ref = prefix_squared_errors(x, b_dec, parts)
+    assert torch.equal(err, err_ref) and torch.equal(resid, resid_ref)
