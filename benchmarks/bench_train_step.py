@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import legacy_step
+from masksae.train.kernels import native as native_mod
 from masksae.train.kernels import prefix as prefix_mod
 from masksae.train.kernels.workspace import Workspace, release_workspace, workspace
 from masksae.train.optim import make_adam
@@ -100,7 +101,7 @@ def _autograd_prefix(x_BD, b_dec_D, parts_BGD):
     return torch.stack(errs, 1), (x_BD - x_hat_BD).detach()
 
 
-WORKSPACE_USERS = (topk_family, batch_topk_mod, base_mod, metrics_mod, prefix_mod)
+WORKSPACE_USERS = (topk_family, batch_topk_mod, base_mod, metrics_mod, prefix_mod, native_mod)
 
 
 def _plain_nonzero(mask):
@@ -119,7 +120,8 @@ def patched(obj, name, value) -> Iterator[None]:
 
 ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "bf16 -buffers": lambda: _fresh_buffers(),
-    "bf16 -prefix": lambda: patched(topk_family, "prefix_squared_errors", _autograd_prefix),
+    "bf16 -native": lambda: _native_off(),
+    "bf16 -prefix": lambda: _autograd_prefix_loss(),
     "bf16 -scan": lambda: _plain_scan(),
     "bf16 -stride": lambda: patched(
         selection_mod, "sample_stride", lambda n, _f: max(1, n // selection_mod._SAMPLE)
@@ -134,6 +136,27 @@ def _fresh_buffers() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for module in WORKSPACE_USERS:
             stack.enter_context(patched(module, "workspace", Workspace))
+        yield
+
+
+@contextlib.contextmanager
+def _native_off() -> Iterator[None]:
+    # the PyTorch kernels a machine without a C compiler runs (kernels/native.py)
+    old = os.environ.get("MASKSAE_NATIVE_KERNELS")
+    os.environ["MASKSAE_NATIVE_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MASKSAE_NATIVE_KERNELS")
+        else:
+            os.environ["MASKSAE_NATIVE_KERNELS"] = old
+
+
+@contextlib.contextmanager
+def _autograd_prefix_loss() -> Iterator[None]:
+    # the prefix loss as plain autograd ops after the sparse decode (no C kernel either)
+    with _native_off(), patched(prefix_mod, "prefix_squared_errors", _autograd_prefix):
         yield
 
 
@@ -256,6 +279,7 @@ def measure(d: int, f: int, batch: int, k: int, steps: int, warmup: int) -> dict
         "bf16 -buffers",
         "bf16 -adam",
         "bf16 -layout",
+        "bf16 -native",
         "bf16 -prefix",
         "bf16 -scan",
         "bf16 -stride",
