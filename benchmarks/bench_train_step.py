@@ -44,7 +44,7 @@ import legacy_step
 from masksae.train.kernels import native as native_mod
 from masksae.train.kernels import prefix as prefix_mod
 from masksae.train.kernels.workspace import Workspace, release_workspace, workspace
-from masksae.train.optim import make_adam
+from masksae.train.optim import clip_grad_norm, make_adam
 from masksae.train.sae import MatryoshkaBatchTopKConfig, StepContext, build_sae, topk_family
 from masksae.train.sae import base as base_mod
 from masksae.train.sae import batch_topk as batch_topk_mod
@@ -240,7 +240,10 @@ class Variant:
                 self.refine.entries += stats.entries
                 self.refine.widened += stats.widened
                 self.refine.dense_rows += stats.dense_rows
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        if self.name == "legacy":
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        else:  # the trainer's
+            clip_grad_norm(sae.parameters(), 1.0)
         self.opt.step()
         sae.normalize_decoder()
         return loss.item()

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from masksae.train.kernels import make_plan, native, sparse_decode
+from masksae.train.kernels import make_plan, native, ops_torch, sparse_decode
 from masksae.train.kernels.prefix import decoded_prefix_errors, prefix_squared_errors
+from masksae.train.optim import clip_grad_norm
 from masksae.train.sae.selection import _greater
 
 needs_native = pytest.mark.skipif(
@@ -144,6 +145,66 @@ def test_greater_scan_matches_compare_and_nonzero(dtype, n):
     as_int = flat.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
     # more hits than the capacity: None, so the caller counts another way
     assert native.greater(as_int, 0, capacity=1) is None or int((flat > 0).sum()) <= 1
+
+
+@needs_native
+@pytest.mark.parametrize("D", [7, 64, 83])
+def test_gradient_gathers_and_sampled_product_match_pytorch(D):
+    g = torch.Generator().manual_seed(D)
+    plan = _selection(B=90, F=400, k_max=9, G=1, g=g)
+    n = plan.lat_N.numel()
+    weights = torch.randn(n, generator=g)
+    table = torch.randn(90, D, generator=g)
+    perm = plan.lat_perm_N
+    want = ops_torch.segment_gather_sum(plan.lat_offsets, plan.rows_N[perm], weights[perm], table)
+    got = native.segment_gather_perm(plan.lat_offsets, perm, plan.rows_N, weights, table)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    unused = plan.lat_offsets.diff() == 0
+    assert unused.any() and not got[unused].any()  # latents without entries: zero rows
+    B_FD = torch.randn(400, D, generator=g)
+    want = ops_torch.pair_dot(table, plan.rows_N, plan.row_offsets, plan.lat_N, B_FD)
+    got = native.pair_dot_rows(table, plan.row_offsets, plan.lat_N, B_FD)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="without decreasing"):
+        bad = plan.row_offsets.clone()
+        bad[1] = int(bad[2]) + 1  # a row pointer that goes back
+        native.pair_dot_rows(table, bad, plan.lat_N, B_FD)
+
+
+@needs_native
+def test_parallel_gradient_removal_matches_the_reference_arithmetic():
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(70, 37, generator=g) * torch.rand(70, 1, generator=g)
+    grad = torch.randn(70, 37, generator=g)
+    denom = (W.norm(dim=-1, keepdim=True) + 1e-6) ** 2
+    want = grad - (grad * W).sum(-1, keepdim=True) / denom * W
+    got = grad.clone()
+    sq = native.remove_parallel_rows(W, got)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(sq, want.pow(2).sum(-1), rtol=1e-5)
+    # with unit rows (as in training) nothing is left along them but the 1e-6's share
+    unit = W / W.norm(dim=-1, keepdim=True)
+    got = grad.clone()
+    native.remove_parallel_rows(unit, got)
+    assert (got * unit).sum(-1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_clip_grad_norm_is_torchs(scale):
+    # below the limit (the rescale skipped) and above it (rescaled): torch's results exactly
+    g = torch.Generator().manual_seed(4)
+    shapes = [(30, 8), (8,), (8, 30)]
+    grads = [torch.randn(s, generator=g) * scale for s in shapes]
+    ours = [torch.zeros(s, requires_grad=True) for s in shapes]
+    theirs = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for a, b, gr in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = gr.clone(), gr.clone()
+    total = clip_grad_norm(iter(ours), 1.0)
+    total_ref = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert torch.equal(total, total_ref)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert (float(total) > 1.0) == (scale == 10.0)
 
 
 def test_without_a_compiler_the_step_runs_the_pytorch_kernels(tmp_path):

@@ -63,7 +63,7 @@ from masksae.train.metrics_log import (
     check_sinks_available,
     read_metrics,
 )
-from masksae.train.optim import make_adam
+from masksae.train.optim import clip_grad_norm, make_adam
 from masksae.train.schedules import make_schedule, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ class _Run:
             loss.backward()
             sae.remove_parallel_decoder_grad()
             if self.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.train.grad_clip)
+                clip_grad_norm(sae.parameters(), self.train.grad_clip)
             lr_used = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from masksae.train.kernels.dispatch import pair_dot, segment_gather_sum
+from masksae.train.kernels.dispatch import gather_per_latent, pair_dot, segment_gather_sum
 from masksae.train.kernels.plan import SparsePlan
 
 
@@ -41,10 +41,7 @@ class _SelectedPreacts(Function):
             grad_b_enc = torch.zeros(b_enc_F.shape, dtype=torch.float32, device=g_N.device)
             grad_b_enc.index_add_(0, plan.lat_N, g_N)
             xin_BD = x_BD.float() - b_dec_D.float() if ctx.subtract_b_dec else x_BD.float()
-            perm = plan.lat_perm_N
-            grad_W_enc_FD = segment_gather_sum(
-                plan.lat_offsets, plan.rows_N[perm], g_N[perm], xin_BD
-            )
+            grad_W_enc_FD = gather_per_latent(plan, plan.rows_N, g_N, xin_BD)
             # W_enc is stored latent-major (strides (1, D), see SparseAutoencoder): the [F, D]
             # gradient transposed is already laid out like it, so autograd keeps it as .grad
             # without the two transposing copies a contiguous [D, F] gradient would cost
@@ -86,10 +83,9 @@ class _SparseDecode(Function):
                     grad_out_SD, plan.bag_N, plan.bag_offsets, plan.lat_N, W_dec_FD
                 ).to(vals_N.dtype)
             if ctx.needs_input_grad[1]:
-                perm = plan.lat_perm_N
-                grad_W_dec = segment_gather_sum(
-                    plan.lat_offsets, plan.bag_N[perm], vals_N[perm], grad_out_SD
-                ).to(W_dec_FD.dtype)
+                grad_W_dec = gather_per_latent(plan, plan.bag_N, vals_N, grad_out_SD).to(
+                    W_dec_FD.dtype
+                )
         return grad_vals, grad_W_dec, None
 
 

@@ -10,9 +10,11 @@ import functools
 import importlib.util
 import os
 
+import torch
 from torch import Tensor
 
-from masksae.train.kernels import ops_torch
+from masksae.train.kernels import native, ops_torch
+from masksae.train.kernels.plan import SparsePlan
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,4 +51,26 @@ def pair_dot(
         from masksae.train.kernels import ops_triton
 
         return ops_triton.pair_dot(A_MD, rows_N, B_KD, cols_N)
+    if _native_f32(A_MD, B_KD):
+        return native.pair_dot_rows(A_MD, offsets_M1, cols_N, B_KD)
     return ops_torch.pair_dot(A_MD, rows_N, offsets_M1, cols_N, B_KD)
+
+
+def gather_per_latent(plan: SparsePlan, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor):
+    """[F, D] fp32 weight gradient: out[f] = sum of weights[e] * table[cols[e]] over the
+    entries e of latent f (``segment_gather_sum`` in ``plan``'s latent order)."""
+    if _native_f32(table_TD, weights_N):
+        return native.segment_gather_perm(
+            plan.lat_offsets, plan.lat_perm_N, cols_N, weights_N.contiguous(), table_TD
+        )
+    perm = plan.lat_perm_N
+    return segment_gather_sum(plan.lat_offsets, cols_N[perm], weights_N[perm], table_TD)
+
+
+def _native_f32(*tensors: Tensor) -> bool:
+    """The C kernels serve these: fp32 row-major CPU tensors (weights may be any stride)."""
+    if backend_for(tensors[0]) == "triton" or not native.enabled_for(tensors[0]):
+        return False
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and all(
+        t.is_contiguous() for t in tensors if t.dim() == 2
+    )

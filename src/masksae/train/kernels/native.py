@@ -51,6 +51,11 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "prefix_decode_forward": [_i64] * 4 + [_ptr, _i64] + [_ptr] * 7,
     "prefix_decode_backward": [_i64] * 4 + [_ptr] * 7,
+    "segment_gather_perm": [_i64] * 3 + [_ptr] * 6,
+    "pair_dot_rows": [_i64] * 3 + [_ptr] * 5,
+    "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
+    "indices_in_range": ([_ptr, _i64, _i64], _i64),
+    "offsets_valid": ([_ptr, _i64, _i64], _i64),
     "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _i64], _i64),
     "greater_i32": ([_i64, _i64, _ptr, ctypes.c_int32, _ptr, _i64], _i64),
 }
@@ -104,7 +109,10 @@ def _compile(cc: list[str], out: Path) -> list[str]:
         os.close(fd)
         try:
             proc = subprocess.run(
-                [*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+                [*cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: a concurrent process sees all of it or none
@@ -221,15 +229,39 @@ def _check(*tensors: Tensor, floats: tuple[Tensor, ...] = ()) -> None:
 
 def _check_bags(n_bags: int, bag_offsets: Tensor, lat_N: Tensor, n_latents: int) -> None:
     """The C code trusts its indices: refuse any that would read outside the tables."""
-    n = lat_N.numel()
-    if bag_offsets.numel() != n_bags + 1 or bag_offsets.dtype != torch.int64:
-        raise ValueError(f"bag_offsets: expected int64 [{n_bags + 1}]")
-    if lat_N.dtype != torch.int64 or int(bag_offsets[0]) != 0 or int(bag_offsets[-1]) != n:
-        raise ValueError(f"bag_offsets must run from 0 to the {n} int64 entries")
-    if n:
-        lo, hi = torch.aminmax(lat_N)
-        if int(lo) < 0 or int(hi) >= n_latents:
-            raise ValueError(f"latent indices outside [0, {n_latents})")
+    if bag_offsets.numel() != n_bags + 1:
+        raise ValueError(f"bag_offsets: expected [{n_bags + 1}]")
+    _check_offsets(bag_offsets, lat_N.numel(), "bag_offsets")
+    _check_range(lat_N, n_latents, "latent indices")
+
+
+def _check_offsets(offsets: Tensor, n: int, what: str) -> None:
+    """A CSR pointer: int64, from 0 to the n entries, non-decreasing."""
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{what}: expected a 1-d int64 CSR pointer")
+    if not library().offsets_valid(_p(offsets), offsets.numel() - 1, n):
+        raise ValueError(f"{what} must run from 0 to the {n} entries without decreasing")
+
+
+def _check_range(idx_N: Tensor, bound: int, what: str) -> None:
+    if idx_N.dtype != torch.int64:
+        raise ValueError(f"{what}: expected int64 indices")
+    if not library().indices_in_range(_p(idx_N), idx_N.numel(), bound):
+        raise ValueError(f"{what} outside [0, {bound})")
+
+
+def _balanced(offsets: Tensor, stride: int = 1) -> list[tuple[int, int]]:
+    """Pieces of the segments of CSR pointer ``offsets`` (``stride`` segments per unit)
+    holding about equal work (entries + one per unit): Matryoshka's first latents fire far
+    more often than its last, so equal index ranges would leave one thread most of it."""
+    n_units = (offsets.numel() - 1) // stride
+    parts = max(1, min(torch.get_num_threads(), n_units // _MIN_ROWS_PER_THREAD))
+    if parts == 1:
+        return [(0, n_units)]
+    work = offsets[::stride] + torch.arange(n_units + 1)
+    targets = torch.arange(1, parts) * (int(work[-1]) / parts)
+    cuts = [0, *torch.searchsorted(work, targets.to(work.dtype)).tolist(), n_units]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, n_units)]
 
 
 # ---- kernels ----------------------------------------------------------------------------
@@ -252,7 +284,7 @@ def prefix_decode_forward(
         raise ValueError("prefix_decode_forward: shapes do not match")
     fn = library().prefix_decode_forward
     ptrs = [_p(t) for t in (b_dec_D, bag_offsets, lat_N, vals_N, W_dec_FD, resid_BGD, err_BG)]
-    _run_pieces(lambda _, s, e: fn(s, e, G, D, _p(x_BD), D, *ptrs), _ranges(B))
+    _run_pieces(lambda _, s, e: fn(s, e, G, D, _p(x_BD), D, *ptrs), _balanced(bag_offsets, G))
 
 
 def prefix_decode_backward(
@@ -274,7 +306,58 @@ def prefix_decode_backward(
     fn = library().prefix_decode_backward
     args = [_p(t) for t in (resid_BGD, grad_err_BG, bag_offsets, lat_N, W_dec_FD)]
     args += [_p(grad_parts_BGD), _p(grad_vals_N)]
-    _run_pieces(lambda _, s, e: fn(s, e, G, D, *args), _ranges(B))
+    _run_pieces(lambda _, s, e: fn(s, e, G, D, *args), _balanced(bag_offsets, G))
+
+
+def segment_gather_perm(
+    offsets_F1: Tensor, perm_N: Tensor, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor
+) -> Tensor:
+    """[F, D] fp32: out[f] = sum of weights[e] * table[cols[e]] over the entries e =
+    perm[j], j in [offsets[f], offsets[f + 1]) (``ops_torch.segment_gather_sum`` on the
+    permuted entries, without permuting them)."""
+    _check(offsets_F1, perm_N, cols_N, floats=(weights_N, table_TD))
+    n_seg, (n_rows, D), n = offsets_F1.numel() - 1, table_TD.shape, cols_N.numel()
+    if perm_N.numel() != n or weights_N.numel() != n:
+        raise ValueError("segment_gather_perm: entry counts do not match")
+    _check_offsets(offsets_F1, n, "offsets")
+    _check_range(perm_N, n, "perm")
+    _check_range(cols_N, n_rows, "table rows")
+    out = torch.empty(n_seg, D, dtype=torch.float32)
+    fn = library().segment_gather_perm
+    ptrs = [_p(t) for t in (offsets_F1, perm_N, cols_N, weights_N, table_TD, out)]
+    _run_pieces(lambda _, s, e: fn(s, e, D, *ptrs), _balanced(offsets_F1))
+    return out
+
+
+def pair_dot_rows(A_MD: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor) -> Tensor:
+    """[N] fp32: out[e] = <A[row of e], B[cols[e]]>, entries sorted by row with CSR pointer
+    ``offsets_M1`` (``ops_torch.pair_dot``)."""
+    _check(offsets_M1, cols_N, floats=(A_MD, B_KD))
+    (M, D), n = A_MD.shape, cols_N.numel()
+    if offsets_M1.numel() != M + 1 or B_KD.shape[1] != D:
+        raise ValueError("pair_dot_rows: shapes do not match")
+    _check_offsets(offsets_M1, n, "row offsets")
+    _check_range(cols_N, B_KD.shape[0], "columns")
+    out = torch.empty(n, dtype=torch.float32)
+    fn = library().pair_dot_rows
+    ptrs = [_p(t) for t in (offsets_M1, cols_N, A_MD, B_KD, out)]
+    _run_pieces(lambda _, s, e: fn(s, e, D, *ptrs), _balanced(offsets_M1))
+    return out
+
+
+def remove_parallel_rows(W_FD: Tensor, grad_FD: Tensor) -> Tensor:
+    """In place: grad[f] -= (grad[f] . w) / (|w| + 1e-6)^2 w for every row w = W[f]; returns
+    |grad[f]|^2 after it, [F] fp32."""
+    _check(floats=(W_FD, grad_FD))
+    if W_FD.shape != grad_FD.shape or W_FD.dim() != 2:
+        raise ValueError("remove_parallel_rows: W and its gradient must be the same [F, D]")
+    F, D = W_FD.shape
+    grad_sq = torch.empty(F, dtype=torch.float32)
+    fn = library().remove_parallel_rows
+    ptrs = [_p(t) for t in (W_FD, grad_FD, grad_sq)]
+    _run_pieces(lambda _, s, e: fn(s, e, D, *ptrs), _ranges(F))
+    torch.autograd.graph.increment_version(grad_FD)
+    return grad_sq
 
 
 _GREATER = {

@@ -12,6 +12,7 @@
  *   err[B, G]: their squared norms.
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define LANES 16 /* independent partial sums: lets the compiler vectorise the reductions */
@@ -110,3 +111,62 @@ void prefix_decode_backward(int64_t r0, int64_t r1, int64_t G, int64_t D, const 
     }
 DEFINE_GREATER(greater_i16, int16_t)
 DEFINE_GREATER(greater_i32, int32_t)
+
+/* out[f] = sum over j in [offsets[f], offsets[f + 1]) of weights[perm[j]] * table[cols[perm[j]]]
+ * for latents f in [r0, r1): the encoder / decoder weight gradients gathered per latent, the
+ * entries visited in latent order through perm (no permuted copies of cols and weights). */
+void segment_gather_perm(int64_t r0, int64_t r1, int64_t D, const int64_t *offsets,
+                         const int64_t *perm, const int64_t *cols, const float *weights,
+                         const float *table, float *out) {
+    for (int64_t f = r0; f < r1; f++) {
+        float *o = out + f * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        for (int64_t j = offsets[f]; j < offsets[f + 1]; j++) {
+            const int64_t e = perm[j];
+            const float *t = table + cols[e] * D;
+            const float w = weights[e];
+            for (int64_t d = 0; d < D; d++) o[d] += w * t[d];
+        }
+    }
+}
+
+/* out[e] = <A[rows[e]], B[cols[e]]> for the entries e in [row_off[r0], row_off[r1]) of rows
+ * [r0, r1) (entries sorted by row): the sampled product of a selection. */
+void pair_dot_rows(int64_t r0, int64_t r1, int64_t D, const int64_t *row_off,
+                   const int64_t *cols, const float *A, const float *B, float *out) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *a = A + r * D;
+        for (int64_t e = row_off[r]; e < row_off[r + 1]; e++) out[e] = dot(a, B + cols[e] * D, D);
+    }
+}
+
+/* For decoder rows w = W[f] and their gradients g = grad[f], f in [r0, r1): remove the
+ * component of g along w / (|w| + 1e-6) (dictionary_learning's parallel-gradient removal,
+ * in its arithmetic: g -= (g . w) / (|w| + 1e-6)^2 w) and return |g|^2 per row after it. */
+void remove_parallel_rows(int64_t r0, int64_t r1, int64_t D, const float *W, float *grad,
+                          float *grad_sq) {
+    for (int64_t f = r0; f < r1; f++) {
+        const float *w = W + f * D;
+        float *g = grad + f * D;
+        const float denom = sqrtf(sum_of_squares(w, D)) + 1e-6f;
+        const float c = dot(g, w, D) / (denom * denom);
+        for (int64_t d = 0; d < D; d++) g[d] -= c * w[d];
+        grad_sq[f] = sum_of_squares(g, D);
+    }
+}
+
+/* 1 when every idx[i] lies in [0, bound), else 0 (the wrappers' guard before the kernels
+ * above index tables with them; one vectorised pass, no thread hand-off). */
+int64_t indices_in_range(const int64_t *idx, int64_t n, int64_t bound) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (idx[i] < 0) | (idx[i] >= bound);
+    return !bad;
+}
+
+/* 1 when offsets[0..n] is a CSR pointer over `total` entries: starts at 0, ends at total,
+ * never decreases. */
+int64_t offsets_valid(const int64_t *offsets, int64_t n, int64_t total) {
+    int bad = (offsets[0] != 0) | (offsets[n] != total);
+    for (int64_t i = 0; i < n; i++) bad |= offsets[i + 1] < offsets[i];
+    return !bad;
+}

@@ -23,7 +23,7 @@ from torch.autograd import Function
 
 from masksae.train.kernels import native
 from masksae.train.kernels.autograd import sparse_decode
-from masksae.train.kernels.dispatch import segment_gather_sum
+from masksae.train.kernels.dispatch import gather_per_latent
 from masksae.train.kernels.plan import SparsePlan
 from masksae.train.kernels.workspace import workspace
 
@@ -118,9 +118,8 @@ class _NativePrefixDecodeErrors(Function):
         grad_b_dec = total_BD.sum(dim=0).to(b_dtype) if ctx.needs_input_grad[2] else None
         grad_W_dec = None
         if ctx.needs_input_grad[3]:
-            perm = plan.lat_perm_N
-            grad_W_dec = segment_gather_sum(
-                plan.lat_offsets, plan.bag_N[perm], vals_N[perm], grad_parts_BGD.view(B * G, D)
+            grad_W_dec = gather_per_latent(
+                plan, plan.bag_N, vals_N, grad_parts_BGD.view(B * G, D)
             ).to(W_dec_FD.dtype)
         return grad_vals_N.to(vals_dtype), grad_x, grad_b_dec, grad_W_dec, None, None
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from masksae.errors import ConfigError
+from masksae.train.kernels import native
 from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.geometric_median import geometric_median
 from masksae.train.sae_config import SAEConfig, check_non_negative, check_unit_interval
@@ -139,6 +140,14 @@ class SparseAutoencoder(nn.Module):
         if grad_FD is None:
             return
         W_FD = self.W_dec
+        if (
+            native.enabled_for(W_FD)
+            and W_FD.dtype == grad_FD.dtype == torch.float32
+            and W_FD.is_contiguous()
+            and grad_FD.is_contiguous()
+        ):
+            native.remove_parallel_rows(W_FD.detach(), grad_FD)  # one pass per row
+            return
         # g -= (g . u) u with u = w / (|w| + 1e-6), computed as g -= (g . w) / (|w| + 1e-6)^2 w
         # in three passes and one reused [F, D] buffer: the form with unit rows made three
         # fresh [F, D] temporaries (page faults on CPU); equal to fp32 rounding
