@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -261,7 +262,7 @@ def _balanced(offsets: Tensor, stride: int = 1) -> list[tuple[int, int]]:
     work = offsets[::stride] + torch.arange(n_units + 1)
     targets = torch.arange(1, parts) * (int(work[-1]) / parts)
     cuts = [0, *torch.searchsorted(work, targets.to(work.dtype)).tolist(), n_units]
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, n_units)]
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a] or [(0, n_units)]
 
 
 # ---- kernels ----------------------------------------------------------------------------
