@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from masksae.train.optim import LayoutAdam, make_adam
+from masksae.train.optim import LayoutAdam, clip_grad_norm, make_adam
 
 
 def _latent_major(F: int, D: int, seed: int) -> torch.Tensor:
@@ -89,3 +89,26 @@ def test_layout_adam_runs_a_closure_on_the_real_shapes() -> None:
 
     assert torch.equal(opt.step(closure_for(p, opt)), ref.step(closure_for(q, ref)))
     assert torch.equal(p, q) and p.shape == (D, F)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_clip_grad_norm_is_torchs(scale):
+    # below the limit (the rescale skipped) and above it (rescaled), with a gradient stored
+    # transposed like W_enc's: torch's results
+    g = torch.Generator().manual_seed(4)
+    shapes = [(30, 8), (8,), (8, 30)]
+    grads = [torch.randn(s, generator=g) * scale for s in shapes]
+    grads.append(torch.randn(30, 8, generator=g).t() * scale)  # [8, 30] in [30, 8] storage
+    ours = [torch.zeros(gr.shape, requires_grad=True) for gr in grads]
+    theirs = [torch.zeros(gr.shape, requires_grad=True) for gr in grads]
+    for a, b, gr in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = gr.clone(memory_format=torch.preserve_format), gr.clone()
+    assert not ours[-1].grad.is_contiguous()
+    total = clip_grad_norm(iter(ours), 1.0)
+    total_ref = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert torch.allclose(total, total_ref, rtol=1e-6)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
+        if scale < 1:
+            assert torch.equal(a.grad, b.grad)  # untouched, as torch's x 1.0 leaves them
+    assert (float(total) > 1.0) == (scale == 10.0)

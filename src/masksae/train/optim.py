@@ -93,9 +93,12 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
     torch multiplies every gradient by min(1, max_norm / (norm + 1e-6)) unconditionally, so
     as not to read the norm back from an accelerator; on the CPU reading it is free, and when
     the factor is 1 (the common case) the multiply is one wasted pass over every parameter.
-    Same arithmetic and result as torch's otherwise."""
+    Same result as torch's otherwise (to the rounding of the norm's summation order)."""
     params = [p for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # a norm does not depend on the layout: take W_enc's gradient in its storage order
+    # (a reduction over the transposed view runs at about half speed)
+    grads = [p.grad.t() if _stored_transposed(p.grad) else p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads)
     if total.device.type == "cpu" and bool(max_norm / (total + 1e-6) >= 1.0):
         return total
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)

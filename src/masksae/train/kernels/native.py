@@ -55,6 +55,7 @@ _SIGNATURES = {
     "segment_gather_perm": [_i64] * 3 + [_ptr] * 6,
     "pair_dot_rows": [_i64] * 3 + [_ptr] * 5,
     "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
+    "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
     "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _i64], _i64),
@@ -344,6 +345,19 @@ def pair_dot_rows(A_MD: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor
     ptrs = [_p(t) for t in (offsets_M1, cols_N, A_MD, B_KD, out)]
     _run_pieces(lambda _, s, e: fn(s, e, D, *ptrs), _balanced(offsets_M1))
     return out
+
+
+def counting_sort_perm(keys_N: Tensor, offsets_K1: Tensor) -> Tensor:
+    """int64 [N]: the stable permutation sorting ``keys_N`` (int64 in [0, K)), whose CSR
+    pointer (counts' cumulative sum) is ``offsets_K1``."""
+    _check(keys_N, offsets_K1)
+    n, n_keys = keys_N.numel(), offsets_K1.numel() - 1
+    _check_offsets(offsets_K1, n, "offsets")
+    _check_range(keys_N, n_keys, "keys")
+    perm = torch.empty(n, dtype=torch.int64)
+    cursor = torch.empty(max(n_keys, 1), dtype=torch.int64)
+    library().counting_sort_perm(n, _p(keys_N), n_keys, _p(offsets_K1), _p(cursor), _p(perm))
+    return perm
 
 
 def remove_parallel_rows(W_FD: Tensor, grad_FD: Tensor) -> Tensor:

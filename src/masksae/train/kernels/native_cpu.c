@@ -170,3 +170,12 @@ int64_t offsets_valid(const int64_t *offsets, int64_t n, int64_t total) {
     for (int64_t i = 0; i < n; i++) bad |= offsets[i + 1] < offsets[i];
     return !bad;
 }
+
+/* The stable permutation sorting keys[0..n) (all in [0, n_keys)) given their CSR pointer
+ * offsets[0..n_keys] (a counting sort: one pass, O(n + n_keys), instead of a radix sort);
+ * cursor[0..n_keys) is scratch. */
+void counting_sort_perm(int64_t n, const int64_t *keys, int64_t n_keys, const int64_t *offsets,
+                        int64_t *cursor, int64_t *perm) {
+    memcpy(cursor, offsets, (size_t)n_keys * sizeof(int64_t));
+    for (int64_t e = 0; e < n; e++) perm[cursor[keys[e]]++] = e;
+}

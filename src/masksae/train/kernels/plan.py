@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from masksae.train.kernels import native
+
 
 class SparsePlan(NamedTuple):
     """CSR views of one selection."""
@@ -66,9 +68,14 @@ def make_plan(
     else:
         bag_N = rows_N * n_groups + group_of_F[lat_N]
     n_bags = n_rows * n_groups
-    # a stable sort keeps each latent's entries in row order; on int32 keys (radix sort on
-    # the CPU) it is 1.9x faster than an unstable argsort of unique int64 keys
-    lat_perm_N = torch.sort(_narrow_keys(lat_N, n_latents), stable=True).indices
+    lat_offsets = _offsets(lat_N, n_latents)
+    # a stable sort keeps each latent's entries in row order: a counting sort in C on the
+    # CPU (one pass, the counts are known); else on int32 keys (a radix sort), 1.9x faster
+    # than an unstable argsort of unique int64 keys
+    if native.enabled_for(lat_N):
+        lat_perm_N = native.counting_sort_perm(lat_N.contiguous(), lat_offsets)
+    else:
+        lat_perm_N = torch.sort(_narrow_keys(lat_N, n_latents), stable=True).indices
     return SparsePlan(
         rows_N=rows_N,
         lat_N=lat_N,
@@ -76,6 +83,6 @@ def make_plan(
         bag_offsets=_offsets(bag_N, n_bags),
         row_offsets=_offsets(rows_N, n_rows),
         lat_perm_N=lat_perm_N,
-        lat_offsets=_offsets(lat_N, n_latents),
+        lat_offsets=lat_offsets,
         n_bags=n_bags,
     )
