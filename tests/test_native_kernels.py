@@ -12,6 +12,7 @@ import torch
 
 from masksae.train.kernels import make_plan, native, ops_torch, sparse_decode
 from masksae.train.kernels.prefix import decoded_prefix_errors, prefix_squared_errors
+from masksae.train.kernels.sparse_step import sparse_prefix_errors
 from masksae.train.sae.selection import _greater
 
 needs_native = pytest.mark.skipif(
@@ -67,6 +68,43 @@ def test_prefix_decode_matches_the_pytorch_kernels(D, G, monkeypatch):
     for name, a, b in zip(("vals", "x", "b_dec", "W_dec"), grads_n, grads_t, strict=True):
         assert b.abs().max() > 0, name
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), name
+
+
+def _run_sparse_step(plan, G, params, x, sel_vals, subtract, native_on, monkeypatch):
+    monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", "1" if native_on else "0")
+    for p in params:
+        p.grad = None
+    err, resid = sparse_prefix_errors(sel_vals, x, *params, plan, G, subtract_b_dec=subtract)
+    w_BG = torch.linspace(0.5, 1.5, err.numel()).view_as(err)
+    (err * w_BG).sum().backward()
+    return err.detach(), resid.clone(), [p.grad.clone() for p in params]
+
+
+@needs_native
+@pytest.mark.parametrize("subtract", [True, False])
+@pytest.mark.parametrize("G", [1, 3])
+def test_one_pass_sparse_backward_matches_the_two_pass_one(subtract, G, monkeypatch):
+    # the whole step's sparse backward split by latent (sparse_step.py) against
+    # selected_preacts + decoded_prefix_errors on the PyTorch kernels: all four gradients
+    g = torch.Generator().manual_seed(13)
+    B, F, D = 300, 200, 40
+    plan = _selection(B, F, 15, G, g)
+    W_enc = torch.randn(F, D, generator=g).mul(0.1).t().requires_grad_()  # latent-major
+    b_enc = torch.randn(F, generator=g).mul(0.1).requires_grad_()
+    b_dec = torch.randn(D, generator=g).mul(0.1).requires_grad_()
+    W_dec = torch.randn(F, D, generator=g).mul(0.2).requires_grad_()
+    params = [W_enc, b_enc, b_dec, W_dec]
+    x = torch.randn(B, D, generator=g)
+    sel_vals = torch.rand(plan.lat_N.numel(), generator=g)
+    sel_vals[::4] = 0.0  # selected at zero: no gradient into the encoder through the ReLU
+    on = _run_sparse_step(plan, G, params, x, sel_vals, subtract, True, monkeypatch)
+    off = _run_sparse_step(plan, G, params, x, sel_vals, subtract, False, monkeypatch)
+    assert torch.allclose(on[0], off[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(on[1], off[1]) or torch.allclose(on[1], off[1], atol=1e-5)
+    for name, a, b in zip(("W_enc", "b_enc", "b_dec", "W_dec"), on[2], off[2], strict=True):
+        assert b.abs().max() > 0, name
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+    assert on[2][0].stride() == W_enc.stride()  # the gradient keeps W_enc's layout
 
 
 @needs_native

@@ -55,6 +55,7 @@ _SIGNATURES = {
     "segment_gather_perm": [_i64] * 3 + [_ptr] * 6,
     "pair_dot_rows": [_i64] * 3 + [_ptr] * 5,
     "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
+    "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 13,
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
@@ -345,6 +346,53 @@ def pair_dot_rows(A_MD: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor
     ptrs = [_p(t) for t in (offsets_M1, cols_N, A_MD, B_KD, out)]
     _run_pieces(lambda _, s, e: fn(s, e, D, *ptrs), _balanced(offsets_M1))
     return out
+
+
+def sparse_backward_by_latent(
+    resid_BGD: Tensor,
+    grad_err_BG: Tensor,
+    bag_offsets: Tensor,
+    lat_offsets: Tensor,
+    lat_N: Tensor,
+    vals_N: Tensor,
+    W_dec_FD: Tensor,
+    xin_BD: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """The step's sparse backward in one pass (``sparse_backward_by_latent`` in
+    native_cpu.c): (grad_vals [N], grad_W_dec [F, D], grad_W_enc [F, D] or None, grad_b_enc
+    [F] or None, the decoder's share of grad_b_dec [D]); the encoder weights' gradients only
+    with ``xin_BD`` (the encoder input x - b_dec). Latents are split over the threads by
+    entry count (``lat_offsets``)."""
+    B, G, D = resid_BGD.shape
+    F = W_dec_FD.shape[0]
+    floats = (resid_BGD, grad_err_BG, vals_N, W_dec_FD) + (() if xin_BD is None else (xin_BD,))
+    _check(bag_offsets, lat_offsets, lat_N, floats=floats)
+    _check_bags(B * G, bag_offsets, lat_N, F)
+    if lat_offsets.numel() != F + 1 or W_dec_FD.shape[1] != D or vals_N.shape != lat_N.shape:
+        raise ValueError("sparse_backward_by_latent: shapes do not match")
+    if xin_BD is not None and xin_BD.shape != (B, D):
+        raise ValueError("sparse_backward_by_latent: xin must be [B, D]")
+    _check_offsets(lat_offsets, lat_N.numel(), "lat_offsets")
+    f32 = torch.float32
+    grad_vals = torch.empty(lat_N.numel(), dtype=f32)
+    grad_W_dec = torch.empty(F, D, dtype=f32)
+    grad_W_enc = None if xin_BD is None else torch.empty(F, D, dtype=f32)
+    grad_b_enc = None if xin_BD is None else torch.empty(F, dtype=f32)
+    grad_b_dec = torch.zeros(D, dtype=f32)
+    pieces = _balanced(lat_offsets)
+    scratch = torch.empty(len(pieces), G * D, dtype=f32)
+    fn = library().sparse_backward_by_latent
+    ptrs = [_p(t) for t in (resid_BGD, grad_err_BG, bag_offsets, lat_N, vals_N, W_dec_FD)]
+    ptrs.append(None if xin_BD is None else _p(xin_BD))
+    ptrs += [_p(grad_vals), _p(grad_W_dec)]
+    ptrs += [None, None] if xin_BD is None else [_p(grad_W_enc), _p(grad_b_enc)]
+
+    def call(i: int, f0: int, f1: int) -> None:
+        # the first piece also sums the decoder bias's gradient over every token
+        fn(f0, f1, B, G, D, *ptrs, _p(grad_b_dec) if i == 0 else None, _p(scratch[i]))
+
+    _run_pieces(call, pieces)
+    return grad_vals, grad_W_dec, grad_W_enc, grad_b_enc, grad_b_dec
 
 
 def counting_sort_perm(keys_N: Tensor, offsets_K1: Tensor) -> Tensor:

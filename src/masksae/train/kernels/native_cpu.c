@@ -179,3 +179,64 @@ void counting_sort_perm(int64_t n, const int64_t *keys, int64_t n_keys, const in
     memcpy(cursor, offsets, (size_t)n_keys * sizeof(int64_t));
     for (int64_t e = 0; e < n; e++) perm[cursor[keys[e]]++] = e;
 }
+
+/* The whole sparse backward of one step in one pass, split by latent: this call owns the
+ * latents [f0, f1) and writes only their rows, so calls on disjoint ranges run in parallel
+ * without conflicts (the caller balances the ranges by entry count).
+ *
+ * Forward was: vals = the selected pre-activations (ReLU'd) of xin @ W_enc + b_enc;
+ * resid[b, g] = x[b] - b_dec - sum over bags (b, 0..g) of vals * W_dec[lat];
+ * err[b, g] = |resid[b, g]|^2. Given grad_err, for every token b (in L1, in scratch[G * D]):
+ * gp[g] = -2 sum_{i >= g} grad_err[b, i] resid[b, i]; then for each owned entry e of bag
+ * (b, g): grad_vals[e] = <gp[g], W_dec[f]>, grad_W_dec[f] += vals[e] gp[g], and through the
+ * ReLU (vals[e] > 0) grad_W_enc[f] += grad_vals[e] xin[b], grad_b_enc[f] += grad_vals[e].
+ * A call with grad_b_dec != NULL also adds sum_b gp[0] into it (the decoder bias's share;
+ * the encoder side, -W_enc grad_b_enc, is the caller's). grad_W_enc, grad_b_enc may be NULL. */
+void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int64_t D,
+                               const float *resid, const float *grad_err,
+                               const int64_t *bag_off, const int64_t *lat, const float *vals,
+                               const float *W_dec, const float *xin, float *grad_vals,
+                               float *grad_W_dec, float *grad_W_enc, float *grad_b_enc,
+                               float *grad_b_dec, float *scratch) {
+    memset(grad_W_dec + f0 * D, 0, (size_t)((f1 - f0) * D) * sizeof(float));
+    if (grad_W_enc) memset(grad_W_enc + f0 * D, 0, (size_t)((f1 - f0) * D) * sizeof(float));
+    if (grad_b_enc) memset(grad_b_enc + f0, 0, (size_t)(f1 - f0) * sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t *off = bag_off + b * G;
+        /* entries of a token are sorted by latent: skip a token none of whose are ours */
+        int64_t lo = off[0], hi = off[G];
+        while (lo < hi && lat[lo] < f0) lo++;
+        while (hi > lo && lat[hi - 1] >= f1) hi--;
+        if (lo == hi && !grad_b_dec) continue;
+        for (int64_t g = G - 1; g >= 0; g--) {
+            const float *r = resid + (b * G + g) * D;
+            float *p = scratch + g * D;
+            const float c = -2.0f * grad_err[b * G + g];
+            if (g == G - 1)
+                for (int64_t d = 0; d < D; d++) p[d] = c * r[d];
+            else
+                for (int64_t d = 0; d < D; d++) p[d] = p[D + d] + c * r[d];
+        }
+        if (grad_b_dec)
+            for (int64_t d = 0; d < D; d++) grad_b_dec[d] += scratch[d];
+        for (int64_t g = 0; g < G; g++) {
+            const float *p = scratch + g * D;
+            const int64_t e0 = off[g] > lo ? off[g] : lo, e1 = off[g + 1] < hi ? off[g + 1] : hi;
+            for (int64_t e = e0; e < e1; e++) {
+                const int64_t f = lat[e];
+                const float *w = W_dec + f * D;
+                float *gw = grad_W_dec + f * D;
+                const float v = vals[e];
+                const float gv = dot(p, w, D);
+                for (int64_t d = 0; d < D; d++) gw[d] += v * p[d];
+                grad_vals[e] = gv;
+                if (grad_W_enc && v > 0.0f) {
+                    const float *xb = xin + b * D;
+                    float *ge = grad_W_enc + f * D;
+                    for (int64_t d = 0; d < D; d++) ge[d] += gv * xb[d];
+                    grad_b_enc[f] += gv;
+                }
+            }
+        }
+    }
+}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from masksae.train.kernels import make_plan, selected_preacts, sparse_decode
-from masksae.train.kernels.prefix import decoded_prefix_errors
+from masksae.train.kernels.sparse_step import sparse_prefix_errors
 from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.auxk import auxk_select, normalized_auxk_loss
 from masksae.train.sae.base import SparseAutoencoder, StepContext, StepOutput
@@ -140,17 +140,18 @@ class TopKFamilySAE(SparseAutoencoder):
                 group_of_F=self.group_of_F,
                 n_groups=G,
             )
-            vals_N = selected_preacts(
+            # encoder pairs, decode, prefix residuals and their norms (kernels/sparse_step.py)
+            err_BG, resid_BD = sparse_prefix_errors(
                 sel.vals_N,
                 x_BD,
                 self.W_enc,
                 self.b_enc,
                 self.b_dec,
+                self.W_dec,
                 plan,
+                G,
                 subtract_b_dec=self.subtract_b_dec_from_input,
             )
-            # decode, prefix residuals and their norms fused (kernels/prefix.py)
-            err_BG, resid_BD = decoded_prefix_errors(vals_N, x_BD, self.b_dec, self.W_dec, plan, G)
             x_hat_BD = x_BD.float() - resid_BD
         else:
             post_BF = self.post_relu(x_BD)

@@ -1,0 +1,118 @@
+"""The TopK family's sparse step from the selected values to the prefix errors, as one unit.
+
+Composed of :func:`selected_preacts` (gradients into the encoder through the selected pairs)
+and :func:`decoded_prefix_errors` (sparse decode + Matryoshka prefix errors), the backward
+is two passes over the entries, each gathering the weight gradients per latent from a
+[B, G, D] or [B, D] table written just before. On the CPU with the C kernels the whole
+backward is instead one pass split by latent (``sparse_backward_by_latent`` in
+``native_cpu.c``): each thread walks the tokens once, rebuilds their prefix gradients in L1
+and adds into the rows of the latents it owns, so neither the [B, G, D] gradient table nor
+the per-latent gathers exist. Elsewhere (CUDA, no compiler, inputs that need a gradient
+themselves, non-fp32 weights) the composition runs; the two are compared by
+``tests/test_native_kernels.py`` and both against the dense reference by
+``tests/test_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from masksae.train.kernels import native
+from masksae.train.kernels.autograd import selected_preacts
+from masksae.train.kernels.plan import SparsePlan
+from masksae.train.kernels.prefix import decoded_prefix_errors
+from masksae.train.kernels.workspace import workspace
+
+
+class _NativeSparseStep(Function):
+    @staticmethod
+    def forward(
+        ctx, W_enc_DF, b_enc_F, b_dec_D, W_dec_FD, vals_N, x_BD, plan, n_groups, subtract_b_dec
+    ):
+        B, D = x_BD.shape
+        x32_BD = x_BD.detach().float().contiguous()
+        b_dec32_D = b_dec_D.detach().float().contiguous()
+        xin_BD = x32_BD - b_dec32_D if subtract_b_dec else x32_BD
+        resid_BGD = workspace().get("prefix_resids", (B, n_groups, D), torch.float32, x_BD.device)
+        err_BG = torch.empty(B, n_groups, dtype=torch.float32)
+        vals32_N = vals_N.detach().float().contiguous()
+        native.prefix_decode_forward(
+            x32_BD, b_dec32_D, plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(),
+            resid_BGD, err_BG,
+        )  # fmt: skip
+        # written through a pointer: tell autograd, so that a later overwrite of this
+        # workspace buffer before backward is caught by its in-place check
+        torch.autograd.graph.increment_version(resid_BGD)
+        ctx.save_for_backward(W_enc_DF, W_dec_FD, vals32_N, xin_BD, resid_BGD)
+        ctx.plan = plan
+        ctx.subtract_b_dec = subtract_b_dec
+        resid_BD = resid_BGD[:, n_groups - 1]
+        ctx.mark_non_differentiable(resid_BD)
+        return err_BG, resid_BD
+
+    @staticmethod
+    def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
+        W_enc_DF, W_dec_FD, vals_N, xin_BD, resid_BGD = ctx.saved_tensors
+        plan: SparsePlan = ctx.plan
+        want_enc = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        _, grad_W_dec, grad_W_enc_FD, grad_b_enc, grad_b_dec = native.sparse_backward_by_latent(
+            resid_BGD,
+            grad_err_BG.float().contiguous(),
+            plan.bag_offsets,
+            plan.lat_offsets,
+            plan.lat_N,
+            vals_N,
+            W_dec_FD.detach(),
+            xin_BD if (want_enc or ctx.subtract_b_dec) else None,
+        )
+        if ctx.subtract_b_dec and grad_b_enc is not None:
+            # d/d b_dec of the selected (x - b_dec) @ W_enc entries: -W_enc @ grad_b_enc
+            with torch.autocast(device_type="cpu", enabled=False):
+                grad_b_dec.sub_(W_enc_DF.detach().float() @ grad_b_enc)
+        # W_enc is stored latent-major: the [F, D] gradient transposed is laid out like it
+        grad_W_enc = None if grad_W_enc_FD is None else grad_W_enc_FD.t().to(W_enc_DF.dtype)
+        return (
+            grad_W_enc if ctx.needs_input_grad[0] else None,
+            grad_b_enc if ctx.needs_input_grad[1] else None,
+            grad_b_dec if ctx.needs_input_grad[2] else None,
+            grad_W_dec if ctx.needs_input_grad[3] else None,
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+def _native_applies(W_enc_DF: Tensor, W_dec_FD: Tensor, x_BD: Tensor, params) -> bool:
+    return (
+        native.enabled_for(W_dec_FD)
+        and not x_BD.requires_grad
+        and all(p.dtype == torch.float32 for p in params)
+        and W_dec_FD.is_contiguous()
+        and W_enc_DF.t().is_contiguous()  # latent-major storage
+    )
+
+
+def sparse_prefix_errors(
+    sel_vals_N: Tensor,
+    x_BD: Tensor,
+    W_enc_DF: Tensor,
+    b_enc_F: Tensor,
+    b_dec_D: Tensor,
+    W_dec_FD: Tensor,
+    plan: SparsePlan,
+    n_groups: int,
+    *,
+    subtract_b_dec: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(err [B, G] with gradients into the four parameters, final residual [B, D]) of the
+    selection (``sel_vals_N``: the selected post-ReLU pre-activations, computed without
+    grad, at ``plan``'s entries): ``selected_preacts`` then ``decoded_prefix_errors``."""
+    params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
+    if _native_applies(W_enc_DF, W_dec_FD, x_BD, params):
+        return _NativeSparseStep.apply(
+            *params, sel_vals_N.detach(), x_BD, plan, n_groups, subtract_b_dec
+        )
+    vals_N = selected_preacts(
+        sel_vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D, plan, subtract_b_dec=subtract_b_dec
+    )
+    return decoded_prefix_errors(vals_N, x_BD, b_dec_D, W_dec_FD, plan, n_groups)
