@@ -29,12 +29,14 @@ from masksae.train.kernels.workspace import workspace
 class _NativeSparseStep(Function):
     @staticmethod
     def forward(
-        ctx, W_enc_DF, b_enc_F, b_dec_D, W_dec_FD, vals_N, x_BD, plan, n_groups, subtract_b_dec
-    ):
+        ctx, W_enc_DF, b_enc_F, b_dec_D, W_dec_FD, vals_N, x_BD, xin_BD, plan, n_groups,
+        subtract_b_dec,
+    ):  # fmt: skip
         B, D = x_BD.shape
         x32_BD = x_BD.detach().float().contiguous()
         b_dec32_D = b_dec_D.detach().float().contiguous()
-        xin_BD = x32_BD - b_dec32_D if subtract_b_dec else x32_BD
+        if xin_BD is None:
+            xin_BD = x32_BD - b_dec32_D if subtract_b_dec else x32_BD
         resid_BGD = workspace().get("prefix_resids", (B, n_groups, D), torch.float32, x_BD.device)
         err_BG = torch.empty(B, n_groups, dtype=torch.float32)
         vals32_N = vals_N.detach().float().contiguous()
@@ -78,7 +80,7 @@ class _NativeSparseStep(Function):
             grad_b_enc if ctx.needs_input_grad[1] else None,
             grad_b_dec if ctx.needs_input_grad[2] else None,
             grad_W_dec if ctx.needs_input_grad[3] else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -103,14 +105,21 @@ def sparse_prefix_errors(
     n_groups: int,
     *,
     subtract_b_dec: bool = True,
+    xin_BD: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(err [B, G] with gradients into the four parameters, final residual [B, D]) of the
     selection (``sel_vals_N``: the selected post-ReLU pre-activations, computed without
-    grad, at ``plan``'s entries): ``selected_preacts`` then ``decoded_prefix_errors``."""
+    grad, at ``plan``'s entries): ``selected_preacts`` then ``decoded_prefix_errors``.
+    ``xin_BD``, when the caller has it: the encoder input, fp32 contiguous ``x - b_dec``
+    (``x`` without ``subtract_b_dec``), no gradient."""
     params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
     if _native_applies(W_enc_DF, W_dec_FD, x_BD, params):
+        if xin_BD is not None and not (
+            xin_BD.dtype == torch.float32 and xin_BD.is_contiguous() and xin_BD.shape == x_BD.shape
+        ):
+            xin_BD = None
         return _NativeSparseStep.apply(
-            *params, sel_vals_N.detach(), x_BD, plan, n_groups, subtract_b_dec
+            *params, sel_vals_N.detach(), x_BD, xin_BD, plan, n_groups, subtract_b_dec
         )
     vals_N = selected_preacts(
         sel_vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D, plan, subtract_b_dec=subtract_b_dec

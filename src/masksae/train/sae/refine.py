@@ -108,17 +108,19 @@ class ExactPreacts:
         cut: Tensor,
         k_total: int,
         mask_out: Tensor | None,
-    ) -> tuple[Tensor, Tensor] | None:
-        """(candidates, their fp32 scores) holding the batch's fp32 top ``k_total``, given
-        low-precision ``flat`` scores and candidates ``cand_C`` with every other entry <=
-        ``cut``; None when two widenings did not verify (compute densely then)."""
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(candidates, their fp32 scores, positions of the ``k_total`` largest among them)
+        holding the batch's fp32 top ``k_total``, given low-precision ``flat`` scores and
+        candidates ``cand_C`` with every other entry <= ``cut``; None when two widenings did
+        not verify (compute densely then)."""
         cut = cut.float()
         for _ in range(_MAX_WIDEN + 1):
             exact_C = self.entries(cand_C // n_cols, cand_C % n_cols)
-            threshold = exact_C.topk(k_total, sorted=False).values.amin()
+            top = exact_C.topk(k_total, sorted=False)
+            threshold = top.values.amin()
             tol = self._tolerance(exact_C, flat[cand_C], threshold)
             if cand_C.numel() == flat.numel() or bool(cut + tol <= threshold):
-                return cand_C, exact_C
+                return cand_C, exact_C, top.indices
             # every entry that could still beat the threshold is above threshold - tol; round
             # that cut down onto flat's grid so the comparison in flat's dtype keeps them all
             want = threshold - tol

@@ -146,12 +146,12 @@ def batch_topk_select(
     cand_C, cut = candidates(flat, k_total, F, mask_out)
     if refine is None:
         vals_C = flat[cand_C]
+        top = vals_C.topk(k_total, sorted=False).indices
     else:
         chosen = refine.rerank_batch(flat, F, cand_C, cut, k_total, mask_out)
         if chosen is None:  # the re-ranking could not be verified: full precision, densely
             return batch_topk_select(refine.dense(), k_total, None, None)
-        cand_C, vals_C = chosen
-    top = vals_C.topk(k_total, sorted=False).indices
+        cand_C, vals_C, top = chosen  # the re-ranker's own top k (one topk, not two)
     keep = torch.zeros(cand_C.numel(), dtype=torch.bool, device=flat.device)
     keep[top] = True
     flat_idx = cand_C[keep]  # increasing == (row, latent) order

@@ -151,6 +151,7 @@ class TopKFamilySAE(SparseAutoencoder):
                 plan,
                 G,
                 subtract_b_dec=self.subtract_b_dec_from_input,
+                xin_BD=None if refine is None else refine.xin_BD,  # computed once per step
             )
             x_hat_BD = x_BD.float() - resid_BD
         else:
