@@ -29,13 +29,15 @@ def auxk_select(
     d_in: int,
     *,
     refine: ExactPreacts | None = None,
-    in_place: bool = False,
 ) -> Selection | None:
     """Per token, the top k_aux post-ReLU activations among dead latents; None if none dead.
 
     ``post_BF`` may also be raw pre-activations (same choice, values after the ReLU);
-    ``in_place`` masks it in place instead of allocating a masked copy (the fused step's
-    scratch buffer); ``refine``: it is bf16, re-rank on fp32 values.
+    ``refine``: it is bf16, re-rank on fp32 values. The top k is taken over the dead
+    columns alone (gathered, [B, n_dead]) rather than over every column with the live ones
+    masked to -inf: the same choice (up to which of several zeros is picked, which carry no
+    value and no gradient), without a masked [B, F] pass, and the per-row top-k runs over
+    n_dead columns instead of F (dead latents are usually few).
     """
     if dead_mask_F is None:
         return None
@@ -43,12 +45,11 @@ def auxk_select(
     k_aux = auxk_size(d_in, n_dead)
     if k_aux == 0:
         return None
-    dead_F = dead_mask_F.to(post_BF.device)
-    if in_place:
-        score_BF = post_BF.masked_fill_(~dead_F[None, :], -torch.inf)
-        return topk_select(score_BF, k_aux, refine=refine)
-    score_BF = torch.where(dead_F[None, :], post_BF, -torch.inf)
-    return topk_select(score_BF, k_aux, values_BF=post_BF, refine=refine)
+    dead_K = dead_mask_F.to(post_BF.device).nonzero().squeeze(1)  # increasing
+    score_BK = post_BF.index_select(1, dead_K)
+    sub = topk_select(score_BK, k_aux, refine=None if refine is None else refine.columns(dead_K))
+    # increasing dead_K keeps each row's latents increasing
+    return Selection(sub.rows_N, dead_K[sub.lat_N], sub.vals_N)
 
 
 def normalized_auxk_loss(residual_BD: Tensor, aux_recon_BD: Tensor) -> Tensor:

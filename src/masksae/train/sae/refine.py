@@ -68,6 +68,16 @@ class ExactPreacts:
         self.safety = safety
         self.stats = RefineStats()
 
+    def columns(self, cols_K: Tensor) -> ExactPreacts:
+        """The same pre-activations restricted to the latents ``cols_K`` (their column
+        indices become 0..K-1); shares this re-ranker's statistics."""
+        sub = ExactPreacts.__new__(ExactPreacts)
+        sub.xin_BD, sub.safety, sub.stats = self.xin_BD, self.safety, self.stats
+        # rows of the latent-major storage, transposed back: W_enc's own layout
+        sub.W_enc_DF = self.W_enc_DF.t().index_select(0, cols_K).t()
+        sub.b_enc_F = self.b_enc_F.index_select(0, cols_K)
+        return sub
+
     # ---- full-precision values -----------------------------------------------------------
     def entries(self, rows_N: Tensor, lat_N: Tensor) -> Tensor:
         """fp32 [N] pre-activations at (rows, lats); entries sorted by row, latents unique

@@ -199,10 +199,7 @@ class TopKFamilySAE(SparseAutoencoder):
         fused: bool,
         refine: ExactPreacts | None = None,
     ) -> Tensor:
-        # fused: post_BF is the step's scratch score buffer, masked in place (its last use)
-        aux = auxk_select(
-            post_BF.detach(), dead_mask_F, self.cfg.d_in, refine=refine, in_place=fused
-        )
+        aux = auxk_select(post_BF.detach(), dead_mask_F, self.cfg.d_in, refine=refine)
         if aux is None:
             return torch.zeros((), dtype=torch.float32, device=x_BD.device)
         B, Fdim = post_BF.shape
