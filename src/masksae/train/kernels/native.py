@@ -1,14 +1,23 @@
 """CPU kernels in C (``native_cpu.c``), built on first use with the machine's C compiler.
 
-On the CPU the fused step is a chain of PyTorch calls, each its own pass over memory (and
-its own OpenMP region): the sparse decode, then one subtraction per Matryoshka group, then
-the norms; backward the mirror image plus a sampled product. ``native_cpu.c`` does each
-chain in one pass per token, and scans the bf16 selection scores for candidates in one pass
-instead of compare + nonzero + gather. The library is compiled once per machine (well under
-a second, no PyTorch headers) into ``$MASKSAE_CACHE/kernels`` (default
-``~/.cache/masksae/kernels``), keyed by the source, the compiler and the CPU, written
-atomically, and called through ctypes, which releases the GIL: a batch's rows are split
-across ``torch.get_num_threads()`` threads.
+On the CPU the fused step is otherwise a chain of PyTorch calls, each its own pass over
+memory (and its own OpenMP region). ``native_cpu.c`` does each chain in one pass:
+
+* forward, per token: the sparse decode, every Matryoshka prefix residual and its squared
+  norm (``prefix_decode_forward``);
+* backward, per latent: the prefix gradients rebuilt per token in L1, the decoder and
+  encoder weight gradients added into the rows of the latents a thread owns
+  (``sparse_backward_by_latent``, used by ``sparse_step``), or, where only the decode's
+  backward is wanted, ``prefix_decode_backward`` and the per-latent gathers;
+* the selection: the candidate scan over the bf16 scores (``greater``), the re-rank's
+  sampled product (``pair_dot_rows``), the plan's latent order (a counting sort);
+* the decoder's parallel-gradient removal.
+
+The library is compiled once per machine (well under a second, no PyTorch headers) into
+``$MASKSAE_CACHE/kernels`` (default ``~/.cache/masksae/kernels``), keyed by the source, the
+compiler and the CPU, written atomically, and called through ctypes, which releases the
+GIL: the rows (or latents) are split by work across ``torch.get_num_threads()`` threads.
+Index arguments are checked before any C code reads through them.
 
 Without a compiler (or with ``MASKSAE_NATIVE_KERNELS=0``, or ``MASKSAE_KERNEL_BACKEND=torch``)
 the PyTorch path runs instead; the two are compared by ``tests/test_native_kernels.py``.
