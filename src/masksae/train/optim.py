@@ -95,6 +95,8 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
     the factor is 1 (the common case) the multiply is one wasted pass over every parameter.
     Same result as torch's otherwise (to the rounding of the norm's summation order)."""
     params = [p for p in params if p.grad is not None]
+    if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6: its one-call version
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     # a norm does not depend on the layout: take W_enc's gradient in its storage order
     # (a reduction over the transposed view runs at about half speed)
     grads = [p.grad.t() if _stored_transposed(p.grad) else p.grad for p in params]
