@@ -12,7 +12,7 @@ import torch
 
 from masksae.train.kernels import make_plan, native, ops_torch, sparse_decode
 from masksae.train.kernels.prefix import decoded_prefix_errors, prefix_squared_errors
-from masksae.train.kernels.sparse_step import sparse_prefix_errors
+from masksae.train.kernels.sparse_step import sparse_decode_errors, sparse_prefix_errors
 from masksae.train.sae.selection import _greater
 
 needs_native = pytest.mark.skipif(
@@ -105,6 +105,39 @@ def test_one_pass_sparse_backward_matches_the_two_pass_one(subtract, G, monkeypa
         assert b.abs().max() > 0, name
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
     assert on[2][0].stride() == W_enc.stride()  # the gradient keeps W_enc's layout
+
+
+@needs_native
+@pytest.mark.parametrize("subtract", [True, False])
+def test_auxk_decode_errors_match_the_pytorch_path(subtract, monkeypatch):
+    # AuxK's reconstruction of a detached target from its own selection: the sparse step's
+    # kernels against selected_preacts + sparse_decode; b_dec only through the encoder
+    g = torch.Generator().manual_seed(17)
+    B, F, D = 200, 300, 24
+    plan = _selection(B, F, 30, 1, g)
+    W_enc = torch.randn(F, D, generator=g).mul(0.1).t().requires_grad_()
+    b_enc = torch.randn(F, generator=g).mul(0.1).requires_grad_()
+    b_dec = torch.randn(D, generator=g).mul(0.1).requires_grad_()
+    W_dec = torch.randn(F, D, generator=g).mul(0.2).requires_grad_()
+    params = [W_enc, b_enc, b_dec, W_dec]
+    x, target = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    sel_vals = torch.rand(plan.lat_N.numel(), generator=g)
+    runs = []
+    for native_on in ("1", "0"):
+        monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", native_on)
+        for p in params:
+            p.grad = None
+        err = sparse_decode_errors(sel_vals, x, *params, plan, target, subtract_b_dec=subtract)
+        (err * torch.linspace(0.5, 1.5, B)).sum().backward()
+        runs.append(
+            (err.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in params])
+        )
+    (err_n, grads_n), (err_t, grads_t) = runs
+    assert (b_dec.grad is None) != subtract  # b_dec unused without the subtraction
+    assert torch.allclose(err_n, err_t, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("W_enc", "b_enc", "b_dec", "W_dec"), grads_n, grads_t, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+    assert bool(grads_n[2].abs().max() > 0) == subtract  # encoder side only
 
 
 @needs_native

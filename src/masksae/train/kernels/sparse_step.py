@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from masksae.train.kernels import native
-from masksae.train.kernels.autograd import selected_preacts
+from masksae.train.kernels.autograd import selected_preacts, sparse_decode
 from masksae.train.kernels.plan import SparsePlan
 from masksae.train.kernels.prefix import decoded_prefix_errors
 from masksae.train.kernels.workspace import workspace
@@ -29,19 +29,26 @@ from masksae.train.kernels.workspace import workspace
 class _NativeSparseStep(Function):
     @staticmethod
     def forward(
-        ctx, W_enc_DF, b_enc_F, b_dec_D, W_dec_FD, vals_N, x_BD, xin_BD, plan, n_groups,
-        subtract_b_dec,
+        ctx, W_enc_DF, b_enc_F, b_dec_D, W_dec_FD, vals_N, x_BD, xin_BD, target_BD, plan,
+        n_groups, subtract_b_dec, buffer_name,
     ):  # fmt: skip
         B, D = x_BD.shape
         x32_BD = x_BD.detach().float().contiguous()
         b_dec32_D = b_dec_D.detach().float().contiguous()
         if xin_BD is None:
             xin_BD = x32_BD - b_dec32_D if subtract_b_dec else x32_BD
-        resid_BGD = workspace().get("prefix_resids", (B, n_groups, D), torch.float32, x_BD.device)
+        if target_BD is None:  # residuals of x - b_dec - decode
+            start_BD, offset_D = x32_BD, b_dec32_D
+        else:  # residuals of target - decode (AuxK: target = the main residual, detached)
+            start_BD, offset_D = (
+                target_BD.detach().float().contiguous(),
+                torch.zeros_like(b_dec32_D),
+            )
+        resid_BGD = workspace().get(buffer_name, (B, n_groups, D), torch.float32, x_BD.device)
         err_BG = torch.empty(B, n_groups, dtype=torch.float32)
         vals32_N = vals_N.detach().float().contiguous()
         native.prefix_decode_forward(
-            x32_BD, b_dec32_D, plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(),
+            start_BD, offset_D, plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(),
             resid_BGD, err_BG,
         )  # fmt: skip
         # written through a pointer: tell autograd, so that a later overwrite of this
@@ -50,6 +57,7 @@ class _NativeSparseStep(Function):
         ctx.save_for_backward(W_enc_DF, W_dec_FD, vals32_N, xin_BD, resid_BGD)
         ctx.plan = plan
         ctx.subtract_b_dec = subtract_b_dec
+        ctx.decodes_b_dec = target_BD is None
         resid_BD = resid_BGD[:, n_groups - 1]
         ctx.mark_non_differentiable(resid_BD)
         return err_BG, resid_BD
@@ -69,6 +77,9 @@ class _NativeSparseStep(Function):
             W_dec_FD.detach(),
             xin_BD if (want_enc or ctx.subtract_b_dec) else None,
         )
+        if not ctx.decodes_b_dec:  # b_dec is not in the reconstruction, only in the encoder
+            grad_b_dec.zero_()
+        b_dec_used = ctx.decodes_b_dec or ctx.subtract_b_dec
         if ctx.subtract_b_dec and grad_b_enc is not None:
             # d/d b_dec of the selected (x - b_dec) @ W_enc entries: -W_enc @ grad_b_enc
             with torch.autocast(device_type="cpu", enabled=False):
@@ -78,10 +89,17 @@ class _NativeSparseStep(Function):
         return (
             grad_W_enc if ctx.needs_input_grad[0] else None,
             grad_b_enc if ctx.needs_input_grad[1] else None,
-            grad_b_dec if ctx.needs_input_grad[2] else None,
+            grad_b_dec if ctx.needs_input_grad[2] and b_dec_used else None,
             grad_W_dec if ctx.needs_input_grad[3] else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _usable_xin(xin_BD: Tensor | None, x_BD: Tensor) -> Tensor | None:
+    """The caller's encoder input when the kernels can take it as it is (else recomputed)."""
+    if xin_BD is None or xin_BD.dtype != torch.float32 or not xin_BD.is_contiguous():
+        return None
+    return xin_BD if xin_BD.shape == x_BD.shape else None
 
 
 def _native_applies(W_enc_DF: Tensor, W_dec_FD: Tensor, x_BD: Tensor, params) -> bool:
@@ -114,14 +132,43 @@ def sparse_prefix_errors(
     (``x`` without ``subtract_b_dec``), no gradient."""
     params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
     if _native_applies(W_enc_DF, W_dec_FD, x_BD, params):
-        if xin_BD is not None and not (
-            xin_BD.dtype == torch.float32 and xin_BD.is_contiguous() and xin_BD.shape == x_BD.shape
-        ):
-            xin_BD = None
         return _NativeSparseStep.apply(
-            *params, sel_vals_N.detach(), x_BD, xin_BD, plan, n_groups, subtract_b_dec
-        )
+            *params, sel_vals_N.detach(), x_BD, _usable_xin(xin_BD, x_BD), None, plan,
+            n_groups, subtract_b_dec, "prefix_resids",
+        )  # fmt: skip
     vals_N = selected_preacts(
         sel_vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D, plan, subtract_b_dec=subtract_b_dec
     )
     return decoded_prefix_errors(vals_N, x_BD, b_dec_D, W_dec_FD, plan, n_groups)
+
+
+def sparse_decode_errors(
+    sel_vals_N: Tensor,
+    x_BD: Tensor,
+    W_enc_DF: Tensor,
+    b_enc_F: Tensor,
+    b_dec_D: Tensor,
+    W_dec_FD: Tensor,
+    plan: SparsePlan,
+    target_BD: Tensor,
+    *,
+    subtract_b_dec: bool = True,
+    xin_BD: Tensor | None = None,
+) -> Tensor:
+    """err [B] = |target - decode(selection)|^2 (no b_dec in the reconstruction; ``target``
+    carries no gradient), with gradients into W_enc, b_enc, b_dec (through the encoder input
+    only) and W_dec: AuxK's reconstruction of the main residual from the dead latents. One
+    bag per token (``plan`` without groups). The C path is the sparse step's, the fallback
+    ``selected_preacts`` + ``sparse_decode``."""
+    params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
+    if _native_applies(W_enc_DF, W_dec_FD, x_BD, params) and plan.n_bags == x_BD.shape[0]:
+        err_B1, _ = _NativeSparseStep.apply(
+            *params, sel_vals_N.detach(), x_BD, _usable_xin(xin_BD, x_BD), target_BD, plan,
+            1, subtract_b_dec, "decode_resids",
+        )  # fmt: skip
+        return err_B1[:, 0]
+    vals_N = selected_preacts(
+        sel_vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D, plan, subtract_b_dec=subtract_b_dec
+    )
+    recon_BD = sparse_decode(vals_N, W_dec_FD, plan)
+    return (target_BD.detach().float() - recon_BD.float()).pow(2).sum(dim=-1)

@@ -58,7 +58,12 @@ def normalized_auxk_loss(residual_BD: Tensor, aux_recon_BD: Tensor) -> Tensor:
     ``residual_BD`` is x - x_hat, detached by the caller; ``aux_recon_BD`` is decoded from the
     dead latents without b_dec.
     """
+    err_B = (residual_BD.float() - aux_recon_BD.float()).pow(2).sum(dim=-1)
+    return normalized_auxk_loss_from_errors(residual_BD, err_B)
+
+
+def normalized_auxk_loss_from_errors(residual_BD: Tensor, err_B: Tensor) -> Tensor:
+    """:func:`normalized_auxk_loss` given err_B = ||r - r_aux||^2 per token."""
     residual_BD = residual_BD.float()
-    l2_aux = (residual_BD - aux_recon_BD.float()).pow(2).sum(dim=-1).mean()
     denom = (residual_BD - residual_BD.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
-    return (l2_aux / denom).nan_to_num(0.0)
+    return (err_B.mean() / denom).nan_to_num(0.0)

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from masksae.train.kernels import make_plan, selected_preacts, sparse_decode
-from masksae.train.kernels.sparse_step import sparse_prefix_errors
+from masksae.train.kernels import make_plan
+from masksae.train.kernels.sparse_step import sparse_decode_errors, sparse_prefix_errors
 from masksae.train.kernels.workspace import workspace
-from masksae.train.sae.auxk import auxk_select, normalized_auxk_loss
+from masksae.train.sae.auxk import (
+    auxk_select,
+    normalized_auxk_loss,
+    normalized_auxk_loss_from_errors,
+)
 from masksae.train.sae.base import SparseAutoencoder, StepContext, StepOutput
 from masksae.train.sae.metrics import recon_metrics_from_errors
 from masksae.train.sae.refine import ExactPreacts
@@ -206,19 +210,21 @@ class TopKFamilySAE(SparseAutoencoder):
         residual_BD = resid_BD.detach()  # x - x_hat
         if fused:
             plan = make_plan(aux.rows_N, aux.lat_N, n_rows=B, n_latents=Fdim)
-            vals_N = selected_preacts(
+            err_B = sparse_decode_errors(
                 aux.vals_N,
                 x_BD,
                 self.W_enc,
                 self.b_enc,
                 self.b_dec,
+                self.W_dec,
                 plan,
+                residual_BD,
                 subtract_b_dec=self.subtract_b_dec_from_input,
+                xin_BD=None if refine is None else refine.xin_BD,
             )
-            aux_recon_BD = sparse_decode(vals_N, self.W_dec, plan)
-        else:
-            aux_f_BF = post_BF * selection_mask(aux, (B, Fdim))
-            aux_recon_BD = aux_f_BF @ self.W_dec
+            return normalized_auxk_loss_from_errors(residual_BD, err_B)
+        aux_f_BF = post_BF * selection_mask(aux, (B, Fdim))
+        aux_recon_BD = aux_f_BF @ self.W_dec
         return normalized_auxk_loss(residual_BD, aux_recon_BD)
 
 
