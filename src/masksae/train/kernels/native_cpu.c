@@ -17,17 +17,6 @@
 
 #define LANES 16 /* independent partial sums: lets the compiler vectorise the reductions */
 
-static float sum_of_squares(const float *r, int64_t D) {
-    float acc[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= D; d += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += r[d + j] * r[d + j];
-    float s = 0.0f;
-    for (int j = 0; j < LANES; j++) s += acc[j];
-    for (; d < D; d++) s += r[d] * r[d];
-    return s;
-}
-
 static float dot(const float *a, const float *b, int64_t D) {
     float acc[LANES] = {0};
     int64_t d = 0;
@@ -38,6 +27,8 @@ static float dot(const float *a, const float *b, int64_t D) {
     for (; d < D; d++) s += a[d] * b[d];
     return s;
 }
+
+static float sum_of_squares(const float *r, int64_t D) { return dot(r, r, D); }
 
 /* resid[b, g] = x[b] - b_dec - sum over the bags (b, 0..g) of vals[e] * W_dec[lat[e]];
  * err[b, g] = ||resid[b, g]||^2. The sparse decode, the prefix sums and the norms in one

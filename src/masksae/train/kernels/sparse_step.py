@@ -22,8 +22,7 @@ from torch.autograd import Function
 from masksae.train.kernels import native
 from masksae.train.kernels.autograd import selected_preacts, sparse_decode
 from masksae.train.kernels.plan import SparsePlan
-from masksae.train.kernels.prefix import decoded_prefix_errors
-from masksae.train.kernels.workspace import workspace
+from masksae.train.kernels.prefix import decoded_prefix_errors, native_prefix_forward
 
 
 class _NativeSparseStep(Function):
@@ -32,7 +31,6 @@ class _NativeSparseStep(Function):
         ctx, W_enc_DF, b_enc_F, b_dec_D, W_dec_FD, vals_N, x_BD, xin_BD, target_BD, plan,
         n_groups, subtract_b_dec, buffer_name,
     ):  # fmt: skip
-        B, D = x_BD.shape
         x32_BD = x_BD.detach().float().contiguous()
         b_dec32_D = b_dec_D.detach().float().contiguous()
         if xin_BD is None:
@@ -40,20 +38,10 @@ class _NativeSparseStep(Function):
         if target_BD is None:  # residuals of x - b_dec - decode
             start_BD, offset_D = x32_BD, b_dec32_D
         else:  # residuals of target - decode (AuxK: target = the main residual, detached)
-            start_BD, offset_D = (
-                target_BD.detach().float().contiguous(),
-                torch.zeros_like(b_dec32_D),
-            )
-        resid_BGD = workspace().get(buffer_name, (B, n_groups, D), torch.float32, x_BD.device)
-        err_BG = torch.empty(B, n_groups, dtype=torch.float32)
-        vals32_N = vals_N.detach().float().contiguous()
-        native.prefix_decode_forward(
-            start_BD, offset_D, plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(),
-            resid_BGD, err_BG,
-        )  # fmt: skip
-        # written through a pointer: tell autograd, so that a later overwrite of this
-        # workspace buffer before backward is caught by its in-place check
-        torch.autograd.graph.increment_version(resid_BGD)
+            start_BD, offset_D = target_BD, torch.zeros_like(b_dec32_D)
+        err_BG, resid_BGD, vals32_N = native_prefix_forward(
+            start_BD, offset_D, vals_N, W_dec_FD, plan, n_groups, buffer_name
+        )
         ctx.save_for_backward(W_enc_DF, W_dec_FD, vals32_N, xin_BD, resid_BGD)
         ctx.plan = plan
         ctx.subtract_b_dec = subtract_b_dec
@@ -102,13 +90,16 @@ def _usable_xin(xin_BD: Tensor | None, x_BD: Tensor) -> Tensor | None:
     return xin_BD if xin_BD.shape == x_BD.shape else None
 
 
-def _native_applies(W_enc_DF: Tensor, W_dec_FD: Tensor, x_BD: Tensor, params) -> bool:
+def _native_applies(x_BD: Tensor, params: tuple[Tensor, Tensor, Tensor, Tensor]) -> bool:
+    """The C path serves (x, (W_enc, b_enc, b_dec, W_dec)): fp32 CPU weights, W_enc stored
+    latent-major, W_dec row-major, x without a gradient of its own."""
+    W_enc_DF, W_dec_FD = params[0], params[3]
     return (
         native.enabled_for(W_dec_FD)
         and not x_BD.requires_grad
         and all(p.dtype == torch.float32 for p in params)
         and W_dec_FD.is_contiguous()
-        and W_enc_DF.t().is_contiguous()  # latent-major storage
+        and W_enc_DF.t().is_contiguous()
     )
 
 
@@ -131,7 +122,7 @@ def sparse_prefix_errors(
     ``xin_BD``, when the caller has it: the encoder input, fp32 contiguous ``x - b_dec``
     (``x`` without ``subtract_b_dec``), no gradient."""
     params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
-    if _native_applies(W_enc_DF, W_dec_FD, x_BD, params):
+    if _native_applies(x_BD, params):
         return _NativeSparseStep.apply(
             *params, sel_vals_N.detach(), x_BD, _usable_xin(xin_BD, x_BD), None, plan,
             n_groups, subtract_b_dec, "prefix_resids",
@@ -161,7 +152,7 @@ def sparse_decode_errors(
     bag per token (``plan`` without groups). The C path is the sparse step's, the fallback
     ``selected_preacts`` + ``sparse_decode``."""
     params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
-    if _native_applies(W_enc_DF, W_dec_FD, x_BD, params) and plan.n_bags == x_BD.shape[0]:
+    if _native_applies(x_BD, params) and plan.n_bags == x_BD.shape[0]:
         err_B1, _ = _NativeSparseStep.apply(
             *params, sel_vals_N.detach(), x_BD, _usable_xin(xin_BD, x_BD), target_BD, plan,
             1, subtract_b_dec, "decode_resids",
