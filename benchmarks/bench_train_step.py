@@ -229,7 +229,10 @@ class Variant:
         else:
             ablation = ABLATIONS.get(self.name, contextlib.nullcontext)
             with ablation():
-                ctx = StepContext(i, total, self.dead, self.name != "dense", self.select_dtype)
+                # as the trainer between logging steps (metrics every log_every = 50 steps)
+                ctx = StepContext(
+                    i, total, self.dead, self.name != "dense", self.select_dtype, want_metrics=False
+                )
                 out = sae.training_loss(x, ctx)
                 loss = out.loss
                 self.opt.zero_grad(set_to_none=True)

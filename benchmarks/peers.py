@@ -122,16 +122,19 @@ class Ours:
         self.select_dtype = resolve_select_dtype("auto", torch.device("cpu"))
 
     def step(self, x: torch.Tensor, i: int) -> float:
+        from masksae.train.optim import clip_grad_norm
         from masksae.train.sae import StepContext
 
         sae = self.sae
         if i == 0:
             sae.init_from_data(x)
-        out = sae.training_loss(x, StepContext(i, 1000, None, True, self.select_dtype))
+        # as the trainer steps between logging steps: no metrics, its own gradient clip
+        ctx = StepContext(i, 1000, None, True, self.select_dtype, want_metrics=False)
+        out = sae.training_loss(x, ctx)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        clip_grad_norm(sae.parameters(), 1.0)
         self.opt.step()
         sae.normalize_decoder()
         return float(out.loss.detach())

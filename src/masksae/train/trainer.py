@@ -349,6 +349,7 @@ class _Run:
                 self._dead_candidates(step, full.shape[0]),
                 self.train.fused,
                 self.select_dtype,
+                want_metrics,
             )
             autocast = (
                 torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)

@@ -46,10 +46,14 @@ class _PrefixSquaredErrors(Function):
         ctx.parts_dtype = parts_BGD.dtype
         resid_BD = resid_BGD[:, G - 1]
         ctx.mark_non_differentiable(resid_BD)
+        # resid_BD never has a gradient: no [B, D] of zeros made for it in backward
+        ctx.set_materialize_grads(False)
         return err_BG, resid_BD
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
+        if grad_err_BG is None:  # the errors were not used (grads are not materialised)
+            return (None,) * len(ctx.needs_input_grad)
         (resid_BGD,) = ctx.saved_tensors
         with torch.autocast(device_type=resid_BGD.device.type, enabled=False):
             B, G, D = resid_BGD.shape
@@ -116,10 +120,14 @@ class _NativePrefixDecodeErrors(Function):
         ctx.dtypes = (vals_N.dtype, x_BD.dtype, b_dec_D.dtype)
         resid_BD = resid_BGD[:, n_groups - 1]
         ctx.mark_non_differentiable(resid_BD)
+        # resid_BD never has a gradient: no [B, D] of zeros made for it in backward
+        ctx.set_materialize_grads(False)
         return err_BG, resid_BD
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
+        if grad_err_BG is None:  # the errors were not used (grads are not materialised)
+            return (None,) * len(ctx.needs_input_grad)
         vals_N, W_dec_FD, resid_BGD = ctx.saved_tensors
         plan: SparsePlan = ctx.plan
         vals_dtype, x_dtype, b_dtype = ctx.dtypes

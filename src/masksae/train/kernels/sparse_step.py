@@ -48,10 +48,14 @@ class _NativeSparseStep(Function):
         ctx.decodes_b_dec = target_BD is None
         resid_BD = resid_BGD[:, n_groups - 1]
         ctx.mark_non_differentiable(resid_BD)
+        # resid_BD never has a gradient: no [B, D] of zeros made for it in backward
+        ctx.set_materialize_grads(False)
         return err_BG, resid_BD
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
+        if grad_err_BG is None:  # the errors were not used (grads are not materialised)
+            return (None,) * len(ctx.needs_input_grad)
         W_enc_DF, W_dec_FD, vals_N, xin_BD, resid_BGD = ctx.saved_tensors
         plan: SparsePlan = ctx.plan
         want_enc = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]

@@ -52,6 +52,11 @@ class StepContext(NamedTuple):
     select_dtype: str = "float32"
     """Precision of the fused path's selection product (TopK family): "float32", or
     "bfloat16" (choose in bf16, re-rank the candidates in fp32; ``train.sae.refine``)."""
+    want_metrics: bool = True
+    """False when the caller reads neither this step's metrics nor its reconstruction (the
+    trainer between logging steps): ``training_loss`` then skips the passes over the batch
+    they cost and returns ``metrics`` empty and, where the loss does not need it, no
+    ``x_hat_BD``."""
 
 
 class StepOutput(NamedTuple):
@@ -59,12 +64,14 @@ class StepOutput(NamedTuple):
 
     loss: Tensor
     """Scalar to backpropagate."""
-    x_hat_BD: Tensor
-    """Full reconstruction (all groups), as used by the loss."""
+    x_hat_BD: Tensor | None
+    """Full reconstruction (all groups), as used by the loss (None when it was not needed:
+    ``StepContext.want_metrics`` False on the fused path)."""
     fired_F: Tensor
     """bool [F]: latents with a nonzero activation somewhere in this batch."""
     metrics: dict[str, Tensor]
-    """Detached scalars: at least mse, fvu, l0, l2_loss (+ auxk_loss for the TopK family)."""
+    """Detached scalars: at least mse, fvu, l0, l2_loss (+ auxk_loss for the TopK family);
+    empty when ``StepContext.want_metrics`` is False."""
 
 
 class SparseAutoencoder(nn.Module):

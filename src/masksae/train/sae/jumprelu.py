@@ -95,9 +95,11 @@ class JumpReLUSAE(SparseAutoencoder):
         sparsity_loss = self.cfg.sparsity_coefficient * (l0 / self.cfg.target_l0 - 1).pow(2) * scale
         loss = recon_loss + sparsity_loss
         active_BF = f_BF.detach() != 0
-        metrics = recon_metrics(x_BD, x_hat_BD, active_BF.sum(dim=-1).float().mean())
-        metrics["recon_loss"] = recon_loss.detach()
-        metrics["sparsity_loss"] = sparsity_loss.detach()
+        metrics = {}
+        if ctx.want_metrics:
+            metrics = recon_metrics(x_BD, x_hat_BD, active_BF.sum(dim=-1).float().mean())
+            metrics["recon_loss"] = recon_loss.detach()
+            metrics["sparsity_loss"] = sparsity_loss.detach()
         return StepOutput(loss, x_hat_BD, active_BF.any(dim=0), metrics)
 
     def _scale_thresholds(self, scale: float) -> None:

@@ -41,7 +41,9 @@ class ReLUSAE(SparseAutoencoder):
         scale = linear_warmup(ctx.step, self.cfg.l1_warmup_frac * ctx.total_steps)
         loss = recon_loss + scale * self.cfg.l1_coefficient * l1_loss
         active_BF = f_BF.detach() > 0
-        metrics = recon_metrics(x_BD, x_hat_BD, active_BF.sum(dim=-1).float().mean())
-        metrics["recon_loss"] = recon_loss.detach()
-        metrics["l1_loss"] = l1_loss.detach()
+        metrics = {}
+        if ctx.want_metrics:
+            metrics = recon_metrics(x_BD, x_hat_BD, active_BF.sum(dim=-1).float().mean())
+            metrics["recon_loss"] = recon_loss.detach()
+            metrics["l1_loss"] = l1_loss.detach()
         return StepOutput(loss, x_hat_BD, active_BF.any(dim=0), metrics)

@@ -106,7 +106,7 @@ def candidates(
     least ``count`` of them, so they hold the ``count`` largest entries of ``flat``.
 
     A strided sample estimates a cut exceeded by about _MARGIN * count entries (a few
-    microseconds of kthvalue instead of a topk over everything); if that leaves too few, the
+    microseconds of topk over the sample instead of one over everything); if that leaves too few, the
     same sample gives a lower cut; only then is the exact count-th value computed.
     ``mask_out`` (bool, like ``flat``) is a reusable buffer for the comparison.
     """
@@ -118,7 +118,9 @@ def candidates(
             rank = int((1.0 - margin * count / n) * sample.numel())
             if rank < 1:
                 break
-            t = sample.kthvalue(rank).values
+            # the rank-th smallest as the smallest of the top (size - rank + 1): topk keeps a
+            # small heap, 3x faster than kthvalue's full selection over the sample
+            t = sample.topk(sample.numel() - rank + 1, sorted=False).values.amin()
             cand = _greater(flat, t, mask_out)
             if cand.numel() >= count:
                 return cand, t

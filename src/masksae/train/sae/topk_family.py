@@ -157,7 +157,7 @@ class TopKFamilySAE(SparseAutoencoder):
                 subtract_b_dec=self.subtract_b_dec_from_input,
                 xin_BD=None if refine is None else refine.xin_BD,  # computed once per step
             )
-            x_hat_BD = x_BD.float() - resid_BD
+            x_hat_BD = x_BD.float() - resid_BD if ctx.want_metrics else None
         else:
             post_BF = self.post_relu(x_BD)
             sel = self.select(post_BF.detach())
@@ -184,6 +184,8 @@ class TopKFamilySAE(SparseAutoencoder):
         auxk_loss = self._auxk_loss(x_BD, resid_BD, post_BF, dead_mask_F, ctx.fused, refine)
         loss = recon_loss + self.cfg.auxk_alpha * auxk_loss
 
+        if not ctx.want_metrics:
+            return StepOutput(loss, x_hat_BD, fired_F, {})
         l0 = (sel.vals_N != 0).sum().float() / B
         metrics = recon_metrics_from_errors(x_BD, err_BG[:, -1], l0)
         metrics["recon_loss"] = recon_loss.detach()
