@@ -15,9 +15,16 @@ from masksae.train.kernels.prefix import decoded_prefix_errors, prefix_squared_e
 from masksae.train.kernels.sparse_step import sparse_decode_errors, sparse_prefix_errors
 from masksae.train.sae.selection import _greater
 
+# skipped only without a compiler: where one exists a library that fails to build (a broken
+# native_cpu.c) must fail these tests, not skip them
 needs_native = pytest.mark.skipif(
-    native.library() is None, reason="no C compiler: the native kernels cannot be built"
+    native._compiler() is None, reason="no C compiler: the native kernels cannot be built"
 )
+
+
+@needs_native
+def test_the_library_builds_where_a_compiler_exists():
+    assert native.library() is not None, "native_cpu.c did not compile: see the warning above"
 
 
 def _selection(B: int, F: int, k_max: int, G: int, g: torch.Generator):

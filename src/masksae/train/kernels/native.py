@@ -64,7 +64,7 @@ _SIGNATURES = {
     "segment_gather_perm": [_i64] * 3 + [_ptr] * 6,
     "pair_dot_rows": [_i64] * 3 + [_ptr] * 5,
     "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
-    "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 13,
+    "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 14,
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
@@ -390,6 +390,7 @@ def sparse_backward_by_latent(
     grad_b_dec = torch.zeros(D, dtype=f32)
     pieces = _balanced(lat_offsets)
     scratch = torch.empty(len(pieces), G * D, dtype=f32)
+    seen = torch.zeros(F, dtype=torch.uint8)
     fn = library().sparse_backward_by_latent
     ptrs = [_p(t) for t in (resid_BGD, grad_err_BG, bag_offsets, lat_N, vals_N, W_dec_FD)]
     ptrs.append(None if xin_BD is None else _p(xin_BD))
@@ -398,7 +399,7 @@ def sparse_backward_by_latent(
 
     def call(i: int, f0: int, f1: int) -> None:
         # the first piece also sums the decoder bias's gradient over every token
-        fn(f0, f1, B, G, D, *ptrs, _p(grad_b_dec) if i == 0 else None, _p(scratch[i]))
+        fn(f0, f1, B, G, D, *ptrs, _p(grad_b_dec) if i == 0 else None, _p(scratch[i]), _p(seen))
 
     _run_pieces(call, pieces)
     return grad_vals, grad_W_dec, grad_W_enc, grad_b_enc, grad_b_dec

@@ -55,6 +55,21 @@ void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const f
     }
 }
 
+/* p[g] = -2 sum_{i >= g} grad_err[b, i] resid[b, i] for every group g of token b (p: G rows
+ * of D): the gradient of the sum decoded by each Matryoshka group, given d loss / d err. */
+static void suffix_grads(int64_t b, int64_t G, int64_t D, const float *resid,
+                         const float *grad_err, float *p) {
+    for (int64_t g = G - 1; g >= 0; g--) {
+        const float *r = resid + (b * G + g) * D;
+        float *pg = p + g * D;
+        const float c = -2.0f * grad_err[b * G + g];
+        if (g == G - 1)
+            for (int64_t d = 0; d < D; d++) pg[d] = c * r[d];
+        else
+            for (int64_t d = 0; d < D; d++) pg[d] = pg[D + d] + c * r[d];
+    }
+}
+
 /* Backward of prefix_decode_forward for d loss / d err[b, g] = grad_err[b, g]:
  * grad_parts[b, g] = -2 sum_{i >= g} grad_err[b, i] resid[b, i] (the gradient of group g's
  * decoded sum, written for the decoder-weight gradient) and, for each entry of bag (b, g),
@@ -63,17 +78,11 @@ void prefix_decode_backward(int64_t r0, int64_t r1, int64_t G, int64_t D, const 
                             const float *grad_err, const int64_t *bag_off, const int64_t *lat,
                             const float *W_dec, float *grad_parts, float *grad_vals) {
     for (int64_t b = r0; b < r1; b++) {
-        for (int64_t g = G - 1; g >= 0; g--) {
-            const float *r = resid + (b * G + g) * D;
-            float *p = grad_parts + (b * G + g) * D;
-            const float c = -2.0f * grad_err[b * G + g];
-            if (g == G - 1)
-                for (int64_t d = 0; d < D; d++) p[d] = c * r[d];
-            else
-                for (int64_t d = 0; d < D; d++) p[d] = p[D + d] + c * r[d];
+        float *p = grad_parts + b * G * D;
+        suffix_grads(b, G, D, resid, grad_err, p);
+        for (int64_t g = 0; g < G; g++)
             for (int64_t e = bag_off[b * G + g]; e < bag_off[b * G + g + 1]; e++)
-                grad_vals[e] = dot(p, W_dec + lat[e] * D, D);
-        }
+                grad_vals[e] = dot(p + g * D, W_dec + lat[e] * D, D);
     }
 }
 
@@ -188,10 +197,10 @@ void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int
                                const int64_t *bag_off, const int64_t *lat, const float *vals,
                                const float *W_dec, const float *xin, float *grad_vals,
                                float *grad_W_dec, float *grad_W_enc, float *grad_b_enc,
-                               float *grad_b_dec, float *scratch) {
-    memset(grad_W_dec + f0 * D, 0, (size_t)((f1 - f0) * D) * sizeof(float));
-    if (grad_W_enc) memset(grad_W_enc + f0 * D, 0, (size_t)((f1 - f0) * D) * sizeof(float));
-    if (grad_b_enc) memset(grad_b_enc + f0, 0, (size_t)(f1 - f0) * sizeof(float));
+                               float *grad_b_dec, float *scratch, uint8_t *seen) {
+    /* seen[f] (zeroed by the caller): a latent's first entry writes its gradient rows, later
+     * ones add; rows never seen are zeroed at the end. No zero-filling pass over the rows
+     * before the random updates, which would fetch each of them once more. */
     for (int64_t b = 0; b < B; b++) {
         const int64_t *off = bag_off + b * G;
         /* entries of a token are sorted by latent: skip a token none of whose are ours */
@@ -199,17 +208,10 @@ void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int
         while (lo < hi && lat[lo] < f0) lo++;
         while (hi > lo && lat[hi - 1] >= f1) hi--;
         if (lo == hi && !grad_b_dec) continue;
-        for (int64_t g = G - 1; g >= 0; g--) {
-            const float *r = resid + (b * G + g) * D;
-            float *p = scratch + g * D;
-            const float c = -2.0f * grad_err[b * G + g];
-            if (g == G - 1)
-                for (int64_t d = 0; d < D; d++) p[d] = c * r[d];
-            else
-                for (int64_t d = 0; d < D; d++) p[d] = p[D + d] + c * r[d];
-        }
+        suffix_grads(b, G, D, resid, grad_err, scratch);
         if (grad_b_dec)
             for (int64_t d = 0; d < D; d++) grad_b_dec[d] += scratch[d];
+        const float *xb = xin ? xin + b * D : NULL;
         for (int64_t g = 0; g < G; g++) {
             const float *p = scratch + g * D;
             const int64_t e0 = off[g] > lo ? off[g] : lo, e1 = off[g + 1] < hi ? off[g + 1] : hi;
@@ -219,15 +221,35 @@ void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int
                 float *gw = grad_W_dec + f * D;
                 const float v = vals[e];
                 const float gv = dot(p, w, D);
-                for (int64_t d = 0; d < D; d++) gw[d] += v * p[d];
+                const int first = !seen[f];
                 grad_vals[e] = gv;
-                if (grad_W_enc && v > 0.0f) {
-                    const float *xb = xin + b * D;
-                    float *ge = grad_W_enc + f * D;
+                seen[f] = 1;
+                if (first)
+                    for (int64_t d = 0; d < D; d++) gw[d] = v * p[d];
+                else
+                    for (int64_t d = 0; d < D; d++) gw[d] += v * p[d];
+                if (!grad_W_enc) continue;
+                float *ge = grad_W_enc + f * D;
+                const float ge_scale = v > 0.0f ? gv : 0.0f; /* through the ReLU */
+                if (first) {
+                    if (v > 0.0f)
+                        for (int64_t d = 0; d < D; d++) ge[d] = gv * xb[d];
+                    else
+                        memset(ge, 0, (size_t)D * sizeof(float));
+                    grad_b_enc[f] = ge_scale;
+                } else if (v > 0.0f) {
                     for (int64_t d = 0; d < D; d++) ge[d] += gv * xb[d];
                     grad_b_enc[f] += gv;
                 }
             }
         }
     }
+    for (int64_t f = f0; f < f1; f++) /* latents without an entry */
+        if (!seen[f]) {
+            memset(grad_W_dec + f * D, 0, (size_t)D * sizeof(float));
+            if (grad_W_enc) {
+                memset(grad_W_enc + f * D, 0, (size_t)D * sizeof(float));
+                grad_b_enc[f] = 0.0f;
+            }
+        }
 }

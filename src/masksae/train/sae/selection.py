@@ -113,7 +113,7 @@ def candidates(
     n = flat.numel()
     count = min(count, n)
     if n > 4 * _SAMPLE and _MARGIN * count < n / 4:
-        sample = flat[:: sample_stride(n, n_cols)]
+        sample = flat[:: sample_stride(n, n_cols)].contiguous()  # topk is slower on a view
         for margin in (_MARGIN, _RETRY_MARGIN):
             rank = int((1.0 - margin * count / n) * sample.numel())
             if rank < 1:
