@@ -3,6 +3,7 @@ fallback when they cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -222,6 +223,59 @@ def test_greater_scan_matches_compare_and_nonzero(dtype, n):
     as_int = flat.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
     # more hits than the capacity: None, so the caller counts another way
     assert native.greater(as_int, 0, capacity=1) is None or int((flat > 0).sum()) <= 1
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return set()
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "march, cpu_flag", [("-march=native", None), ("-march=haswell", "avx2"), ("", None)]
+)
+def test_each_instruction_set_variant_of_the_scan(tmp_path, march, cpu_flag):
+    # the scan has AVX-512BW, AVX2 and portable forms chosen at compile time; this machine's
+    # build tests one of them, so build the others here and check each one directly
+    if cpu_flag and cpu_flag not in _cpu_flags():
+        pytest.skip(f"this CPU has no {cpu_flag}")
+    lib_path = tmp_path / "scan.so"
+    cmd = [*native._compiler(), *native._FLAGS, *([march] if march else []), "-o", str(lib_path)]
+    proc = subprocess.run([*cmd, str(native.SOURCE), "-lm"], capture_output=True, text=True)
+    if proc.returncode != 0 and march == "-march=haswell":
+        pytest.skip(f"the compiler does not take {march}")
+    assert proc.returncode == 0, proc.stderr
+    lib = ctypes.CDLL(str(lib_path))
+    g = torch.Generator().manual_seed(0)
+    for name, dtype, int_dtype, ctype in (
+        ("greater_i16", torch.bfloat16, torch.int16, ctypes.c_int16),
+        ("greater_i32", torch.float32, torch.int32, ctypes.c_int32),
+    ):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_int64] * 2 + [
+            ctypes.c_void_p,
+            ctype,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+        ]
+        flat = torch.randn(5000, generator=g).to(dtype)
+        flat[::5] = -flat[::5].abs()  # negative scores: negative integers, never above t >= 0
+        as_int = flat.view(int_dtype)
+        out = torch.empty(5000, dtype=torch.int64)
+        for t in (0.0, 0.7, 2.5):
+            t_int = int(torch.tensor(t, dtype=dtype).view(int_dtype))
+            for i0, i1 in ((0, 5000), (3, 4999), (130, 197), (64, 128), (7, 7)):
+                want = (flat[i0:i1] > t).nonzero().squeeze(1) + i0
+                n = fn(i0, i1, as_int.data_ptr(), t_int, out.data_ptr(), 5000)
+                assert torch.equal(out[:n], want), (name, t, i0, i1)
+                if want.numel() > 1:  # one slot fewer than the hits: -1
+                    assert (
+                        fn(i0, i1, as_int.data_ptr(), t_int, out.data_ptr(), want.numel() - 1) == -1
+                    )
 
 
 @needs_native
