@@ -308,8 +308,12 @@ def test_counting_sort_is_the_stable_sort(n, n_keys):
     keys = torch.randint(0, n_keys, (n,), generator=torch.Generator().manual_seed(n))
     offsets = torch.zeros(n_keys + 1, dtype=torch.int64)
     offsets[1:] = torch.bincount(keys, minlength=n_keys).cumsum(0)
+    assert torch.equal(native.csr_offsets(keys, n_keys), offsets)  # one pass instead
     perm = native.counting_sort_perm(keys, offsets)
     assert torch.equal(perm, torch.sort(keys, stable=True).indices)
+    for bad in (n_keys, -1):
+        with pytest.raises(ValueError, match="keys outside"):
+            native.csr_offsets(torch.cat([keys, torch.tensor([bad])]), n_keys)
     with pytest.raises(ValueError, match="keys outside"):
         native.counting_sort_perm(
             torch.full((n + 1,), n_keys),

@@ -66,6 +66,7 @@ _SIGNATURES = {
     "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
     "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 14,
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
+    "csr_offsets": ([_i64, _ptr, _i64, _ptr], _i64),
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
     "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _i64], _i64),
@@ -403,6 +404,18 @@ def sparse_backward_by_latent(
 
     _run_pieces(call, pieces)
     return grad_vals, grad_W_dec, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+def csr_offsets(keys_N: Tensor, n_keys: int) -> Tensor:
+    """int64 [n_keys + 1]: the CSR pointer of int64 ``keys_N`` in [0, n_keys) (a bincount's
+    cumulative sum, led by 0)."""
+    _check(keys_N)
+    if keys_N.dtype != torch.int64:
+        raise ValueError("csr_offsets: expected int64 keys")
+    offsets = torch.empty(n_keys + 1, dtype=torch.int64)
+    if library().csr_offsets(keys_N.numel(), _p(keys_N), n_keys, _p(offsets)) < 0:
+        raise ValueError(f"csr_offsets: keys outside [0, {n_keys})")
+    return offsets
 
 
 def counting_sort_perm(keys_N: Tensor, offsets_K1: Tensor) -> Tensor:

@@ -242,6 +242,20 @@ int64_t offsets_valid(const int64_t *offsets, int64_t n, int64_t total) {
 /* The stable permutation sorting keys[0..n) (all in [0, n_keys)) given their CSR pointer
  * offsets[0..n_keys] (a counting sort: one pass, O(n + n_keys), instead of a radix sort);
  * cursor[0..n_keys) is scratch. */
+/* offsets[0 .. n_keys]: the CSR pointer of keys in [0, n_keys) (each key's count, then their
+ * running sum; one pass, where bincount also scans for the minimum and the maximum). Returns
+ * 0, or -1 (offsets then undefined) when a key lies outside [0, n_keys). */
+int64_t csr_offsets(int64_t n, const int64_t *keys, int64_t n_keys, int64_t *offsets) {
+    memset(offsets, 0, (size_t)(n_keys + 1) * sizeof(int64_t));
+    for (int64_t e = 0; e < n; e++) {
+        const int64_t k = keys[e];
+        if (k < 0 || k >= n_keys) return -1;
+        offsets[k + 1]++;
+    }
+    for (int64_t k = 0; k < n_keys; k++) offsets[k + 1] += offsets[k];
+    return 0;
+}
+
 void counting_sort_perm(int64_t n, const int64_t *keys, int64_t n_keys, const int64_t *offsets,
                         int64_t *cursor, int64_t *perm) {
     memcpy(cursor, offsets, (size_t)n_keys * sizeof(int64_t));

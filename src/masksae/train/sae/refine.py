@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from masksae.train.kernels import pair_dot
+from masksae.train.kernels.plan import csr_offsets
 from masksae.train.sae.selection import _MAX_WIDEN, _greater
 
 DEFAULT_SAFETY = 2.0
@@ -82,10 +83,7 @@ class ExactPreacts:
     def entries(self, rows_N: Tensor, lat_N: Tensor) -> Tensor:
         """fp32 [N] pre-activations at (rows, lats); entries sorted by row, latents unique
         within a row."""
-        B = self.xin_BD.shape[0]
-        counts = torch.bincount(rows_N, minlength=B)
-        offsets = torch.zeros(B + 1, dtype=torch.int64, device=rows_N.device)
-        torch.cumsum(counts, dim=0, out=offsets[1:])
+        offsets = csr_offsets(rows_N, self.xin_BD.shape[0])
         self.stats.entries += rows_N.numel()
         out = pair_dot(self.xin_BD, rows_N, offsets, lat_N, self.W_enc_DF.t())
         return out + self.b_enc_F[lat_N]
