@@ -303,6 +303,35 @@ def test_gradient_gathers_and_sampled_product_match_pytorch(D):
 
 
 @needs_native
+@pytest.mark.parametrize("case", ["random", "ties", "sorted", "reversed", "all equal", "nan"])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 60000])
+def test_top_positions_is_the_top_k(case, n):
+    g = torch.Generator().manual_seed(n)
+    vals = {
+        "random": torch.randn(n, generator=g),
+        "ties": torch.randint(0, 5, (n,), generator=g).float(),  # many equal at the cut
+        "sorted": torch.arange(n).float(),
+        "reversed": torch.arange(n).float().flip(0),
+        "all equal": torch.full((n,), 2.5),
+        "nan": torch.randn(n, generator=g).index_fill_(0, torch.arange(0, n, 3), float("nan")),
+    }[case]
+    ranked = torch.nan_to_num(vals, nan=-float("inf"))  # NaN ranks last
+    for k in sorted({1, max(1, n // 3), n}):
+        t, pos = native.top_positions(vals, k)
+        want_t = ranked.topk(k).values[-1]
+        assert t.item() == want_t.item() or (torch.isinf(t) and torch.isinf(want_t))
+        assert pos.numel() == k and torch.equal(pos, pos.sort().values)  # increasing
+        assert pos.unique().numel() == k and int(pos.max()) < n
+        chosen = ranked[pos]
+        assert torch.equal(chosen.sort(descending=True).values, ranked.topk(k).values)
+        # ties at t are taken in position order: the tied ones chosen are the first ones
+        tied = (ranked == t).nonzero().squeeze(1)
+        assert torch.equal(pos[ranked[pos] == t], tied[: int((ranked[pos] == t).sum())])
+    with pytest.raises(ValueError, match="outside"):
+        native.top_positions(vals, n + 1)
+
+
+@needs_native
 @pytest.mark.parametrize(("n", "n_keys"), [(0, 5), (1, 1), (1000, 50), (40960, 4096)])
 def test_counting_sort_is_the_stable_sort(n, n_keys):
     keys = torch.randint(0, n_keys, (n,), generator=torch.Generator().manual_seed(n))

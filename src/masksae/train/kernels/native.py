@@ -67,6 +67,7 @@ _SIGNATURES = {
     "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 14,
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
     "csr_offsets": ([_i64, _ptr, _i64, _ptr], _i64),
+    "top_positions": ([_i64, _ptr, _i64, _ptr, _ptr], ctypes.c_float),
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
     "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _i64], _i64),
@@ -404,6 +405,19 @@ def sparse_backward_by_latent(
 
     _run_pieces(call, pieces)
     return grad_vals, grad_W_dec, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+def top_positions(vals_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(the k-th largest value as a 0-d float32 tensor, int64 [k] increasing positions of the
+    k largest of the float32 ``vals_N``); ties at that value are taken in position order."""
+    _check(floats=(vals_N,))
+    n = vals_N.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"top_positions: k={k} outside [1, {n}]")
+    scratch = workspace().get("top_positions", (n,), torch.float32, vals_N.device)
+    pos = torch.empty(k, dtype=torch.int64)
+    t = library().top_positions(n, _p(vals_N), k, _p(scratch), _p(pos))
+    return torch.tensor(t, dtype=torch.float32), pos
 
 
 def csr_offsets(keys_N: Tensor, n_keys: int) -> Tensor:

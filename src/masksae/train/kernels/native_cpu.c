@@ -242,6 +242,47 @@ int64_t offsets_valid(const int64_t *offsets, int64_t n, int64_t total) {
 /* The stable permutation sorting keys[0..n) (all in [0, n_keys)) given their CSR pointer
  * offsets[0..n_keys] (a counting sort: one pass, O(n + n_keys), instead of a radix sort);
  * cursor[0..n_keys) is scratch. */
+/* Positions of the k largest of x[0 .. n) (1 <= k <= n), in increasing order, into pos[k];
+ * returns the k-th largest value t. Every entry above t is taken, then entries equal to t in
+ * order until there are k; NaN counts as -inf (a diverged run: the trainer stops on its loss).
+ * t comes from a quickselect (Hoare partition, median-of-three pivot) over scratch[n], a copy:
+ * one pass plus a few partial ones, where a top-k keeps a heap of k entries. */
+float top_positions(int64_t n, const float *x, int64_t k, float *scratch, int64_t *pos) {
+    for (int64_t i = 0; i < n; i++) scratch[i] = x[i] == x[i] ? x[i] : -INFINITY;
+    const int64_t want = k - 1; /* index of t in the descending order */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        float a = scratch[lo], b = scratch[mid], c = scratch[hi], pivot;
+        if ((a >= b) == (b >= c)) pivot = b;
+        else if ((b >= a) == (a >= c)) pivot = a;
+        else pivot = c;
+        int64_t i = lo, j = hi;
+        while (i <= j) { /* descending: larger than the pivot to the left */
+            while (scratch[i] > pivot) i++;
+            while (scratch[j] < pivot) j--;
+            if (i <= j) {
+                const float s = scratch[i];
+                scratch[i++] = scratch[j];
+                scratch[j--] = s;
+            }
+        }
+        /* now [lo, j] >= pivot >= [i, hi], and entries strictly between equal the pivot */
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    const float t = scratch[want];
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; i++) above += scratch[i] > t; /* scratch: NaN already -inf */
+    int64_t ties = k - above, m = 0;
+    for (int64_t i = 0; i < n && m < k; i++) {
+        const float v = x[i] == x[i] ? x[i] : -INFINITY;
+        if (v > t || (v == t && ties-- > 0)) pos[m++] = i;
+    }
+    return t;
+}
+
 /* offsets[0 .. n_keys]: the CSR pointer of keys in [0, n_keys) (each key's count, then their
  * running sum; one pass, where bincount also scans for the minimum and the maximum). Returns
  * 0, or -1 (offsets then undefined) when a key lies outside [0, n_keys). */

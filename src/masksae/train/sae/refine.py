@@ -32,7 +32,7 @@ from torch import Tensor
 
 from masksae.train.kernels import pair_dot
 from masksae.train.kernels.plan import csr_offsets
-from masksae.train.sae.selection import _MAX_WIDEN, _greater
+from masksae.train.sae.selection import _MAX_WIDEN, _greater, top_positions
 
 DEFAULT_SAFETY = 2.0
 
@@ -117,18 +117,17 @@ class ExactPreacts:
         k_total: int,
         mask_out: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(candidates, their fp32 scores, positions of the ``k_total`` largest among them)
+        """(candidates, their fp32 scores, increasing positions of the ``k_total`` largest)
         holding the batch's fp32 top ``k_total``, given low-precision ``flat`` scores and
         candidates ``cand_C`` with every other entry <= ``cut``; None when two widenings did
         not verify (compute densely then)."""
         cut = cut.float()
         for _ in range(_MAX_WIDEN + 1):
             exact_C = self.entries(cand_C // n_cols, cand_C % n_cols)
-            top = exact_C.topk(k_total, sorted=False)
-            threshold = top.values.amin()
+            threshold, top = top_positions(exact_C, k_total)
             tol = self._tolerance(exact_C, flat[cand_C], threshold)
             if cand_C.numel() == flat.numel() or bool(cut + tol <= threshold):
-                return cand_C, exact_C, top.indices
+                return cand_C, exact_C, top
             # every entry that could still beat the threshold is above threshold - tol; round
             # that cut down onto flat's grid so the comparison in flat's dtype keeps them all
             want = threshold - tol

@@ -99,6 +99,21 @@ def _nonzero(mask: Tensor) -> Tensor:
     return cand[mask[cand]]
 
 
+def top_positions(vals_C: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(the k-th largest of ``vals_C`` as a 0-d tensor, the positions of its k largest in
+    increasing order), 1 <= k <= its size. Ties at the k-th value are broken arbitrarily, as
+    by ``topk`` (in position order on the CPU's C path: a quickselect, ~4x faster than topk
+    and no mask / nonzero to put the chosen back in order)."""
+    if k <= 0:
+        return vals_C.new_full((), float("inf")), torch.zeros(
+            0, dtype=torch.int64, device=vals_C.device
+        )
+    if vals_C.dtype == torch.float32 and vals_C.is_contiguous() and native.enabled_for(vals_C):
+        return native.top_positions(vals_C, k)
+    top = vals_C.topk(k, sorted=False)
+    return top.values.amin(), top.indices.sort().values
+
+
 def candidates(
     flat: Tensor, count: int, n_cols: int, mask_out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -148,16 +163,14 @@ def batch_topk_select(
     cand_C, cut = candidates(flat, k_total, F, mask_out)
     if refine is None:
         vals_C = flat[cand_C]
-        top = vals_C.topk(k_total, sorted=False).indices
+        _, top = top_positions(vals_C, k_total)
     else:
         chosen = refine.rerank_batch(flat, F, cand_C, cut, k_total, mask_out)
         if chosen is None:  # the re-ranking could not be verified: full precision, densely
             return batch_topk_select(refine.dense(), k_total, None, None)
-        cand_C, vals_C, top = chosen  # the re-ranker's own top k (one topk, not two)
-    keep = torch.zeros(cand_C.numel(), dtype=torch.bool, device=flat.device)
-    keep[top] = True
-    flat_idx = cand_C[keep]  # increasing == (row, latent) order
-    vals_N = vals_C[keep].clamp_min(0)
+        cand_C, vals_C, top = chosen  # the re-ranker's own top k (one selection, not two)
+    flat_idx = cand_C[top]  # increasing positions of increasing indices: (row, latent) order
+    vals_N = vals_C[top].clamp_min(0)
     return Selection(flat_idx // F, flat_idx % F, vals_N)
 
 
