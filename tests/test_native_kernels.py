@@ -218,8 +218,9 @@ def test_greater_scan_matches_compare_and_nonzero(dtype, n):
     for t in (0.0, 1.5, 3.0):
         cut = torch.tensor(t, dtype=dtype)
         want = (flat > cut).nonzero().squeeze(1)
-        got = _greater(flat, cut, None)
+        got, vals = _greater(flat, cut, None)
         assert torch.equal(got, want), (t, got.numel(), want.numel())
+        assert torch.equal(vals, flat[want])  # the values the scan read, bit for bit
     as_int = flat.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
     # more hits than the capacity: None, so the caller counts another way
     assert native.greater(as_int, 0, capacity=1) is None or int((flat > 0).sum()) <= 1
@@ -256,26 +257,23 @@ def test_each_instruction_set_variant_of_the_scan(tmp_path, march, cpu_flag):
     ):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_int64] * 2 + [
-            ctypes.c_void_p,
-            ctype,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-        ]
+        ptr = ctypes.c_void_p
+        fn.argtypes = [ctypes.c_int64] * 2 + [ptr, ctype, ptr, ptr, ctypes.c_int64]
         flat = torch.randn(5000, generator=g).to(dtype)
         flat[::5] = -flat[::5].abs()  # negative scores: negative integers, never above t >= 0
         as_int = flat.view(int_dtype)
-        out = torch.empty(5000, dtype=torch.int64)
+        out, vals = torch.empty(5000, dtype=torch.int64), torch.empty(5000, dtype=int_dtype)
+        args = (as_int.data_ptr(), None, out.data_ptr(), vals.data_ptr())
         for t in (0.0, 0.7, 2.5):
             t_int = int(torch.tensor(t, dtype=dtype).view(int_dtype))
             for i0, i1 in ((0, 5000), (3, 4999), (130, 197), (64, 128), (7, 7)):
                 want = (flat[i0:i1] > t).nonzero().squeeze(1) + i0
-                n = fn(i0, i1, as_int.data_ptr(), t_int, out.data_ptr(), 5000)
+                call = (i0, i1, args[0], t_int, *args[2:])
+                n = fn(*call, 5000)
                 assert torch.equal(out[:n], want), (name, t, i0, i1)
+                assert torch.equal(vals[:n], as_int[want])
                 if want.numel() > 1:  # one slot fewer than the hits: -1
-                    assert (
-                        fn(i0, i1, as_int.data_ptr(), t_int, out.data_ptr(), want.numel() - 1) == -1
-                    )
+                    assert fn(*call, want.numel() - 1) == -1
 
 
 @needs_native

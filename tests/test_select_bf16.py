@@ -150,14 +150,15 @@ def test_candidate_prefilter_retries_cheaply(monkeypatch):
 
     def spy(*args):
         out = greater(*args)
-        calls.append(out.numel())
+        calls.append(out[0].numel())
         return out
 
     monkeypatch.setattr(selection_mod, "_greater", spy)
     monkeypatch.setattr(selection_mod, "_MARGIN", 0.5)  # the first cut leaves too few
-    cand, cut = candidates(flat, 4096, F)
+    cand, vals, cut = candidates(flat, 4096, F)
     assert len(calls) == 2 and calls[0] < 4096 <= calls[1]  # no full topk / kthvalue
     assert torch.equal(cand, (flat > cut).nonzero().squeeze(1))
+    assert torch.equal(vals, flat[cand])
     top = flat.topk(4096).indices
     assert torch.isin(top, cand).all()
 

@@ -70,8 +70,8 @@ _SIGNATURES = {
     "top_positions": ([_i64, _ptr, _i64, _ptr, _ptr], ctypes.c_float),
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
-    "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _i64], _i64),
-    "greater_i32": ([_i64, _i64, _ptr, ctypes.c_int32, _ptr, _i64], _i64),
+    "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _ptr, _i64], _i64),
+    "greater_i32": ([_i64, _i64, _ptr, ctypes.c_int32, _ptr, _ptr, _i64], _i64),
 }
 
 
@@ -466,9 +466,9 @@ _GREATER = {
 }
 
 
-def greater(flat: Tensor, t: int, capacity: int) -> Tensor | None:
-    """Increasing int64 indices of the entries of the flat int16 / int32 ``flat`` above
-    ``t``; None when there are more than ``capacity`` (the caller counts another way)."""
+def greater(flat: Tensor, t: int, capacity: int) -> tuple[Tensor, Tensor] | None:
+    """(increasing int64 indices, values) of the entries of the flat int16 / int32 ``flat``
+    above ``t``; None when there are more than ``capacity`` (the caller counts another way)."""
     _check(flat)
     name, ctype = _GREATER[flat.dtype]
     fn = getattr(library(), name)
@@ -476,9 +476,14 @@ def greater(flat: Tensor, t: int, capacity: int) -> Tensor | None:
     pieces = _ranges(n)
     cap = min(capacity, max(e - s for s, e in pieces))
     # scratch reused across steps (only the pages written are touched)
-    out = workspace().get("greater_hits", (len(pieces), max(cap, 1)), torch.int64, flat.device)
+    ws, shape = workspace(), (len(pieces), max(cap, 1))
+    out = ws.get("greater_hits", shape, torch.int64, flat.device)
+    vals = ws.get("greater_values", shape, flat.dtype, flat.device)
     base, t_c = _p(flat), ctype(t)
-    counts = _run_pieces(lambda i, s, e: fn(s, e, base, t_c, _p(out[i]), cap), pieces)
+    counts = _run_pieces(lambda i, s, e: fn(s, e, base, t_c, _p(out[i]), _p(vals[i]), cap), pieces)
     if min(counts) < 0 or sum(counts) > capacity:
         return None
-    return torch.cat([out[i, :c] for i, c in enumerate(counts)])
+    return (
+        torch.cat([out[i, :c] for i, c in enumerate(counts)]),
+        torch.cat([vals[i, :c] for i, c in enumerate(counts)]),
+    )

@@ -86,8 +86,9 @@ void prefix_decode_backward(int64_t r0, int64_t r1, int64_t G, int64_t D, const 
     }
 }
 
-/* Increasing indices i in [i0, i1) with x[i] > t, written to out (at most cap of them).
- * Returns how many, or -1 when more than cap (the caller then counts another way).
+/* Increasing indices i in [i0, i1) with x[i] > t, written to out and their values to vals (at
+ * most cap of them). Returns how many, or -1 when more than cap (the caller then counts
+ * another way).
  *
  * With AVX-512BW or AVX2 (and GCC / clang builtins) each 64 entries become one bit mask,
  * and the hits are read off it with count-trailing-zeros: about 3x faster than the portable
@@ -135,21 +136,25 @@ static inline uint64_t mask_gt_i32(const int32_t *x, int32_t t) {
 }
 #endif
 #define DEFINE_GREATER(NAME, T, MASK)                                                      \
-    int64_t NAME(int64_t i0, int64_t i1, const T *x, T t, int64_t *out, int64_t cap) {     \
+    int64_t NAME(int64_t i0, int64_t i1, const T *x, T t, int64_t *out, T *vals,           \
+                 int64_t cap) {                                                            \
         int64_t n = 0, i = i0;                                                             \
         for (; i + 64 <= i1; i += 64) {                                                    \
             uint64_t m = MASK(x + i, t);                                                   \
             if (!m) continue;                                                              \
             if (n + __builtin_popcountll(m) > cap) return -1;                              \
             do {                                                                           \
-                out[n++] = i + __builtin_ctzll(m);                                         \
+                const int64_t j = i + __builtin_ctzll(m);                                  \
+                out[n] = j;                                                                \
+                vals[n++] = x[j];                                                          \
                 m &= m - 1;                                                                \
             } while (m);                                                                   \
         }                                                                                  \
         for (; i < i1; i++)                                                                \
             if (x[i] > t) {                                                                \
                 if (n == cap) return -1;                                                   \
-                out[n++] = i;                                                              \
+                out[n] = i;                                                                \
+                vals[n++] = x[i];                                                          \
             }                                                                              \
         return n;                                                                          \
     }
@@ -158,7 +163,8 @@ DEFINE_GREATER(greater_i32, int32_t, mask_gt_i32)
 #else /* portable: blocks with no hit, most of them, cost one vectorised compare */
 #define SCAN_BLOCK 64
 #define DEFINE_GREATER(NAME, T)                                                            \
-    int64_t NAME(int64_t i0, int64_t i1, const T *x, T t, int64_t *out, int64_t cap) {     \
+    int64_t NAME(int64_t i0, int64_t i1, const T *x, T t, int64_t *out, T *vals,           \
+                 int64_t cap) {                                                            \
         int64_t n = 0, i = i0;                                                             \
         for (; i < i1; i += SCAN_BLOCK) {                                                  \
             const int64_t end = i + SCAN_BLOCK < i1 ? i + SCAN_BLOCK : i1;                 \
@@ -171,7 +177,8 @@ DEFINE_GREATER(greater_i32, int32_t, mask_gt_i32)
             for (int64_t j = i; j < end; j++)                                              \
                 if (x[j] > t) {                                                            \
                     if (n == cap) return -1;                                               \
-                    out[n++] = j;                                                          \
+                    out[n] = j;                                                            \
+                    vals[n++] = x[j];                                                      \
                 }                                                                          \
         }                                                                                  \
         return n;                                                                          \

@@ -113,19 +113,20 @@ class ExactPreacts:
         flat: Tensor,
         n_cols: int,
         cand_C: Tensor,
+        approx_C: Tensor,
         cut: Tensor,
         k_total: int,
         mask_out: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor] | None:
         """(candidates, their fp32 scores, increasing positions of the ``k_total`` largest)
         holding the batch's fp32 top ``k_total``, given low-precision ``flat`` scores and
-        candidates ``cand_C`` with every other entry <= ``cut``; None when two widenings did
-        not verify (compute densely then)."""
+        candidates ``cand_C`` (their scores ``approx_C``) with every other entry <= ``cut``;
+        None when two widenings did not verify (compute densely then)."""
         cut = cut.float()
         for _ in range(_MAX_WIDEN + 1):
             exact_C = self.entries(cand_C // n_cols, cand_C % n_cols)
             threshold, top = top_positions(exact_C, k_total)
-            tol = self._tolerance(exact_C, flat[cand_C], threshold)
+            tol = self._tolerance(exact_C, approx_C, threshold)
             if cand_C.numel() == flat.numel() or bool(cut + tol <= threshold):
                 return cand_C, exact_C, top
             # every entry that could still beat the threshold is above threshold - tol; round
@@ -133,7 +134,7 @@ class ExactPreacts:
             want = threshold - tol
             cut_lp = (want - torch.finfo(flat.dtype).eps * want.abs()).to(flat.dtype)
             cut = cut_lp.float()
-            cand_C = _greater(flat, cut_lp, mask_out)
+            cand_C, approx_C = _greater(flat, cut_lp, mask_out)
             self.stats.widened += 1
             if cand_C.numel() > flat.numel() // 8:  # a dense product is cheaper than this SDDMM
                 return None

@@ -62,27 +62,31 @@ def sample_stride(n: int, n_cols: int) -> int:
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
-def _greater(flat: Tensor, t: Tensor, mask_out: Tensor | None) -> Tensor:
-    """Increasing flat indices of the entries > t (into ``mask_out`` when given).
+def _greater(flat: Tensor, t: Tensor, mask_out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(increasing flat indices, values) of the entries > t (compared into ``mask_out`` when
+    given). The C scan returns the values it read (no second, random gather over ``flat``).
 
     On the CPU, for a cut t >= 0, the floats' bit patterns are compared as integers (30-40%
     faster than the float compare): non-negative IEEE floats order like their bits, and
     negative ones (sign bit set) are negative integers, below any t >= 0. NaN scores (a
     diverged run, refused by the trainer's loss check) would count as large here.
     """
+    scores = flat
     as_int = _SAME_WIDTH_INT.get(flat.dtype)
     if as_int is not None and flat.device.type == "cpu" and t.dtype == flat.dtype and t >= 0:
-        flat, t = flat.view(as_int), t.abs().view(as_int)  # abs: -0.0 has the sign bit set
-        if flat.is_contiguous() and native.enabled_for(flat):
+        bits, t_bits = flat.view(as_int), t.abs().view(as_int)  # abs: -0.0 has the sign bit
+        if bits.is_contiguous() and native.enabled_for(bits):
             # one pass over the scores instead of compare + word scan + gather
-            hits = native.greater(flat, int(t), capacity=flat.numel() // 8)
+            hits = native.greater(bits, int(t_bits), capacity=flat.numel() // 8)
             if hits is not None:
-                return hits
+                return hits[0], hits[1].view(flat.dtype)
+        flat, t = bits, t_bits
     if mask_out is None:
         mask_out = flat > t
     else:
         torch.gt(flat, t, out=mask_out)
-    return _nonzero(mask_out)
+    idx = _nonzero(mask_out)
+    return idx, scores[idx]
 
 
 def _nonzero(mask: Tensor) -> Tensor:
@@ -116,9 +120,9 @@ def top_positions(vals_C: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def candidates(
     flat: Tensor, count: int, n_cols: int, mask_out: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(increasing flat indices, cut t): every entry not among them is <= t, and there are at
-    least ``count`` of them, so they hold the ``count`` largest entries of ``flat``.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(increasing flat indices, their values, cut t): every entry not among them is <= t, and
+    there are at least ``count`` of them, so they hold the ``count`` largest of ``flat``.
 
     A strided sample estimates a cut exceeded by about _MARGIN * count entries (a few
     microseconds of topk over the sample instead of one over everything); if that leaves too few, the
@@ -136,11 +140,12 @@ def candidates(
             # the rank-th smallest as the smallest of the top (size - rank + 1): topk keeps a
             # small heap, 3x faster than kthvalue's full selection over the sample
             t = sample.topk(sample.numel() - rank + 1, sorted=False).values.amin()
-            cand = _greater(flat, t, mask_out)
+            cand, vals = _greater(flat, t, mask_out)
             if cand.numel() >= count:
-                return cand, t
+                return cand, vals, t
     t = flat.kthvalue(n - count + 1).values  # the count-th largest value
-    return (flat >= t).nonzero().squeeze(1), t  # ties included; the rest is < t
+    cand = (flat >= t).nonzero().squeeze(1)  # ties included; the rest is < t
+    return cand, flat[cand], t
 
 
 @torch.no_grad()
@@ -160,12 +165,11 @@ def batch_topk_select(
     B, F = score_BF.shape
     flat = score_BF.reshape(-1)
     k_total = min(k_total, flat.numel())
-    cand_C, cut = candidates(flat, k_total, F, mask_out)
+    cand_C, vals_C, cut = candidates(flat, k_total, F, mask_out)
     if refine is None:
-        vals_C = flat[cand_C]
         _, top = top_positions(vals_C, k_total)
     else:
-        chosen = refine.rerank_batch(flat, F, cand_C, cut, k_total, mask_out)
+        chosen = refine.rerank_batch(flat, F, cand_C, vals_C, cut, k_total, mask_out)
         if chosen is None:  # the re-ranking could not be verified: full precision, densely
             return batch_topk_select(refine.dense(), k_total, None, None)
         cand_C, vals_C, top = chosen  # the re-ranker's own top k (one selection, not two)
