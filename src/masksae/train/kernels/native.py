@@ -412,9 +412,9 @@ def top_positions(vals_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
     k largest of the float32 ``vals_N``); ties at that value are taken in position order."""
     _check(floats=(vals_N,))
     n = vals_N.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"top_positions: k={k} outside [1, {n}]")
-    scratch = workspace().get("top_positions", (n,), torch.float32, vals_N.device)
+    if not 1 <= k <= n < 2**32:  # (counts are 32-bit in C)
+        raise ValueError(f"top_positions: k={k} outside [1, {n}] (or 2**32 entries or more)")
+    scratch = workspace().get("top_positions", (n,), torch.int32, vals_N.device)
     pos = torch.empty(k, dtype=torch.int64)
     t = library().top_positions(n, _p(vals_N), k, _p(scratch), _p(pos))
     return torch.tensor(t, dtype=torch.float32), pos

@@ -249,44 +249,74 @@ int64_t offsets_valid(const int64_t *offsets, int64_t n, int64_t total) {
 /* The stable permutation sorting keys[0..n) (all in [0, n_keys)) given their CSR pointer
  * offsets[0..n_keys] (a counting sort: one pass, O(n + n_keys), instead of a radix sort);
  * cursor[0..n_keys) is scratch. */
-/* Positions of the k largest of x[0 .. n) (1 <= k <= n), in increasing order, into pos[k];
- * returns the k-th largest value t. Every entry above t is taken, then entries equal to t in
- * order until there are k; NaN counts as -inf (a diverged run: the trainer stops on its loss).
- * t comes from a quickselect (Hoare partition, median-of-three pivot) over scratch[n], a copy:
- * one pass plus a few partial ones, where a top-k keeps a heap of k entries. */
-float top_positions(int64_t n, const float *x, int64_t k, float *scratch, int64_t *pos) {
-    for (int64_t i = 0; i < n; i++) scratch[i] = x[i] == x[i] ? x[i] : -INFINITY;
-    const int64_t want = k - 1; /* index of t in the descending order */
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        float a = scratch[lo], b = scratch[mid], c = scratch[hi], pivot;
-        if ((a >= b) == (b >= c)) pivot = b;
-        else if ((b >= a) == (a >= c)) pivot = a;
-        else pivot = c;
-        int64_t i = lo, j = hi;
-        while (i <= j) { /* descending: larger than the pivot to the left */
-            while (scratch[i] > pivot) i++;
-            while (scratch[j] < pivot) j--;
-            if (i <= j) {
-                const float s = scratch[i];
-                scratch[i++] = scratch[j];
-                scratch[j--] = s;
-            }
+/* Unsigned keys ordered like the floats (NaN as -inf): flip all bits of a negative float,
+ * only the sign bit of a non-negative one. */
+static inline uint32_t order_key(float v) {
+    uint32_t u;
+    if (v != v) v = -INFINITY;
+    memcpy(&u, &v, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* The bin of hist[0 .. n_bins) (the sum of 4 interleaved copies: consecutive increments of
+ * one counter would wait on each other) holding the r-th largest key (r >= 1), counting down
+ * from the top bin; *r becomes its rank within that bin. */
+static uint32_t rank_bin(uint32_t hist[4][2048], int64_t n_bins, int64_t *r) {
+    int64_t b = n_bins - 1;
+    for (; b > 0; b--) {
+        const int64_t count = (int64_t)hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b];
+        if (count >= *r) break;
+        *r -= count;
+    }
+    return (uint32_t)b;
+}
+
+/* Positions of the k largest of x[0 .. n) (1 <= k <= n < 2^32), in increasing order, into
+ * pos[k]; returns the k-th largest value t. Every entry above t is taken, then entries equal
+ * to t in order until there are k; NaN counts as -inf (a diverged run: the trainer stops on its
+ * loss). t is found by a radix select on the floats' order-preserving bits (11, 11 and 10
+ * bits; the second and third histograms over the members of the chosen bin only, compacted
+ * into keys[], n of scratch): a few branch-free linear passes, where a top-k keeps a heap of
+ * k entries and a quickselect mispredicts half its branches. */
+float top_positions(int64_t n, const float *x, int64_t k, uint32_t *keys, int64_t *pos) {
+    static const int LEVEL_SHIFT[3] = {21, 10, 0}, LEVEL_BINS[3] = {2048, 2048, 1024};
+    uint32_t hist[4][2048];
+    int64_t r = k, m = n;
+    uint32_t prefix = 0; /* the bits of t's key chosen so far */
+    for (int64_t i = 0; i < n; i++) keys[i] = order_key(x[i]);
+    for (int level = 0; level < 3; level++) {
+        const int shift = LEVEL_SHIFT[level];
+        const uint32_t mask = (uint32_t)LEVEL_BINS[level] - 1;
+        memset(hist, 0, sizeof hist);
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4)
+            for (int c = 0; c < 4; c++) hist[c][(keys[i + c] >> shift) & mask]++;
+        for (; i < m; i++) hist[0][(keys[i] >> shift) & mask]++;
+        const uint32_t bin = rank_bin(hist, LEVEL_BINS[level], &r);
+        prefix |= bin << shift;
+        if (level == 2) break;
+        /* keep the members of the chosen bin (branch-free: the store is undone by not
+         * advancing) */
+        int64_t kept = 0;
+        for (int64_t j = 0; j < m; j++) {
+            keys[kept] = keys[j];
+            kept += ((keys[j] >> shift) & mask) == bin;
         }
-        /* now [lo, j] >= pivot >= [i, hi], and entries strictly between equal the pivot */
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
+        m = kept;
     }
-    const float t = scratch[want];
-    int64_t above = 0;
-    for (int64_t i = 0; i < n; i++) above += scratch[i] > t; /* scratch: NaN already -inf */
-    int64_t ties = k - above, m = 0;
-    for (int64_t i = 0; i < n && m < k; i++) {
-        const float v = x[i] == x[i] ? x[i] : -INFINITY;
-        if (v > t || (v == t && ties-- > 0)) pos[m++] = i;
+    /* r is now t's rank among the entries equal to it: take the first r of those */
+    int64_t ties = r, got = 0;
+    for (int64_t i = 0; i < n && got < k; i++) {
+        const uint32_t key = order_key(x[i]);
+        const int64_t eq = key == prefix;
+        const int64_t take = (key > prefix) | (eq & (ties > 0));
+        ties -= eq & take;
+        pos[got] = i;
+        got += take;
     }
+    const uint32_t u = (prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix;
+    float t;
+    memcpy(&t, &u, sizeof t);
     return t;
 }
 
