@@ -25,8 +25,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "bench" / "peers.md"
 SETTINGS = {
-    "torch default (spin-wait)": {"OMP_WAIT_POLICY": None},
-    "masksae default (OMP_WAIT_POLICY=PASSIVE)": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "torch default (spin-wait)": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
+    "OMP_WAIT_POLICY=PASSIVE alone": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
+    "masksae default (PASSIVE, GOMP_SPINCOUNT=3000)": {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "GOMP_SPINCOUNT": "3000",
+    },
 }
 PAIRS = (("ours matryoshka", "dictionary_learning matryoshka"), ("ours topk", "sparsify topk"))
 

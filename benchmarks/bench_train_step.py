@@ -337,6 +337,7 @@ def machine() -> str:
         f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '<unset>')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '<unset>')}, "
         f"load average {load:.1f} at start"
     )
 

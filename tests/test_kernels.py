@@ -25,10 +25,11 @@ def make(arch: str, dtype=torch.float32):
     return sae.to(dtype)
 
 
-def run(sae, x, fused, dead, autocast=False):
+def run(sae, x, fused, dead, autocast=False, want_metrics=True):
     sae.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = sae.training_loss(x, StepContext(5, 10, dead, fused))
+        ctx = StepContext(5, 10, dead, fused, want_metrics=want_metrics)
+        out = sae.training_loss(x, ctx)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in sae.named_parameters()}
     return out, grads
@@ -60,6 +61,25 @@ def test_fused_matches_dense_fp32(arch, with_dead, native, monkeypatch):
         if name != "threshold":  # JumpReLU's STE gradient is rarely nonzero at bandwidth 1e-3
             assert g.abs().max() > 0, name
         assert torch.allclose(fg[name], g, rtol=1e-5, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_without_metrics_is_the_same_step(arch, fused):
+    # between logging steps the trainer asks for no metrics: the loss, the latents that fired
+    # and every gradient are those of a step that computes them
+    sae = make(arch)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(6)) * 2
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::5] = True
+    full, full_grads = run(sae, x, fused, dead)
+    lean, lean_grads = run(sae, x, fused, dead, want_metrics=False)
+    assert full.metrics and lean.metrics == {}
+    assert torch.equal(lean.loss, full.loss) and torch.equal(lean.fired_F, full.fired_F)
+    if fused and arch in ("topk", "batch_topk", "matryoshka_batch_topk"):
+        assert lean.x_hat_BD is None  # not needed by the fused loss: not computed
+    for name, g in full_grads.items():
+        assert torch.equal(lean_grads[name], g), name
 
 
 @pytest.mark.parametrize("arch", ["matryoshka_batch_topk", "batch_topk", "topk"])

@@ -10,12 +10,14 @@ from masksae.threads import THREAD_ENV_DEFAULTS, apply_thread_env_defaults
 
 
 def test_defaults_fill_only_what_is_missing():
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert apply_thread_env_defaults(env) == {}
-    assert env["OMP_WAIT_POLICY"] == "ACTIVE"
+    # a user's wait setting, either variable, wins over both defaults
+    for mine in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(mine)
+        assert apply_thread_env_defaults(env) == {}
+        assert env == mine
     env = {}
     assert apply_thread_env_defaults(env) == THREAD_ENV_DEFAULTS
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
 
 
 SPY = """
