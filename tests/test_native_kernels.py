@@ -432,3 +432,36 @@ def test_pytorch_path_is_sparse_decode_then_prefix_errors(monkeypatch):
     parts = sparse_decode(vals, W_dec, plan).view(20, 2, 8)
     err_ref, resid_ref = prefix_squared_errors(x, b_dec, parts)
     assert torch.equal(err, err_ref) and torch.equal(resid, resid_ref)
+
+
+@needs_native
+def test_bookkeeping_kernels_match_pytorch():
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, 37 * 1000, (5000,), generator=g)
+    rows, cols = native.split_flat(idx, 37)
+    assert torch.equal(rows, idx // 37) and torch.equal(cols, idx % 37)
+
+    lat = torch.randint(0, 300, (2000,), generator=g)
+    vals = torch.rand(2000, generator=g).masked_fill_(torch.rand(2000, generator=g) < 0.3, 0.0)
+    want = torch.zeros(300, dtype=torch.bool)
+    want[lat[vals != 0]] = True
+    assert torch.equal(native.fired(lat, vals, 300), want)
+    with pytest.raises(ValueError, match="outside"):
+        native.fired(lat, vals, 299)
+
+    exact = torch.randn(3001, generator=g) * 4
+    for dtype in (torch.bfloat16, torch.float32):
+        approx = (exact + torch.randn(3001, generator=g) * 1e-3).to(dtype)
+        approx[::7] = float("inf")
+        approx[1::7] = -float("inf")
+        approx[2::7] = float("nan")
+        finite = torch.isfinite(approx)
+        want = torch.where(finite, (exact - approx.float()).abs(), 0.0).amax()
+        assert native.max_abs_diff_finite(exact, approx).item() == want.item()
+    assert native.max_abs_diff_finite(exact[:3], torch.full((3,), float("nan"))).item() == 0.0
+
+    W = torch.randn(70, 33, generator=g)
+    eps = torch.finfo(torch.float32).eps
+    want = W / (W.norm(dim=-1, keepdim=True) + eps)
+    native.normalize_rows(W, eps)
+    assert torch.allclose(W, want, rtol=1e-6, atol=1e-7)

@@ -70,6 +70,10 @@ _SIGNATURES = {
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
     "csr_offsets": ([_i64, _ptr, _i64, _ptr], _i64),
     "top_positions": ([_i64, _ptr, _i64, _ptr, _ptr], ctypes.c_float),
+    "split_flat": [_i64, _ptr, _i64, _ptr, _ptr],
+    "mark_fired": [_i64, _ptr, _ptr, _ptr],
+    "max_abs_diff_finite": ([_i64, _ptr, _ptr, _ptr], ctypes.c_float),
+    "normalize_rows": [_i64, _i64, _i64, _ptr, ctypes.c_float],
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
     "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _ptr, _i64], _i64),
@@ -493,3 +497,48 @@ def greater(flat: Tensor, t: int, capacity: int) -> tuple[Tensor, Tensor] | None
         torch.cat([out[i, :c] for i, c in enumerate(counts)]),
         torch.cat([vals[i, :c] for i, c in enumerate(counts)]),
     )
+
+
+# ---- the step's bookkeeping ------------------------------------------------------------
+def split_flat(idx_N: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+    """(idx // n_cols, idx % n_cols) of non-negative int64 flat indices, in one pass."""
+    _check(idx_N)
+    if idx_N.dtype != torch.int64 or n_cols < 1:
+        raise ValueError("split_flat: expected int64 indices and n_cols >= 1")
+    rows, cols = torch.empty_like(idx_N), torch.empty_like(idx_N)
+    library().split_flat(idx_N.numel(), _p(idx_N), n_cols, _p(rows), _p(cols))
+    return rows, cols
+
+
+def fired(lat_N: Tensor, vals_N: Tensor, n_latents: int) -> Tensor:
+    """bool [n_latents]: True at the latents of the entries with a nonzero value."""
+    _check(lat_N, floats=(vals_N,))
+    if vals_N.shape != lat_N.shape:
+        raise ValueError("fired: lat and vals differ in shape")
+    _check_range(lat_N, n_latents, "latent indices")
+    out = torch.zeros(n_latents, dtype=torch.bool)
+    library().mark_fired(lat_N.numel(), _p(lat_N), _p(vals_N), _p(out))
+    return out
+
+
+def max_abs_diff_finite(exact_N: Tensor, approx_N: Tensor) -> Tensor:
+    """0-d float32: max |exact - approx| over the entries where ``approx`` (bf16 or fp32) is
+    finite, 0 when none is."""
+    _check(approx_N, floats=(exact_N,))
+    if approx_N.shape != exact_N.shape or approx_N.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("max_abs_diff_finite: expected bf16 / fp32 approx shaped like exact")
+    low = approx_N.dtype == torch.bfloat16
+    bits = _p(approx_N.view(torch.int16)) if low else None
+    m = library().max_abs_diff_finite(
+        exact_N.numel(), _p(exact_N), bits, None if low else _p(approx_N)
+    )
+    return torch.tensor(m, dtype=torch.float32)
+
+
+def normalize_rows(W_FD: Tensor, eps: float) -> None:
+    """In place: every row of the fp32 [F, D] ``W_FD`` divided by (its norm + eps)."""
+    _check(floats=(W_FD,))
+    F, D = W_FD.shape
+    fn = library().normalize_rows
+    _run_pieces(lambda _, s, e: fn(s, e, D, _p(W_FD), eps), _ranges(F))
+    torch.autograd.graph.increment_version(W_FD)  # a graph that saved W sees it changed

@@ -413,3 +413,54 @@ void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int
             }
         }
 }
+
+/* ---- small passes of the step's bookkeeping (each one PyTorch call or more, and a wake-up
+ * of its worker threads, for a few hundred kilobytes) ----------------------------------- */
+
+/* rows[i] = idx[i] / n_cols, cols[i] = idx[i] % n_cols: flat indices of a [*, n_cols]
+ * matrix split into (row, column). */
+void split_flat(int64_t n, const int64_t *idx, int64_t n_cols, int64_t *rows, int64_t *cols) {
+    for (int64_t i = 0; i < n; i++) {
+        rows[i] = idx[i] / n_cols;
+        cols[i] = idx[i] - rows[i] * n_cols;
+    }
+}
+
+/* fired[lat[e]] = 1 for every entry with vals[e] != 0 (fired zeroed by the caller). */
+void mark_fired(int64_t n, const int64_t *lat, const float *vals, uint8_t *fired) {
+    for (int64_t e = 0; e < n; e++)
+        if (vals[e] != 0.0f) fired[lat[e]] = 1;
+}
+
+/* max |exact[i] - approx[i]| over the i with a finite approx (0 when there is none); approx
+ * is bf16 (approx16, its bits) or fp32 (approx32), the other one NULL. A NaN difference
+ * (exact NaN) makes the result NaN, as torch's amax would. */
+float max_abs_diff_finite(int64_t n, const float *exact, const uint16_t *approx16,
+                          const float *approx32) {
+    float m = 0.0f;
+    int nan_seen = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float a;
+        if (approx16) {
+            const uint32_t bits = (uint32_t)approx16[i] << 16;
+            memcpy(&a, &bits, sizeof a);
+        } else {
+            a = approx32[i];
+        }
+        if (!isfinite(a)) continue;
+        const float d = fabsf(exact[i] - a);
+        nan_seen |= d != d;
+        m = d > m ? d : m;
+    }
+    return nan_seen ? NAN : m;
+}
+
+/* W[r] /= (|W[r]| + eps) for rows [r0, r1) of W[*, D], one pass per row (the norm, then the
+ * division while the row is in L1): the decoder's renormalisation after each step. */
+void normalize_rows(int64_t r0, int64_t r1, int64_t D, float *W, float eps) {
+    for (int64_t r = r0; r < r1; r++) {
+        float *w = W + r * D;
+        const float denom = sqrtf(sum_of_squares(w, D)) + eps;
+        for (int64_t d = 0; d < D; d++) w[d] /= denom;
+    }
+}

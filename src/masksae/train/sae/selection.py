@@ -103,6 +103,13 @@ def _nonzero(mask: Tensor) -> Tensor:
     return cand[mask[cand]]
 
 
+def split_flat(idx_N: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+    """(rows, columns) of flat indices into a [*, n_cols] matrix."""
+    if idx_N.dtype == torch.int64 and idx_N.is_contiguous() and native.enabled_for(idx_N):
+        return native.split_flat(idx_N, n_cols)  # one pass instead of two int64 divisions
+    return idx_N // n_cols, idx_N % n_cols
+
+
 def top_positions(vals_C: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(the k-th largest of ``vals_C`` as a 0-d tensor, the positions of its k largest in
     increasing order), 1 <= k <= its size. Ties at the k-th value are broken arbitrarily, as
@@ -175,7 +182,7 @@ def batch_topk_select(
         cand_C, vals_C, top = chosen  # the re-ranker's own top k (one selection, not two)
     flat_idx = cand_C[top]  # increasing positions of increasing indices: (row, latent) order
     vals_N = vals_C[top].clamp_min(0)
-    return Selection(flat_idx // F, flat_idx % F, vals_N)
+    return Selection(*split_flat(flat_idx, F), vals_N)
 
 
 @torch.no_grad()
@@ -210,6 +217,10 @@ def selection_mask(sel: Selection, shape: tuple[int, int]) -> Tensor:
 
 def fired_latents(sel: Selection, n_latents: int) -> Tensor:
     """bool [F]: latents with a nonzero selected value."""
+    lat_N, vals_N = sel.lat_N, sel.vals_N
+    if vals_N.dtype == torch.float32 and lat_N.is_contiguous() and vals_N.is_contiguous():
+        if native.enabled_for(lat_N):  # one pass, no mask / index / scatter
+            return native.fired(lat_N, vals_N, n_latents)
     fired_F = torch.zeros(n_latents, dtype=torch.bool, device=sel.lat_N.device)
     fired_F[sel.lat_N[sel.vals_N != 0]] = True
     return fired_F
