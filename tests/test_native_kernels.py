@@ -4,6 +4,7 @@ fallback when they cannot be built."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import subprocess
 import sys
@@ -78,14 +79,54 @@ def test_prefix_decode_matches_the_pytorch_kernels(D, G, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), name
 
 
-def _run_sparse_step(plan, G, params, x, sel_vals, subtract, native_on, monkeypatch):
+def _run_sparse_step(
+    plan, G, params, x, sel_vals, subtract, native_on, monkeypatch, expected=None, scale=1.0
+):
     monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", "1" if native_on else "0")
     for p in params:
         p.grad = None
-    err, resid = sparse_prefix_errors(sel_vals, x, *params, plan, G, subtract_b_dec=subtract)
+    err, resid = sparse_prefix_errors(
+        sel_vals, x, *params, plan, G, subtract_b_dec=subtract, expected_grad_err_BG=expected
+    )
     w_BG = torch.linspace(0.5, 1.5, err.numel()).view_as(err)
-    (err * w_BG).sum().backward()
+    ((err * w_BG).sum() * scale).backward()  # d loss / d err = scale * w_BG
     return err.detach(), resid.clone(), [p.grad.clone() for p in params]
+
+
+@needs_native
+@pytest.mark.parametrize("G", [1, 3])
+def test_backward_dot_products_precomputed_in_the_forward(G, monkeypatch):
+    # told the gradient its loss will send back, the forward computes the backward's dot
+    # products; the backward uses them when that gradient arrives (same gradients as
+    # without them) and computes them itself for any other (a scaled loss here)
+    g = torch.Generator().manual_seed(19)
+    B, F, D = 250, 180, 36
+    plan = _selection(B, F, 14, G, g)
+    W_enc = torch.randn(F, D, generator=g).mul(0.1).t().requires_grad_()
+    b_enc = torch.randn(F, generator=g).mul(0.1).requires_grad_()
+    b_dec = torch.randn(D, generator=g).mul(0.1).requires_grad_()
+    W_dec = torch.randn(F, D, generator=g).mul(0.2).requires_grad_()
+    params = [W_enc, b_enc, b_dec, W_dec]
+    x = torch.randn(B, D, generator=g)
+    sel_vals = torch.rand(plan.lat_N.numel(), generator=g)
+    expected = torch.linspace(0.5, 1.5, B * G).view(B, G)  # the loss's own gradient
+    used = []
+    backward = native.sparse_backward_by_latent
+
+    def spy(*args):
+        used.append(args[-1] is not None)
+        return backward(*args)
+
+    monkeypatch.setattr(native, "sparse_backward_by_latent", spy)
+    run = functools.partial(_run_sparse_step, plan, G, params, x, sel_vals, True, True)
+    plain = run(monkeypatch)
+    spec = run(monkeypatch, expected=expected)
+    scaled = run(monkeypatch, expected=expected, scale=2.0)
+    assert used == [False, True, False]
+    assert torch.equal(spec[0], plain[0])
+    for a, b, c in zip(plain[2], spec[2], scaled[2], strict=True):
+        assert torch.allclose(b, a, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(c, 2 * a, rtol=1e-6, atol=1e-6)
 
 
 @needs_native
@@ -465,3 +506,27 @@ def test_bookkeeping_kernels_match_pytorch():
     want = W / (W.norm(dim=-1, keepdim=True) + eps)
     native.normalize_rows(W, eps)
     assert torch.allclose(W, want, rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["matryoshka_batch_topk", "batch_topk", "topk"])
+def test_the_training_step_uses_the_forwards_dot_products(arch, monkeypatch):
+    # the TopK family states its loss's gradient up front: the step's backward must find it
+    # (a mismatch would silently cost the dot products again)
+    from masksae.train.sae import StepContext, build_sae, sae_config_from_dict
+
+    torch.manual_seed(0)
+    sae = build_sae(sae_config_from_dict({"architecture": arch, "d_in": 24, "d_sae": 96, "k": 4}))
+    used = []
+    backward = native.sparse_backward_by_latent
+
+    def spy(*args):
+        used.append(args[-1] is not None)
+        return backward(*args)
+
+    monkeypatch.setattr(native, "sparse_backward_by_latent", spy)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::4] = True  # AuxK on: its own errors take the full backward (no stated gradient)
+    out = sae.training_loss(torch.randn(64, 24), StepContext(3, 10, dead, True))
+    out.loss.backward()
+    assert sorted(used) == [False, True]  # AuxK's backward (full) and the main one (reused)

@@ -61,12 +61,12 @@ _OFF_VALUES = {"0", "false", "no", "off"}
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "prefix_decode_forward": [_i64] * 4 + [_ptr, _i64] + [_ptr] * 7,
+    "prefix_decode_forward": [_i64] * 4 + [_ptr, _i64] + [_ptr] * 10,
     "prefix_decode_backward": [_i64] * 4 + [_ptr] * 7,
     "segment_gather_perm": [_i64] * 3 + [_ptr] * 6,
     "pair_dot_rows": [_i64] * 3 + [_ptr] * 5,
     "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
-    "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 14,
+    "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 15,
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
     "csr_offsets": ([_i64, _ptr, _i64, _ptr], _i64),
     "top_positions": ([_i64, _ptr, _i64, _ptr, _ptr], ctypes.c_float),
@@ -295,17 +295,37 @@ def prefix_decode_forward(
     W_dec_FD: Tensor,
     resid_BGD: Tensor,
     err_BG: Tensor,
-) -> None:
+    expected_grad_err_BG: Tensor | None = None,
+) -> Tensor | None:
     """Fill ``resid_BGD`` (every prefix residual) and ``err_BG`` (their squared norms); see
-    ``prefix_decode_forward`` in native_cpu.c. fp32 throughout, int64 indices."""
+    ``prefix_decode_forward`` in native_cpu.c. fp32 throughout, int64 indices. Given the
+    gradient the loss will send to ``err_BG``, also returns the backward's grad_vals [N]
+    for it (computed while the decoder rows are in cache)."""
     B, G, D = resid_BGD.shape
-    _check(bag_offsets, lat_N, floats=(x_BD, b_dec_D, vals_N, W_dec_FD, resid_BGD, err_BG))
+    floats = (x_BD, b_dec_D, vals_N, W_dec_FD, resid_BGD, err_BG)
+    floats += () if expected_grad_err_BG is None else (expected_grad_err_BG,)
+    _check(bag_offsets, lat_N, floats=floats)
     _check_bags(B * G, bag_offsets, lat_N, W_dec_FD.shape[0])
     if x_BD.shape != (B, D) or W_dec_FD.shape[1] != D or vals_N.shape != lat_N.shape:
         raise ValueError("prefix_decode_forward: shapes do not match")
+    if expected_grad_err_BG is not None and expected_grad_err_BG.shape != err_BG.shape:
+        raise ValueError("prefix_decode_forward: the expected gradient must be [B, G]")
     fn = library().prefix_decode_forward
     ptrs = [_p(t) for t in (b_dec_D, bag_offsets, lat_N, vals_N, W_dec_FD, resid_BGD, err_BG)]
-    _run_pieces(lambda _, s, e: fn(s, e, G, D, _p(x_BD), D, *ptrs), _balanced(bag_offsets, G))
+    pieces = _balanced(bag_offsets, G)
+    grad_vals = scratch = None
+    if expected_grad_err_BG is not None:
+        grad_vals = torch.empty(lat_N.numel(), dtype=torch.float32)
+        scratch = torch.empty(len(pieces), G * D, dtype=torch.float32)
+        ptrs += [_p(expected_grad_err_BG), _p(grad_vals)]
+    else:
+        ptrs += [None, None]
+
+    def call(i: int, s: int, e: int) -> None:
+        fn(s, e, G, D, _p(x_BD), D, *ptrs, None if scratch is None else _p(scratch[i]))
+
+    _run_pieces(call, pieces)
+    return grad_vals
 
 
 def prefix_decode_backward(
@@ -375,16 +395,21 @@ def sparse_backward_by_latent(
     vals_N: Tensor,
     W_dec_FD: Tensor,
     xin_BD: Tensor | None,
+    known_grad_vals_N: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
     """The step's sparse backward in one pass (``sparse_backward_by_latent`` in
     native_cpu.c): (grad_vals [N], grad_W_dec [F, D], grad_W_enc [F, D] or None, grad_b_enc
     [F] or None, the decoder's share of grad_b_dec [D]); the encoder weights' gradients only
     with ``xin_BD`` (the encoder input x - b_dec). Latents are split over the threads by
-    entry count (``lat_offsets``)."""
+    entry count (``lat_offsets``). ``known_grad_vals_N``: what ``prefix_decode_forward``
+    returned for this ``grad_err_BG`` (then no decoder row is read)."""
     B, G, D = resid_BGD.shape
     F = W_dec_FD.shape[0]
     floats = (resid_BGD, grad_err_BG, vals_N, W_dec_FD) + (() if xin_BD is None else (xin_BD,))
+    floats += () if known_grad_vals_N is None else (known_grad_vals_N,)
     _check(bag_offsets, lat_offsets, lat_N, floats=floats)
+    if known_grad_vals_N is not None and known_grad_vals_N.shape != lat_N.shape:
+        raise ValueError("sparse_backward_by_latent: known grad_vals must be [N]")
     _check_bags(B * G, bag_offsets, lat_N, F)
     if lat_offsets.numel() != F + 1 or W_dec_FD.shape[1] != D or vals_N.shape != lat_N.shape:
         raise ValueError("sparse_backward_by_latent: shapes do not match")
@@ -408,10 +433,12 @@ def sparse_backward_by_latent(
     ptrs.append(None if xin_BD is None else _p(xin_BD))
     ptrs += [_p(grad_vals), _p(grad_W_dec)]
     ptrs += [None, None] if xin_BD is None else [_p(grad_W_enc), _p(grad_b_enc)]
+    known = None if known_grad_vals_N is None else _p(known_grad_vals_N)
 
     def call(i: int, f0: int, f1: int) -> None:
         # the first piece also sums the decoder bias's gradient over every token
-        fn(f0, f1, B, G, D, *ptrs, _p(grad_b_dec) if i == 0 else None, _p(scratch[i]), _p(seen))
+        b_dec_sum = _p(grad_b_dec) if i == 0 else None
+        fn(f0, f1, B, G, D, *ptrs, b_dec_sum, _p(scratch[i]), _p(seen), known)
 
     _run_pieces(call, pieces)
     return grad_vals, grad_W_dec, grad_W_enc, grad_b_enc, grad_b_dec

@@ -30,13 +30,35 @@ static float dot(const float *a, const float *b, int64_t D) {
 
 static float sum_of_squares(const float *r, int64_t D) { return dot(r, r, D); }
 
+/* p[g] = -2 sum_{i >= g} grad_err[b, i] resid[b, i] for every group g of token b (p: G rows
+ * of D): the gradient of the sum decoded by each Matryoshka group, given d loss / d err. */
+static void suffix_grads(int64_t b, int64_t G, int64_t D, const float *resid,
+                         const float *grad_err, float *p) {
+    for (int64_t g = G - 1; g >= 0; g--) {
+        const float *r = resid + (b * G + g) * D;
+        float *pg = p + g * D;
+        const float c = -2.0f * grad_err[b * G + g];
+        if (g == G - 1)
+            for (int64_t d = 0; d < D; d++) pg[d] = c * r[d];
+        else
+            for (int64_t d = 0; d < D; d++) pg[d] = pg[D + d] + c * r[d];
+    }
+}
+
 /* resid[b, g] = x[b] - b_dec - sum over the bags (b, 0..g) of vals[e] * W_dec[lat[e]];
  * err[b, g] = ||resid[b, g]||^2. The sparse decode, the prefix sums and the norms in one
- * pass per token, each residual row staying in L1 while its bag is subtracted. */
+ * pass per token, each residual row staying in L1 while its bag is subtracted.
+ *
+ * With grad_err != NULL (the gradient the loss is expected to send back to err), also
+ * grad_vals[e] = <gp[g], W_dec[lat[e]]> for every entry, gp = suffix_grads (in scratch,
+ * G * D floats per thread): the backward's dot products, done here while the token's
+ * decoder rows are still in cache, so the backward reads no decoder row at all when the
+ * gradient it is given is that one (sparse_step.py checks). */
 void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const float *x,
                            int64_t x_stride, const float *b_dec, const int64_t *bag_off,
                            const int64_t *lat, const float *vals, const float *W_dec,
-                           float *resid, float *err) {
+                           float *resid, float *err, const float *grad_err, float *grad_vals,
+                           float *scratch) {
     for (int64_t b = r0; b < r1; b++) {
         const float *xb = x + b * x_stride;
         for (int64_t g = 0; g < G; g++) {
@@ -52,21 +74,11 @@ void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const f
             }
             err[b * G + g] = sum_of_squares(r, D);
         }
-    }
-}
-
-/* p[g] = -2 sum_{i >= g} grad_err[b, i] resid[b, i] for every group g of token b (p: G rows
- * of D): the gradient of the sum decoded by each Matryoshka group, given d loss / d err. */
-static void suffix_grads(int64_t b, int64_t G, int64_t D, const float *resid,
-                         const float *grad_err, float *p) {
-    for (int64_t g = G - 1; g >= 0; g--) {
-        const float *r = resid + (b * G + g) * D;
-        float *pg = p + g * D;
-        const float c = -2.0f * grad_err[b * G + g];
-        if (g == G - 1)
-            for (int64_t d = 0; d < D; d++) pg[d] = c * r[d];
-        else
-            for (int64_t d = 0; d < D; d++) pg[d] = pg[D + d] + c * r[d];
+        if (!grad_err) continue;
+        suffix_grads(b, G, D, resid, grad_err, scratch);
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t e = bag_off[b * G + g]; e < bag_off[b * G + g + 1]; e++)
+                grad_vals[e] = dot(scratch + g * D, W_dec + lat[e] * D, D);
     }
 }
 
@@ -351,13 +363,16 @@ void counting_sort_perm(int64_t n, const int64_t *keys, int64_t n_keys, const in
  * (b, g): grad_vals[e] = <gp[g], W_dec[f]>, grad_W_dec[f] += vals[e] gp[g], and through the
  * ReLU (vals[e] > 0) grad_W_enc[f] += grad_vals[e] xin[b], grad_b_enc[f] += grad_vals[e].
  * A call with grad_b_dec != NULL also adds sum_b gp[0] into it (the decoder bias's share;
- * the encoder side, -W_enc grad_b_enc, is the caller's). grad_W_enc, grad_b_enc may be NULL. */
+ * the encoder side, -W_enc grad_b_enc, is the caller's). grad_W_enc, grad_b_enc may be NULL.
+ * known_grad_vals (or NULL): the grad_vals prefix_decode_forward already computed for this
+ * very grad_err, used instead of the dot products. */
 void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int64_t D,
                                const float *resid, const float *grad_err,
                                const int64_t *bag_off, const int64_t *lat, const float *vals,
                                const float *W_dec, const float *xin, float *grad_vals,
                                float *grad_W_dec, float *grad_W_enc, float *grad_b_enc,
-                               float *grad_b_dec, float *scratch, uint8_t *seen) {
+                               float *grad_b_dec, float *scratch, uint8_t *seen,
+                               const float *known_grad_vals) {
     /* seen[f] (zeroed by the caller): a latent's first entry writes its gradient rows, later
      * ones add; rows never seen are zeroed at the end. No zero-filling pass over the rows
      * before the random updates, which would fetch each of them once more. */
@@ -377,10 +392,10 @@ void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int
             const int64_t e0 = off[g] > lo ? off[g] : lo, e1 = off[g + 1] < hi ? off[g + 1] : hi;
             for (int64_t e = e0; e < e1; e++) {
                 const int64_t f = lat[e];
-                const float *w = W_dec + f * D;
                 float *gw = grad_W_dec + f * D;
                 const float v = vals[e];
-                const float gv = dot(p, w, D);
+                /* the forward's dot products when it computed them: no decoder row read */
+                const float gv = known_grad_vals ? known_grad_vals[e] : dot(p, W_dec + f * D, D);
                 const int first = !seen[f];
                 grad_vals[e] = gv;
                 seen[f] = 1;

@@ -90,21 +90,24 @@ def native_prefix_forward(
     plan: SparsePlan,
     n_groups: int,
     buffer_name: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(err [B, G], every residual start - offset - decoded prefix [B, G, D], the fp32 values)
-    from the C kernel, the residuals in the thread's workspace buffer ``buffer_name``."""
+    expected_grad_err_BG: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(err [B, G], every residual start - offset - decoded prefix [B, G, D], the fp32 values,
+    the backward's grad_vals for ``expected_grad_err_BG`` or None) from the C kernel, the
+    residuals in the thread's workspace buffer ``buffer_name``."""
     B, D = start_BD.shape
     resid_BGD = workspace().get(buffer_name, (B, n_groups, D), torch.float32, start_BD.device)
     err_BG = torch.empty(B, n_groups, dtype=torch.float32)
     vals32_N = vals_N.detach().float().contiguous()
-    native.prefix_decode_forward(
+    known_grad_vals_N = native.prefix_decode_forward(
         start_BD.detach().float().contiguous(), offset_D.detach().float().contiguous(),
         plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(), resid_BGD, err_BG,
+        expected_grad_err_BG,
     )  # fmt: skip
     # written through a pointer: tell autograd, so that a later overwrite of this workspace
     # buffer before the backward that saved it is caught by its in-place check
     torch.autograd.graph.increment_version(resid_BGD)
-    return err_BG, resid_BGD, vals32_N
+    return err_BG, resid_BGD, vals32_N, known_grad_vals_N
 
 
 class _NativePrefixDecodeErrors(Function):
@@ -112,7 +115,7 @@ class _NativePrefixDecodeErrors(Function):
 
     @staticmethod
     def forward(ctx, vals_N, x_BD, b_dec_D, W_dec_FD, plan: SparsePlan, n_groups: int):
-        err_BG, resid_BGD, vals32_N = native_prefix_forward(
+        err_BG, resid_BGD, vals32_N, _ = native_prefix_forward(
             x_BD, b_dec_D.detach().float(), vals_N, W_dec_FD, plan, n_groups, "prefix_resids"
         )
         ctx.save_for_backward(vals32_N, W_dec_FD, resid_BGD)

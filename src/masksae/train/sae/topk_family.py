@@ -156,6 +156,10 @@ class TopKFamilySAE(SparseAutoencoder):
                 G,
                 subtract_b_dec=self.subtract_b_dec_from_input,
                 xin_BD=None if refine is None else refine.xin_BD,  # computed once per step
+                # (no backward without grad mode: nothing to precompute then)
+                expected_grad_err_BG=(
+                    self._recon_loss_grad(B, x_BD.device) if torch.is_grad_enabled() else None
+                ),
             )
             x_hat_BD = x_BD.float() - resid_BD if ctx.want_metrics else None
         else:
@@ -174,8 +178,7 @@ class TopKFamilySAE(SparseAutoencoder):
             err_BG = torch.stack(err_list, dim=1)
             resid_BD = x32_BD - x_hat_BD.detach().float()
         self.update_threshold(sel, ctx)
-        weights_G = torch.tensor(self.group_weights, dtype=err_BG.dtype, device=err_BG.device)
-        recon_loss = (err_BG.mean(dim=0) * weights_G).mean()
+        recon_loss = self._recon_loss(err_BG)
 
         fired_F = fired_latents(sel, Fdim)
         # dead = would be dead after this batch's tokens and did not fire in it (the
@@ -195,6 +198,22 @@ class TopKFamilySAE(SparseAutoencoder):
             for i in range(G):
                 metrics[f"l2_loss_prefix{i}"] = prefix_err_G[i]
         return StepOutput(loss, x_hat_BD, fired_F, metrics)
+
+    def _recon_loss(self, err_BG: Tensor) -> Tensor:
+        """The reconstruction loss: mean over groups of weight * mean over tokens of the
+        squared error of each prefix [B, G]."""
+        weights_G = torch.tensor(self.group_weights, dtype=err_BG.dtype, device=err_BG.device)
+        return (err_BG.mean(dim=0) * weights_G).mean()
+
+    def _recon_loss_grad(self, B: int, device: torch.device) -> Tensor:
+        """d loss / d err [B, G] as autograd will compute it when the step's loss (recon +
+        alpha * AuxK) is backpropagated from 1: the loss is linear in err, so the gradient is
+        the same for any err; taken through autograd itself on zeros, it matches bit for
+        bit (the fused step checks, and computes in full otherwise)."""
+        err_BG = torch.zeros(B, len(self.group_sizes), device=device, requires_grad=True)
+        with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
+            (grad_BG,) = torch.autograd.grad(self._recon_loss(err_BG), err_BG)
+        return grad_BG
 
     def _auxk_loss(
         self,
