@@ -526,7 +526,12 @@ def test_the_training_step_uses_the_forwards_dot_products(arch, monkeypatch):
 
     monkeypatch.setattr(native, "sparse_backward_by_latent", spy)
     dead = torch.zeros(96, dtype=torch.bool)
-    dead[::4] = True  # AuxK on: its own errors take the full backward (no stated gradient)
+    dead[::4] = True  # AuxK on: its errors' backward uses the forward's dot products too
     out = sae.training_loss(torch.randn(64, 24), StepContext(3, 10, dead, True))
     out.loss.backward()
-    assert sorted(used) == [False, True]  # AuxK's backward (full) and the main one (reused)
+    assert used == [True, True]  # AuxK's backward and the main one
+    used.clear()
+    # a scaled loss: other gradients than stated, so each backward computes its own
+    out = sae.training_loss(torch.randn(64, 24), StepContext(3, 10, dead, True))
+    (out.loss * 0.5).backward()
+    assert used == [False, False]

@@ -169,17 +169,22 @@ def sparse_decode_errors(
     *,
     subtract_b_dec: bool = True,
     xin_BD: Tensor | None = None,
+    expected_grad_err_B: Tensor | None = None,
 ) -> Tensor:
     """err [B] = |target - decode(selection)|^2 (no b_dec in the reconstruction; ``target``
     carries no gradient), with gradients into W_enc, b_enc, b_dec (through the encoder input
     only) and W_dec: AuxK's reconstruction of the main residual from the dead latents. One
     bag per token (``plan`` without groups). The C path is the sparse step's, the fallback
-    ``selected_preacts`` + ``sparse_decode``."""
+    ``selected_preacts`` + ``sparse_decode``. ``expected_grad_err_B``: as
+    :func:`sparse_prefix_errors`' ``expected_grad_err_BG``."""
     params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
     if _native_applies(x_BD, params) and plan.n_bags == x_BD.shape[0]:
+        expected = None
+        if expected_grad_err_B is not None:  # arrives through err[:, 0]: as a [B, 1] column
+            expected = expected_grad_err_B.detach().float().reshape(-1, 1).contiguous()
         err_B1, _ = _NativeSparseStep.apply(
             *params, sel_vals_N.detach(), x_BD, _usable_xin(xin_BD, x_BD), target_BD, plan,
-            1, subtract_b_dec, "decode_resids", None,
+            1, subtract_b_dec, "decode_resids", expected,
         )  # fmt: skip
         return err_B1[:, 0]
     vals_N = selected_preacts(

@@ -62,8 +62,17 @@ def normalized_auxk_loss(residual_BD: Tensor, aux_recon_BD: Tensor) -> Tensor:
     return normalized_auxk_loss_from_errors(residual_BD, err_B)
 
 
-def normalized_auxk_loss_from_errors(residual_BD: Tensor, err_B: Tensor) -> Tensor:
-    """:func:`normalized_auxk_loss` given err_B = ||r - r_aux||^2 per token."""
+def auxk_denominator(residual_BD: Tensor) -> Tensor:
+    """mean_b ||r - mean_b r||^2 (fp32): what the AuxK loss is normalised by."""
     residual_BD = residual_BD.float()
-    denom = (residual_BD - residual_BD.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
+    return (residual_BD - residual_BD.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
+
+
+def normalized_auxk_loss_from_errors(
+    residual_BD: Tensor, err_B: Tensor, denom: Tensor | None = None
+) -> Tensor:
+    """:func:`normalized_auxk_loss` given err_B = ||r - r_aux||^2 per token (``denom``:
+    :func:`auxk_denominator` of ``residual_BD`` when the caller has it)."""
+    if denom is None:
+        denom = auxk_denominator(residual_BD)
     return (err_B.mean() / denom).nan_to_num(0.0)

@@ -16,6 +16,7 @@ from masksae.train.kernels import make_plan
 from masksae.train.kernels.sparse_step import sparse_decode_errors, sparse_prefix_errors
 from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.auxk import (
+    auxk_denominator,
     auxk_select,
     normalized_auxk_loss,
     normalized_auxk_loss_from_errors,
@@ -215,6 +216,17 @@ class TopKFamilySAE(SparseAutoencoder):
             (grad_BG,) = torch.autograd.grad(self._recon_loss(err_BG), err_BG)
         return grad_BG
 
+    def _auxk_loss_grad(self, residual_BD: Tensor, denom: Tensor) -> Tensor:
+        """d (auxk_alpha * AuxK loss) / d err [B], as ``_recon_loss_grad`` (linear in err)."""
+        err_B = torch.zeros(residual_BD.shape[0], device=residual_BD.device, requires_grad=True)
+        with (
+            torch.enable_grad(),
+            torch.autocast(device_type=residual_BD.device.type, enabled=False),
+        ):
+            aux = normalized_auxk_loss_from_errors(residual_BD, err_B, denom)
+            (grad_B,) = torch.autograd.grad(self.cfg.auxk_alpha * aux, err_B)
+        return grad_B
+
     def _auxk_loss(
         self,
         x_BD: Tensor,
@@ -231,6 +243,10 @@ class TopKFamilySAE(SparseAutoencoder):
         residual_BD = resid_BD.detach()  # x - x_hat
         if fused:
             plan = make_plan(aux.rows_N, aux.lat_N, n_rows=B, n_latents=Fdim)
+            denom = auxk_denominator(residual_BD)
+            expected = None
+            if torch.is_grad_enabled():  # the gradient this loss term sends back to err
+                expected = self._auxk_loss_grad(residual_BD, denom)
             err_B = sparse_decode_errors(
                 aux.vals_N,
                 x_BD,
@@ -242,8 +258,9 @@ class TopKFamilySAE(SparseAutoencoder):
                 residual_BD,
                 subtract_b_dec=self.subtract_b_dec_from_input,
                 xin_BD=None if refine is None else refine.xin_BD,
+                expected_grad_err_B=expected,
             )
-            return normalized_auxk_loss_from_errors(residual_BD, err_B)
+            return normalized_auxk_loss_from_errors(residual_BD, err_B, denom)
         aux_f_BF = post_BF * selection_mask(aux, (B, Fdim))
         aux_recon_BD = aux_f_BF @ self.W_dec
         return normalized_auxk_loss(residual_BD, aux_recon_BD)
