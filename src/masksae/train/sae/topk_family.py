@@ -157,9 +157,8 @@ class TopKFamilySAE(SparseAutoencoder):
                 G,
                 subtract_b_dec=self.subtract_b_dec_from_input,
                 xin_BD=None if refine is None else refine.xin_BD,  # computed once per step
-                # (no backward without grad mode: nothing to precompute then)
                 expected_grad_err_BG=(
-                    self._recon_loss_grad(B, x_BD.device) if torch.is_grad_enabled() else None
+                    self._recon_loss_grad(B, x_BD.device) if _states_grads(x_BD) else None
                 ),
             )
             x_hat_BD = x_BD.float() - resid_BD if ctx.want_metrics else None
@@ -245,7 +244,7 @@ class TopKFamilySAE(SparseAutoencoder):
             plan = make_plan(aux.rows_N, aux.lat_N, n_rows=B, n_latents=Fdim)
             denom = auxk_denominator(residual_BD)
             expected = None
-            if torch.is_grad_enabled():  # the gradient this loss term sends back to err
+            if _states_grads(x_BD):  # the gradient this loss term sends back to err
                 expected = self._auxk_loss_grad(residual_BD, denom)
             err_B = sparse_decode_errors(
                 aux.vals_N,
@@ -264,6 +263,12 @@ class TopKFamilySAE(SparseAutoencoder):
         aux_f_BF = post_BF * selection_mask(aux, (B, Fdim))
         aux_recon_BD = aux_f_BF @ self.W_dec
         return normalized_auxk_loss(residual_BD, aux_recon_BD)
+
+
+def _states_grads(x_BD: Tensor) -> bool:
+    """Whether to tell the fused step the gradient its loss terms will send back: only the
+    CPU's C kernels use it, and there is no backward without grad mode."""
+    return x_BD.device.type == "cpu" and torch.is_grad_enabled()
 
 
 def _autocast_bf16(device_type: str) -> bool:
