@@ -1,9 +1,11 @@
 /* CPU kernels of the fused step that PyTorch runs as several separate passes.
  *
  * Built on first use by masksae/train/kernels/native.py with the machine's C compiler and
- * called through ctypes (the GIL is released during each call); every function works on a
- * range of rows [r0, r1) so the caller splits a batch across threads. Plain C99, no
- * dependencies: a missing compiler only means the PyTorch path runs instead.
+ * called through ctypes (the GIL is released during each call); the row-parallel functions
+ * work on a range of rows [r0, r1) so the caller splits a batch across threads, the small
+ * bookkeeping passes at the end run whole in one thread. Plain C99, no dependencies (the
+ * candidate scan uses AVX-512BW / AVX2 intrinsics when the compiler targets them, a
+ * portable form otherwise): a missing compiler only means the PyTorch path runs instead.
  *
  * Layouts (all row-major, contiguous, float32 unless said):
  *   x[B, x_stride], b_dec[D], W_dec[F, D]; bags: entries of bag j = row * G + group are
