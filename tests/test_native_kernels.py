@@ -93,6 +93,19 @@ def _run_sparse_step(
     return err.detach(), resid.clone(), [p.grad.clone() for p in params]
 
 
+def _spy_known_grad_vals(monkeypatch) -> list[bool]:
+    """Per one-pass backward from now on: whether it was handed the forward's dot products."""
+    used = []
+    backward = native.sparse_backward_by_latent
+
+    def spy(*args):
+        used.append(args[-1] is not None)
+        return backward(*args)
+
+    monkeypatch.setattr(native, "sparse_backward_by_latent", spy)
+    return used
+
+
 @needs_native
 @pytest.mark.parametrize("G", [1, 3])
 def test_backward_dot_products_precomputed_in_the_forward(G, monkeypatch):
@@ -110,14 +123,7 @@ def test_backward_dot_products_precomputed_in_the_forward(G, monkeypatch):
     x = torch.randn(B, D, generator=g)
     sel_vals = torch.rand(plan.lat_N.numel(), generator=g)
     expected = torch.linspace(0.5, 1.5, B * G).view(B, G)  # the loss's own gradient
-    used = []
-    backward = native.sparse_backward_by_latent
-
-    def spy(*args):
-        used.append(args[-1] is not None)
-        return backward(*args)
-
-    monkeypatch.setattr(native, "sparse_backward_by_latent", spy)
+    used = _spy_known_grad_vals(monkeypatch)
     run = functools.partial(_run_sparse_step, plan, G, params, x, sel_vals, True, True)
     plain = run(monkeypatch)
     spec = run(monkeypatch, expected=expected)
@@ -517,14 +523,7 @@ def test_the_training_step_uses_the_forwards_dot_products(arch, monkeypatch):
 
     torch.manual_seed(0)
     sae = build_sae(sae_config_from_dict({"architecture": arch, "d_in": 24, "d_sae": 96, "k": 4}))
-    used = []
-    backward = native.sparse_backward_by_latent
-
-    def spy(*args):
-        used.append(args[-1] is not None)
-        return backward(*args)
-
-    monkeypatch.setattr(native, "sparse_backward_by_latent", spy)
+    used = _spy_known_grad_vals(monkeypatch)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[::4] = True  # AuxK on: its errors' backward uses the forward's dot products too
     out = sae.training_loss(torch.randn(64, 24), StepContext(3, 10, dead, True))

@@ -28,6 +28,21 @@ from masksae.train.kernels.plan import SparsePlan
 from masksae.train.kernels.workspace import workspace
 
 
+def final_residual_output(ctx, resid_BGD: Tensor) -> Tensor:
+    """The last prefix residual [B, D], the second output of the (err, residual) Functions
+    here and in ``sparse_step``: it never has a gradient, so it is marked non-differentiable
+    and no gradient is materialised for it (no [B, D] of zeros each backward)."""
+    resid_BD = resid_BGD[:, -1]
+    ctx.mark_non_differentiable(resid_BD)
+    ctx.set_materialize_grads(False)
+    return resid_BD
+
+
+def no_input_grads(ctx) -> tuple[None, ...]:
+    """Those Functions' backward when err was not used (its gradient is then None)."""
+    return (None,) * len(ctx.needs_input_grad)
+
+
 class _PrefixSquaredErrors(Function):
     @staticmethod
     def forward(ctx, x_BD: Tensor, b_dec_D: Tensor, parts_BGD: Tensor):
@@ -44,16 +59,12 @@ class _PrefixSquaredErrors(Function):
         ctx.save_for_backward(resid_BGD)
         ctx.x_dtype, ctx.b_dtype = x_BD.dtype, b_dec_D.dtype
         ctx.parts_dtype = parts_BGD.dtype
-        resid_BD = resid_BGD[:, G - 1]
-        ctx.mark_non_differentiable(resid_BD)
-        # resid_BD never has a gradient: no [B, D] of zeros made for it in backward
-        ctx.set_materialize_grads(False)
-        return err_BG, resid_BD
+        return err_BG, final_residual_output(ctx, resid_BGD)
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
-        if grad_err_BG is None:  # the errors were not used (grads are not materialised)
-            return (None,) * len(ctx.needs_input_grad)
+        if grad_err_BG is None:  # err not used
+            return no_input_grads(ctx)
         (resid_BGD,) = ctx.saved_tensors
         with torch.autocast(device_type=resid_BGD.device.type, enabled=False):
             B, G, D = resid_BGD.shape
@@ -121,16 +132,12 @@ class _NativePrefixDecodeErrors(Function):
         ctx.save_for_backward(vals32_N, W_dec_FD, resid_BGD)
         ctx.plan = plan
         ctx.dtypes = (vals_N.dtype, x_BD.dtype, b_dec_D.dtype)
-        resid_BD = resid_BGD[:, n_groups - 1]
-        ctx.mark_non_differentiable(resid_BD)
-        # resid_BD never has a gradient: no [B, D] of zeros made for it in backward
-        ctx.set_materialize_grads(False)
-        return err_BG, resid_BD
+        return err_BG, final_residual_output(ctx, resid_BGD)
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
-        if grad_err_BG is None:  # the errors were not used (grads are not materialised)
-            return (None,) * len(ctx.needs_input_grad)
+        if grad_err_BG is None:  # err not used
+            return no_input_grads(ctx)
         vals_N, W_dec_FD, resid_BGD = ctx.saved_tensors
         plan: SparsePlan = ctx.plan
         vals_dtype, x_dtype, b_dtype = ctx.dtypes

@@ -22,7 +22,12 @@ from torch.autograd import Function
 from masksae.train.kernels import native
 from masksae.train.kernels.autograd import selected_preacts, sparse_decode
 from masksae.train.kernels.plan import SparsePlan
-from masksae.train.kernels.prefix import decoded_prefix_errors, native_prefix_forward
+from masksae.train.kernels.prefix import (
+    decoded_prefix_errors,
+    final_residual_output,
+    native_prefix_forward,
+    no_input_grads,
+)
 
 
 class _NativeSparseStep(Function):
@@ -49,16 +54,12 @@ class _NativeSparseStep(Function):
         ctx.plan = plan
         ctx.subtract_b_dec = subtract_b_dec
         ctx.decodes_b_dec = target_BD is None
-        resid_BD = resid_BGD[:, n_groups - 1]
-        ctx.mark_non_differentiable(resid_BD)
-        # resid_BD never has a gradient: no [B, D] of zeros made for it in backward
-        ctx.set_materialize_grads(False)
-        return err_BG, resid_BD
+        return err_BG, final_residual_output(ctx, resid_BGD)
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
-        if grad_err_BG is None:  # the errors were not used (grads are not materialised)
-            return (None,) * len(ctx.needs_input_grad)
+        if grad_err_BG is None:  # err not used
+            return no_input_grads(ctx)
         W_enc_DF, W_dec_FD, vals_N, xin_BD, resid_BGD = ctx.saved_tensors
         plan: SparsePlan = ctx.plan
         want_enc = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -93,6 +94,11 @@ class _NativeSparseStep(Function):
             grad_W_dec if ctx.needs_input_grad[3] else None,
             None, None, None, None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _stated(grad_err: Tensor | None) -> Tensor | None:
+    """A caller's stated loss gradient as the C kernels read it (fp32, contiguous)."""
+    return None if grad_err is None else grad_err.detach().float().contiguous()
 
 
 def _usable_xin(xin_BD: Tensor | None, x_BD: Tensor) -> Tensor | None:
@@ -144,12 +150,9 @@ def sparse_prefix_errors(
     loss over other terms) is computed in full."""
     params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
     if _native_applies(x_BD, params):
-        expected = None
-        if expected_grad_err_BG is not None:
-            expected = expected_grad_err_BG.detach().float().contiguous()
         return _NativeSparseStep.apply(
             *params, sel_vals_N.detach(), x_BD, _usable_xin(xin_BD, x_BD), None, plan,
-            n_groups, subtract_b_dec, "prefix_resids", expected,
+            n_groups, subtract_b_dec, "prefix_resids", _stated(expected_grad_err_BG),
         )  # fmt: skip
     vals_N = selected_preacts(
         sel_vals_N, x_BD, W_enc_DF, b_enc_F, b_dec_D, plan, subtract_b_dec=subtract_b_dec
@@ -179,12 +182,11 @@ def sparse_decode_errors(
     :func:`sparse_prefix_errors`' ``expected_grad_err_BG``."""
     params = (W_enc_DF, b_enc_F, b_dec_D, W_dec_FD)
     if _native_applies(x_BD, params) and plan.n_bags == x_BD.shape[0]:
-        expected = None
-        if expected_grad_err_B is not None:  # arrives through err[:, 0]: as a [B, 1] column
-            expected = expected_grad_err_B.detach().float().reshape(-1, 1).contiguous()
+        # the gradient arrives through err[:, 0]: as a [B, 1] column
+        expected = None if expected_grad_err_B is None else expected_grad_err_B.reshape(-1, 1)
         err_B1, _ = _NativeSparseStep.apply(
             *params, sel_vals_N.detach(), x_BD, _usable_xin(xin_BD, x_BD), target_BD, plan,
-            1, subtract_b_dec, "decode_resids", expected,
+            1, subtract_b_dec, "decode_resids", _stated(expected),
         )  # fmt: skip
         return err_B1[:, 0]
     vals_N = selected_preacts(

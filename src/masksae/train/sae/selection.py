@@ -113,8 +113,8 @@ def split_flat(idx_N: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
 def top_positions(vals_C: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(the k-th largest of ``vals_C`` as a 0-d tensor, the positions of its k largest in
     increasing order), 1 <= k <= its size. Ties at the k-th value are broken arbitrarily, as
-    by ``topk`` (in position order on the CPU's C path: a quickselect, ~4x faster than topk
-    and no mask / nonzero to put the chosen back in order)."""
+    by ``topk`` (in position order on the CPU's C path: a radix select, ~2.5x faster than
+    topk, and no mask / nonzero to put the chosen back in order)."""
     if k <= 0:
         return vals_C.new_full((), float("inf")), torch.zeros(
             0, dtype=torch.int64, device=vals_C.device
