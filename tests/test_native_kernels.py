@@ -79,6 +79,37 @@ def test_prefix_decode_matches_the_pytorch_kernels(D, G, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), name
 
 
+@needs_native
+@pytest.mark.parametrize(("D", "G"), [(37, 1), (37, 3), (200, 2)])
+def test_forward_with_suffix_table_matches_forward_then_backward(D, G):
+    # given the expected gradient and a suffix table, the forward keeps only the last
+    # residual and writes the backward's inputs: bit for bit what the plain forward and
+    # prefix_decode_backward compute from all the residuals
+    plan, (vals, x, b_dec, W_dec), w_BG = _prefix_case(B=150, F=96, D=D, G=G)
+    vals, x, b_dec, W_dec = (t.detach() for t in (vals, x, b_dec, W_dec))
+    B, N = x.shape[0], vals.numel()
+    resid, err = torch.empty(B, G, D), torch.empty(B, G)
+    native.prefix_decode_forward(x, b_dec, plan.bag_offsets, plan.lat_N, vals, W_dec, resid, err)
+    parts, grad_vals = torch.empty(B, G, D), torch.empty(N)
+    native.prefix_decode_backward(
+        resid, w_BG, plan.bag_offsets, plan.lat_N, W_dec, parts, grad_vals
+    )
+    last, err2, suffix = torch.empty(B, D), torch.empty(B, G), torch.full((B, G, D), float("nan"))
+    known = native.prefix_decode_forward(
+        x, b_dec, plan.bag_offsets, plan.lat_N, vals, W_dec, last, err2, w_BG, suffix
+    )
+    assert torch.equal(err2, err) and torch.equal(last, resid[:, -1])
+    assert torch.equal(suffix, parts) and torch.equal(known, grad_vals)
+    with pytest.raises(ValueError, match="shapes"):  # a [B, G, D] resid with a suffix table
+        native.prefix_decode_forward(
+            x, b_dec, plan.bag_offsets, plan.lat_N, vals, W_dec, resid, err2, w_BG, suffix
+        )
+    with pytest.raises(ValueError, match="expected gradient"):
+        native.prefix_decode_forward(
+            x, b_dec, plan.bag_offsets, plan.lat_N, vals, W_dec, last, err2, None, suffix
+        )
+
+
 def _run_sparse_step(
     plan, G, params, x, sel_vals, subtract, native_on, monkeypatch, expected=None, scale=1.0
 ):
@@ -94,12 +125,15 @@ def _run_sparse_step(
 
 
 def _spy_known_grad_vals(monkeypatch) -> list[bool]:
-    """Per one-pass backward from now on: whether it was handed the forward's dot products."""
+    """Per one-pass backward from now on: whether it was handed the forward's dot products
+    (and, with them, its suffix gradients instead of the residuals)."""
     used = []
     backward = native.sparse_backward_by_latent
 
     def spy(*args):
-        used.append(args[-1] is not None)
+        known_vals, known_suffix = (a is not None for a in args[-2:])
+        assert known_vals == known_suffix and (args[0] is None) == known_suffix
+        used.append(known_vals)
         return backward(*args)
 
     monkeypatch.setattr(native, "sparse_backward_by_latent", spy)
@@ -129,7 +163,7 @@ def test_backward_dot_products_precomputed_in_the_forward(G, monkeypatch):
     spec = run(monkeypatch, expected=expected)
     scaled = run(monkeypatch, expected=expected, scale=2.0)
     assert used == [False, True, False]
-    assert torch.equal(spec[0], plain[0])
+    assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
     for a, b, c in zip(plain[2], spec[2], scaled[2], strict=True):
         assert torch.allclose(b, a, rtol=1e-6, atol=1e-6)
         assert torch.allclose(c, 2 * a, rtol=1e-6, atol=1e-6)

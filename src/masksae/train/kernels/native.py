@@ -65,12 +65,12 @@ _OFF_VALUES = {"0", "false", "no", "off"}
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "prefix_decode_forward": [_i64] * 4 + [_ptr, _i64] + [_ptr] * 10,
+    "prefix_decode_forward": [_i64] * 4 + [_ptr, _i64] + [_ptr] * 11,
     "prefix_decode_backward": [_i64] * 4 + [_ptr] * 7,
     "segment_gather_perm": [_i64] * 3 + [_ptr] * 6,
     "pair_dot_rows": [_i64] * 3 + [_ptr] * 5,
     "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
-    "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 15,
+    "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 16,
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
     "csr_offsets": ([_i64, _ptr, _i64, _ptr], _i64),
     "top_positions": ([_i64, _ptr, _i64, _ptr, _ptr], ctypes.c_float),
@@ -297,25 +297,35 @@ def prefix_decode_forward(
     lat_N: Tensor,
     vals_N: Tensor,
     W_dec_FD: Tensor,
-    resid_BGD: Tensor,
+    resid_out: Tensor,
     err_BG: Tensor,
     expected_grad_err_BG: Tensor | None = None,
+    suffix_out_BGD: Tensor | None = None,
 ) -> Tensor | None:
-    """Fill ``resid_BGD`` (every prefix residual) and ``err_BG`` (their squared norms); see
-    ``prefix_decode_forward`` in native_cpu.c. fp32 throughout, int64 indices. Given the
-    gradient the loss will send to ``err_BG``, also returns the backward's grad_vals [N]
-    for it (computed while the decoder rows are in cache)."""
-    B, G, D = resid_BGD.shape
-    floats = (x_BD, b_dec_D, vals_N, W_dec_FD, resid_BGD, err_BG)
+    """Fill ``resid_out`` (every prefix residual, [B, G, D]) and ``err_BG`` (their squared
+    norms); see ``prefix_decode_forward`` in native_cpu.c. fp32 throughout, int64 indices.
+    Given the gradient the loss will send to ``err_BG``, also returns the backward's
+    grad_vals [N] for it (computed while the decoder rows are in cache), and with
+    ``suffix_out_BGD`` fills it with the gradient of each group's decoded sum for it (the
+    backward's other input); ``resid_out`` then gets only the last residual, [B, D]."""
+    B, G = err_BG.shape
+    D = x_BD.shape[1]
+    floats = (x_BD, b_dec_D, vals_N, W_dec_FD, resid_out, err_BG)
     floats += () if expected_grad_err_BG is None else (expected_grad_err_BG,)
+    floats += () if suffix_out_BGD is None else (suffix_out_BGD,)
     _check(bag_offsets, lat_N, floats=floats)
     _check_bags(B * G, bag_offsets, lat_N, W_dec_FD.shape[0])
-    if x_BD.shape != (B, D) or W_dec_FD.shape[1] != D or vals_N.shape != lat_N.shape:
+    resid_shape = (B, G, D) if suffix_out_BGD is None else (B, D)
+    if resid_out.shape != resid_shape or W_dec_FD.shape[1] != D or vals_N.shape != lat_N.shape:
         raise ValueError("prefix_decode_forward: shapes do not match")
     if expected_grad_err_BG is not None and expected_grad_err_BG.shape != err_BG.shape:
         raise ValueError("prefix_decode_forward: the expected gradient must be [B, G]")
+    if suffix_out_BGD is not None and (
+        expected_grad_err_BG is None or suffix_out_BGD.shape != (B, G, D)
+    ):
+        raise ValueError("prefix_decode_forward: suffix_out needs the expected gradient, [B, G, D]")
     fn = library().prefix_decode_forward
-    ptrs = [_p(t) for t in (b_dec_D, bag_offsets, lat_N, vals_N, W_dec_FD, resid_BGD, err_BG)]
+    ptrs = [_p(t) for t in (b_dec_D, bag_offsets, lat_N, vals_N, W_dec_FD, resid_out, err_BG)]
     pieces = _balanced(bag_offsets, G)
     grad_vals = scratch = None
     if expected_grad_err_BG is not None:
@@ -324,9 +334,10 @@ def prefix_decode_forward(
         ptrs += [_p(expected_grad_err_BG), _p(grad_vals)]
     else:
         ptrs += [None, None]
+    suffix = None if suffix_out_BGD is None else _p(suffix_out_BGD)
 
     def call(i: int, s: int, e: int) -> None:
-        fn(s, e, G, D, _p(x_BD), D, *ptrs, None if scratch is None else _p(scratch[i]))
+        fn(s, e, G, D, _p(x_BD), D, *ptrs, None if scratch is None else _p(scratch[i]), suffix)
 
     _run_pieces(call, pieces)
     return grad_vals
@@ -391,7 +402,7 @@ def pair_dot_rows(A_MD: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor
 
 
 def sparse_backward_by_latent(
-    resid_BGD: Tensor,
+    resid_BGD: Tensor | None,
     grad_err_BG: Tensor,
     bag_offsets: Tensor,
     lat_offsets: Tensor,
@@ -400,20 +411,25 @@ def sparse_backward_by_latent(
     W_dec_FD: Tensor,
     xin_BD: Tensor | None,
     known_grad_vals_N: Tensor | None = None,
+    known_suffix_BGD: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
     """The step's sparse backward in one pass (``sparse_backward_by_latent`` in
     native_cpu.c): (grad_vals [N], grad_W_dec [F, D], grad_W_enc [F, D] or None, grad_b_enc
     [F] or None, the decoder's share of grad_b_dec [D]); the encoder weights' gradients only
     with ``xin_BD`` (the encoder input x - b_dec). Latents are split over the threads by
     entry count (``lat_offsets``). ``known_grad_vals_N``: what ``prefix_decode_forward``
-    returned for this ``grad_err_BG`` (then no decoder row is read)."""
-    B, G, D = resid_BGD.shape
-    F = W_dec_FD.shape[0]
-    floats = (resid_BGD, grad_err_BG, vals_N, W_dec_FD) + (() if xin_BD is None else (xin_BD,))
-    floats += () if known_grad_vals_N is None else (known_grad_vals_N,)
-    _check(bag_offsets, lat_offsets, lat_N, floats=floats)
+    returned for this ``grad_err_BG`` (then no decoder row is read), ``known_suffix_BGD``
+    the suffix table it filled for it (then ``resid_BGD`` is not read and may be None)."""
+    B, G = grad_err_BG.shape
+    F, D = W_dec_FD.shape
+    known = (known_grad_vals_N, known_suffix_BGD)
+    floats = (grad_err_BG, vals_N, W_dec_FD, xin_BD, resid_BGD, *known)
+    _check(bag_offsets, lat_offsets, lat_N, floats=tuple(t for t in floats if t is not None))
     if known_grad_vals_N is not None and known_grad_vals_N.shape != lat_N.shape:
         raise ValueError("sparse_backward_by_latent: known grad_vals must be [N]")
+    table = resid_BGD if known_suffix_BGD is None else known_suffix_BGD
+    if table is None or table.shape != (B, G, D):
+        raise ValueError("sparse_backward_by_latent: resid (or the known suffix) must be [B, G, D]")
     _check_bags(B * G, bag_offsets, lat_N, F)
     if lat_offsets.numel() != F + 1 or W_dec_FD.shape[1] != D or vals_N.shape != lat_N.shape:
         raise ValueError("sparse_backward_by_latent: shapes do not match")
@@ -433,16 +449,17 @@ def sparse_backward_by_latent(
     scratch = torch.empty(len(pieces), G * D, dtype=f32)
     seen = torch.zeros(F, dtype=torch.uint8)
     fn = library().sparse_backward_by_latent
-    ptrs = [_p(t) for t in (resid_BGD, grad_err_BG, bag_offsets, lat_N, vals_N, W_dec_FD)]
+    ptrs = [None if resid_BGD is None else _p(resid_BGD)]
+    ptrs += [_p(t) for t in (grad_err_BG, bag_offsets, lat_N, vals_N, W_dec_FD)]
     ptrs.append(None if xin_BD is None else _p(xin_BD))
     ptrs += [_p(grad_vals), _p(grad_W_dec)]
     ptrs += [None, None] if xin_BD is None else [_p(grad_W_enc), _p(grad_b_enc)]
-    known = None if known_grad_vals_N is None else _p(known_grad_vals_N)
+    known_ptrs = [None if t is None else _p(t) for t in known]
 
     def call(i: int, f0: int, f1: int) -> None:
         # the first piece also sums the decoder bias's gradient over every token
         b_dec_sum = _p(grad_b_dec) if i == 0 else None
-        fn(f0, f1, B, G, D, *ptrs, b_dec_sum, _p(scratch[i]), _p(seen), known)
+        fn(f0, f1, B, G, D, *ptrs, b_dec_sum, _p(scratch[i]), _p(seen), *known_ptrs)
 
     _run_pieces(call, pieces)
     return grad_vals, grad_W_dec, grad_W_enc, grad_b_enc, grad_b_dec

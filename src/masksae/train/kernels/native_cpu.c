@@ -52,19 +52,23 @@ static void suffix_grads(int64_t b, int64_t G, int64_t D, const float *resid,
  * pass per token, each residual row staying in L1 while its bag is subtracted.
  *
  * With grad_err != NULL (the gradient the loss is expected to send back to err), also
- * grad_vals[e] = <gp[g], W_dec[lat[e]]> for every entry, gp = suffix_grads (in scratch,
- * G * D floats per thread): the backward's dot products, done here while the token's
- * decoder rows are still in cache, so the backward reads no decoder row at all when the
- * gradient it is given is that one (sparse_step.py checks). */
+ * grad_vals[e] = <gp[g], W_dec[lat[e]]> for every entry, gp = suffix_grads: the backward's
+ * dot products, done here while the token's decoder rows are still in cache, so the backward
+ * reads no decoder row at all when the gradient it is given is that one (sparse_step.py
+ * checks). gp goes to scratch (G * D floats per thread), or with suffix != NULL to
+ * suffix[b] ([B, G, D]) for the backward to read instead of rebuilding it from the
+ * residuals in every thread; then only the last residual is kept, resid being [B, D], and
+ * the token's residuals live in scratch. */
 void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const float *x,
                            int64_t x_stride, const float *b_dec, const int64_t *bag_off,
                            const int64_t *lat, const float *vals, const float *W_dec,
                            float *resid, float *err, const float *grad_err, float *grad_vals,
-                           float *scratch) {
+                           float *scratch, float *suffix) {
     for (int64_t b = r0; b < r1; b++) {
         const float *xb = x + b * x_stride;
+        float *rb = suffix ? scratch : resid + b * G * D; /* the token's G residual rows */
         for (int64_t g = 0; g < G; g++) {
-            float *r = resid + (b * G + g) * D;
+            float *r = rb + g * D;
             if (g == 0)
                 for (int64_t d = 0; d < D; d++) r[d] = xb[d] - b_dec[d];
             else
@@ -76,11 +80,13 @@ void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const f
             }
             err[b * G + g] = sum_of_squares(r, D);
         }
+        if (suffix) memcpy(resid + b * D, rb + (G - 1) * D, (size_t)D * sizeof(float));
         if (!grad_err) continue;
-        suffix_grads(b, G, D, resid, grad_err, scratch);
+        float *gp = suffix ? suffix + b * G * D : scratch;
+        suffix_grads(0, G, D, rb, grad_err + b * G, gp);
         for (int64_t g = 0; g < G; g++)
             for (int64_t e = bag_off[b * G + g]; e < bag_off[b * G + g + 1]; e++)
-                grad_vals[e] = dot(scratch + g * D, W_dec + lat[e] * D, D);
+                grad_vals[e] = dot(gp + g * D, W_dec + lat[e] * D, D);
     }
 }
 
@@ -366,15 +372,16 @@ void counting_sort_perm(int64_t n, const int64_t *keys, int64_t n_keys, const in
  * ReLU (vals[e] > 0) grad_W_enc[f] += grad_vals[e] xin[b], grad_b_enc[f] += grad_vals[e].
  * A call with grad_b_dec != NULL also adds sum_b gp[0] into it (the decoder bias's share;
  * the encoder side, -W_enc grad_b_enc, is the caller's). grad_W_enc, grad_b_enc may be NULL.
- * known_grad_vals (or NULL): the grad_vals prefix_decode_forward already computed for this
- * very grad_err, used instead of the dot products. */
+ * known_grad_vals, known_suffix (or NULL): the grad_vals and gp prefix_decode_forward
+ * already computed for this very grad_err, used instead of the dot products and of
+ * rebuilding gp from resid (which may then be NULL). */
 void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int64_t D,
                                const float *resid, const float *grad_err,
                                const int64_t *bag_off, const int64_t *lat, const float *vals,
                                const float *W_dec, const float *xin, float *grad_vals,
                                float *grad_W_dec, float *grad_W_enc, float *grad_b_enc,
                                float *grad_b_dec, float *scratch, uint8_t *seen,
-                               const float *known_grad_vals) {
+                               const float *known_grad_vals, const float *known_suffix) {
     /* seen[f] (zeroed by the caller): a latent's first entry writes its gradient rows, later
      * ones add; rows never seen are zeroed at the end. No zero-filling pass over the rows
      * before the random updates, which would fetch each of them once more. */
@@ -385,12 +392,13 @@ void sparse_backward_by_latent(int64_t f0, int64_t f1, int64_t B, int64_t G, int
         while (lo < hi && lat[lo] < f0) lo++;
         while (hi > lo && lat[hi - 1] >= f1) hi--;
         if (lo == hi && !grad_b_dec) continue;
-        suffix_grads(b, G, D, resid, grad_err, scratch);
+        const float *gp = known_suffix ? known_suffix + b * G * D : scratch;
+        if (!known_suffix) suffix_grads(b, G, D, resid, grad_err, scratch);
         if (grad_b_dec)
-            for (int64_t d = 0; d < D; d++) grad_b_dec[d] += scratch[d];
+            for (int64_t d = 0; d < D; d++) grad_b_dec[d] += gp[d];
         const float *xb = xin ? xin + b * D : NULL;
         for (int64_t g = 0; g < G; g++) {
-            const float *p = scratch + g * D;
+            const float *p = gp + g * D;
             const int64_t e0 = off[g] > lo ? off[g] : lo, e1 = off[g + 1] < hi ? off[g + 1] : hi;
             for (int64_t e = e0; e < e1; e++) {
                 const int64_t f = lat[e];

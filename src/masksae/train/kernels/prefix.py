@@ -17,6 +17,8 @@ gradients.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd import Function
@@ -28,11 +30,10 @@ from masksae.train.kernels.plan import SparsePlan
 from masksae.train.kernels.workspace import workspace
 
 
-def final_residual_output(ctx, resid_BGD: Tensor) -> Tensor:
+def final_residual_output(ctx, resid_BD: Tensor) -> Tensor:
     """The last prefix residual [B, D], the second output of the (err, residual) Functions
     here and in ``sparse_step``: it never has a gradient, so it is marked non-differentiable
     and no gradient is materialised for it (no [B, D] of zeros each backward)."""
-    resid_BD = resid_BGD[:, -1]
     ctx.mark_non_differentiable(resid_BD)
     ctx.set_materialize_grads(False)
     return resid_BD
@@ -59,7 +60,7 @@ class _PrefixSquaredErrors(Function):
         ctx.save_for_backward(resid_BGD)
         ctx.x_dtype, ctx.b_dtype = x_BD.dtype, b_dec_D.dtype
         ctx.parts_dtype = parts_BGD.dtype
-        return err_BG, final_residual_output(ctx, resid_BGD)
+        return err_BG, final_residual_output(ctx, resid_BGD[:, -1])
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
@@ -93,6 +94,23 @@ class _PrefixSquaredErrors(Function):
         return grad_x, grad_b_dec, grad_parts
 
 
+class PrefixForward(NamedTuple):
+    """What :func:`native_prefix_forward` computed."""
+
+    err_BG: Tensor
+    """Squared norm of every prefix residual."""
+    resid_BGD: Tensor | None
+    """Every prefix residual start - offset - decoded prefix (None with an expected gradient)."""
+    last_BD: Tensor
+    """The last prefix residual."""
+    vals32_N: Tensor
+    """The selected values, fp32 contiguous."""
+    grad_vals_N: Tensor | None
+    """For the expected gradient: d loss / d value of every entry."""
+    suffix_BGD: Tensor | None
+    """For the expected gradient: the gradient of each group's decoded sum."""
+
+
 def native_prefix_forward(
     start_BD: Tensor,
     offset_D: Tensor,
@@ -102,23 +120,33 @@ def native_prefix_forward(
     n_groups: int,
     buffer_name: str,
     expected_grad_err_BG: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(err [B, G], every residual start - offset - decoded prefix [B, G, D], the fp32 values,
-    the backward's grad_vals for ``expected_grad_err_BG`` or None) from the C kernel, the
-    residuals in the thread's workspace buffer ``buffer_name``."""
+) -> PrefixForward:
+    """The prefix residuals' forward from the C kernel, its [B, G, D] table in the thread's
+    workspace buffer ``buffer_name``: every residual, or, given ``expected_grad_err_BG``, the
+    backward's suffix gradients for it (then only the last residual is kept, in
+    ``buffer_name + "_last"``: the residuals' one use was to rebuild those in the backward)."""
     B, D = start_BD.shape
-    resid_BGD = workspace().get(buffer_name, (B, n_groups, D), torch.float32, start_BD.device)
+    ws = workspace()
+    table_BGD = ws.get(buffer_name, (B, n_groups, D), torch.float32, start_BD.device)
+    expected = expected_grad_err_BG
+    last_BD = table_BGD[:, -1]
+    if expected is not None:
+        last_BD = ws.get(buffer_name + "_last", (B, D), torch.float32, start_BD.device)
     err_BG = torch.empty(B, n_groups, dtype=torch.float32)
     vals32_N = vals_N.detach().float().contiguous()
-    known_grad_vals_N = native.prefix_decode_forward(
+    grad_vals_N = native.prefix_decode_forward(
         start_BD.detach().float().contiguous(), offset_D.detach().float().contiguous(),
-        plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(), resid_BGD, err_BG,
-        expected_grad_err_BG,
+        plan.bag_offsets, plan.lat_N, vals32_N, W_dec_FD.detach(),
+        table_BGD if expected is None else last_BD, err_BG, expected,
+        None if expected is None else table_BGD,
     )  # fmt: skip
     # written through a pointer: tell autograd, so that a later overwrite of this workspace
     # buffer before the backward that saved it is caught by its in-place check
-    torch.autograd.graph.increment_version(resid_BGD)
-    return err_BG, resid_BGD, vals32_N, known_grad_vals_N
+    torch.autograd.graph.increment_version(table_BGD)
+    if expected is None:
+        return PrefixForward(err_BG, table_BGD, last_BD, vals32_N, None, None)
+    torch.autograd.graph.increment_version(last_BD)
+    return PrefixForward(err_BG, None, last_BD, vals32_N, grad_vals_N, table_BGD)
 
 
 class _NativePrefixDecodeErrors(Function):
@@ -126,13 +154,13 @@ class _NativePrefixDecodeErrors(Function):
 
     @staticmethod
     def forward(ctx, vals_N, x_BD, b_dec_D, W_dec_FD, plan: SparsePlan, n_groups: int):
-        err_BG, resid_BGD, vals32_N, _ = native_prefix_forward(
+        out = native_prefix_forward(
             x_BD, b_dec_D.detach().float(), vals_N, W_dec_FD, plan, n_groups, "prefix_resids"
         )
-        ctx.save_for_backward(vals32_N, W_dec_FD, resid_BGD)
+        ctx.save_for_backward(out.vals32_N, W_dec_FD, out.resid_BGD)
         ctx.plan = plan
         ctx.dtypes = (vals_N.dtype, x_BD.dtype, b_dec_D.dtype)
-        return err_BG, final_residual_output(ctx, resid_BGD)
+        return out.err_BG, final_residual_output(ctx, out.last_BD)
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):

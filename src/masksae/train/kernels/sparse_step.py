@@ -5,9 +5,12 @@ and :func:`decoded_prefix_errors` (sparse decode + Matryoshka prefix errors), th
 is two passes over the entries, each gathering the weight gradients per latent from a
 [B, G, D] or [B, D] table written just before. On the CPU with the C kernels the whole
 backward is instead one pass split by latent (``sparse_backward_by_latent`` in
-``native_cpu.c``): each thread walks the tokens once, rebuilds their prefix gradients in L1
-and adds into the rows of the latents it owns, so neither the [B, G, D] gradient table nor
-the per-latent gathers exist. Elsewhere (CUDA, no compiler, inputs that need a gradient
+``native_cpu.c``): each thread walks the tokens once and adds into the rows of the latents
+it owns, so the per-latent gathers do not exist. The tokens' prefix gradients come from the
+forward when the caller states the loss gradient it will send (the TopK family does): the
+forward writes them in place of the [B, G, D] residuals, which the backward then never reads
+(they are rebuilt only if another gradient arrives); otherwise every thread rebuilds them
+in L1 from the residuals. Elsewhere (CUDA, no compiler, inputs that need a gradient
 themselves, non-fp32 weights) the composition runs; the two are compared by
 ``tests/test_native_kernels.py`` and both against the dense reference by
 ``tests/test_kernels.py``.
@@ -44,29 +47,38 @@ class _NativeSparseStep(Function):
             start_BD, offset_D = x32_BD, b_dec32_D
         else:  # residuals of target - decode (AuxK: target = the main residual, detached)
             start_BD, offset_D = target_BD, torch.zeros_like(b_dec32_D)
-        err_BG, resid_BGD, vals32_N, known_grad_vals_N = native_prefix_forward(
+        out = native_prefix_forward(
             start_BD, offset_D, vals_N, W_dec_FD, plan, n_groups, buffer_name,
             expected_grad_err_BG,
         )  # fmt: skip
-        ctx.save_for_backward(W_enc_DF, W_dec_FD, vals32_N, xin_BD, resid_BGD)
-        # the backward's dot products for the gradient the caller expects (our own tensors)
-        ctx.expected = (expected_grad_err_BG, known_grad_vals_N)
+        # the residuals, or with an expected gradient the backward's precomputed inputs for
+        # it (and what rebuilds the residuals should another gradient arrive)
+        table = out.resid_BGD if out.suffix_BGD is None else out.suffix_BGD
+        ctx.save_for_backward(W_enc_DF, W_dec_FD, out.vals32_N, xin_BD, table, start_BD, offset_D)
+        ctx.expected = (expected_grad_err_BG, out.grad_vals_N)
         ctx.plan = plan
+        ctx.n_groups = n_groups
         ctx.subtract_b_dec = subtract_b_dec
         ctx.decodes_b_dec = target_BD is None
-        return err_BG, final_residual_output(ctx, resid_BGD)
+        return out.err_BG, final_residual_output(ctx, out.last_BD)
 
     @staticmethod
     def backward(ctx, grad_err_BG: Tensor, _grad_resid: Tensor | None):
         if grad_err_BG is None:  # err not used
             return no_input_grads(ctx)
-        W_enc_DF, W_dec_FD, vals_N, xin_BD, resid_BGD = ctx.saved_tensors
+        W_enc_DF, W_dec_FD, vals_N, xin_BD, table_BGD, start_BD, offset_D = ctx.saved_tensors
         plan: SparsePlan = ctx.plan
         want_enc = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_err_BG = grad_err_BG.float().contiguous()
         expected_BG, known_grad_vals_N = ctx.expected
-        if expected_BG is None or not torch.equal(grad_err_BG, expected_BG):
-            known_grad_vals_N = None  # another gradient than expected: compute the dots here
+        resid_BGD = known_suffix_BGD = None
+        if expected_BG is None:
+            resid_BGD = table_BGD
+        elif torch.equal(grad_err_BG, expected_BG):
+            known_suffix_BGD = table_BGD
+        else:  # another gradient than expected: rebuild the residuals, compute it in full
+            known_grad_vals_N = None
+            resid_BGD = _rebuilt_residuals(start_BD, offset_D, vals_N, W_dec_FD, plan, ctx.n_groups)
         _, grad_W_dec, grad_W_enc_FD, grad_b_enc, grad_b_dec = native.sparse_backward_by_latent(
             resid_BGD,
             grad_err_BG,
@@ -77,6 +89,7 @@ class _NativeSparseStep(Function):
             W_dec_FD.detach(),
             xin_BD if (want_enc or ctx.subtract_b_dec) else None,
             known_grad_vals_N,
+            known_suffix_BGD,
         )
         if not ctx.decodes_b_dec:  # b_dec is not in the reconstruction, only in the encoder
             grad_b_dec.zero_()
@@ -94,6 +107,20 @@ class _NativeSparseStep(Function):
             grad_W_dec if ctx.needs_input_grad[3] else None,
             None, None, None, None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _rebuilt_residuals(
+    start_BD: Tensor, offset_D: Tensor, vals_N: Tensor, W_dec_FD: Tensor, plan: SparsePlan, G: int
+) -> Tensor:
+    """Every prefix residual again, as the forward computed them (the same kernel on the same
+    inputs: the same bits), for a backward whose gradient the forward did not expect."""
+    resid_BGD = torch.empty(start_BD.shape[0], G, start_BD.shape[1], dtype=torch.float32)
+    err_BG = torch.empty(start_BD.shape[0], G, dtype=torch.float32)
+    native.prefix_decode_forward(
+        start_BD.float().contiguous(), offset_D, plan.bag_offsets, plan.lat_N, vals_N, W_dec_FD.detach(), resid_BGD,
+        err_BG,
+    )  # fmt: skip
+    return resid_BGD
 
 
 def _stated(grad_err: Tensor | None) -> Tensor | None:
