@@ -568,3 +568,78 @@ def test_the_training_step_uses_the_forwards_dot_products(arch, monkeypatch):
     out = sae.training_loss(torch.randn(64, 24), StepContext(3, 10, dead, True))
     (out.loss * 0.5).backward()
     assert used == [False, False]
+
+
+def _same_bf16(a, b) -> bool:
+    """Bit for bit (signed zeros too), any NaN matching any NaN."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(
+        a.view(torch.int16)[~nan], b.view(torch.int16)[~nan]
+    )
+
+
+@needs_native
+def test_bf16_operands_round_like_torch():
+    # every rounding case: ties to even both ways (finite halfway bit patterns), carries,
+    # overflow to inf, subnormals, signed zeros, inf and NaN (any NaN: torch's own scalar
+    # and vector conversions give different ones); then the extra column and the zeros
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), 3.0e38, -3.4e38, 1e-40, -1e-42, 1.0, -1.5]
+    )
+    ties = (torch.randint(0, 0x7F00, (64,), generator=g, dtype=torch.int32) << 16) | 0x8000
+    src = torch.cat([special, ties.view(torch.float32), torch.randn(4 * 37 - 74, generator=g)])
+    src = src.view(4, 37)
+    sub = torch.randn(37, generator=g)
+    extra = torch.tensor([0.1, -2.0, float("nan"), 7.0])
+    out, f32 = torch.empty(4, 48, dtype=torch.bfloat16), torch.empty(4, 37)
+    native.rows_to_bf16_padded(src, out, sub_D=sub, f32_out_RD=f32, extra_R=extra)
+    assert torch.equal(f32, src - sub)
+    assert _same_bf16(out[:, :37], (src - sub).to(torch.bfloat16))
+    assert _same_bf16(out[:, 37], extra.to(torch.bfloat16))
+    assert not out[:, 38:].any()
+    native.rows_to_bf16_padded(src, out, extra=1.0)
+    assert _same_bf16(out[:, :37], src.to(torch.bfloat16))
+    assert (out[:, 37] == 1).all()
+    with pytest.raises(ValueError, match="bf16"):
+        native.rows_to_bf16_padded(src, torch.empty(4, 48))
+    with pytest.raises(ValueError, match="shapes"):
+        native.rows_to_bf16_padded(src, torch.empty(4, 37, dtype=torch.bfloat16))
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["batch_topk", "topk"])
+def test_bf16_selection_scores_are_the_same_with_the_c_operands(arch, monkeypatch):
+    from masksae.train.sae import BatchTopKConfig, TopKConfig, build_sae
+
+    cfg = (BatchTopKConfig if arch == "batch_topk" else TopKConfig)(d_in=40, d_sae=96, k=6)
+    sae = build_sae(cfg)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(70, 40)
+    got = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("MASKSAE_NATIVE_KERNELS", on)
+        pre, refine = sae.selection_scores(x, "bfloat16")
+        got.append((pre.clone(), refine.xin_BD.clone()))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "stride", "block"), [(1000, 1, 1), (5000, 7, 3), (70_001, 129, 64)])
+def test_sample_kth_largest_matches_a_sort_of_the_blocks(n, stride, block):
+    # positive and negative values, many repeats (bf16 of small integers), the last block
+    # clipped at n; every rank from the largest to the smallest
+    g = torch.Generator().manual_seed(n)
+    flat = torch.randint(-40, 40, (n,), generator=g).float().div(8).to(torch.bfloat16)
+    flat[::11] = torch.randn(flat[::11].shape, generator=g).to(torch.bfloat16)
+    starts = range(0, n, stride)
+    idx = torch.cat([torch.arange(s, min(s + block, n)) for s in starts])
+    assert native.sample_size(n, stride, block) == idx.numel()
+    ranked = flat[idx].float().sort(descending=True).values
+    for m in sorted({1, 2, 17, idx.numel() // 3, idx.numel() - 1, idx.numel()}):
+        got = native.sample_kth_largest_bf16(flat, stride, block, m)
+        assert got.dtype == torch.bfloat16 and got.float() == ranked[m - 1], m
+    with pytest.raises(ValueError, match="outside the sample"):
+        native.sample_kth_largest_bf16(flat, stride, block, idx.numel() + 1)

@@ -78,6 +78,8 @@ _SIGNATURES = {
     "mark_fired": [_i64, _ptr, _ptr, _ptr],
     "max_abs_diff_finite": ([_i64, _ptr, _ptr, _ptr], ctypes.c_float),
     "normalize_rows": [_i64, _i64, _i64, _ptr, ctypes.c_float],
+    "rows_to_bf16_padded": [_i64] * 4 + [_ptr] * 4 + [ctypes.c_float, _ptr],
+    "sample_kth_largest_bf16": ([_i64, _ptr, _i64, _i64, _i64], ctypes.c_uint16),
     "indices_in_range": ([_ptr, _i64, _i64], _i64),
     "offsets_valid": ([_ptr, _i64, _i64], _i64),
     "greater_i16": ([_i64, _i64, _ptr, ctypes.c_int16, _ptr, _ptr, _i64], _i64),
@@ -590,3 +592,52 @@ def normalize_rows(W_FD: Tensor, eps: float) -> None:
     fn = library().normalize_rows
     _run_pieces(lambda _, s, e: fn(s, e, D, _p(W_FD), eps), _ranges(F))
     torch.autograd.graph.increment_version(W_FD)  # a graph that saved W sees it changed
+
+
+def rows_to_bf16_padded(
+    src_RD: Tensor,
+    out_RK: Tensor,
+    *,
+    sub_D: Tensor | None = None,
+    f32_out_RD: Tensor | None = None,
+    extra_R: Tensor | None = None,
+    extra: float = 0.0,
+) -> None:
+    """Fill the bf16 [R, K] ``out_RK`` (K > D) with rows [v, e, 0, ...], v = ``src_RD`` -
+    ``sub_D`` (or ``src_RD``) rounded as ``Tensor.to(torch.bfloat16)`` does, e = ``extra_R``'s
+    entry for the row (or ``extra``); with ``f32_out_RD`` also write v there in fp32."""
+    floats = tuple(t for t in (src_RD, sub_D, f32_out_RD, extra_R) if t is not None)
+    _check(out_RK, floats=floats)
+    R, D = src_RD.shape
+    if out_RK.dtype != torch.bfloat16 or out_RK.dim() != 2 or out_RK.shape[0] != R:
+        raise ValueError("rows_to_bf16_padded: out must be bf16 [R, K]")
+    K = out_RK.shape[1]
+    if K <= D or (sub_D is not None and sub_D.shape != (D,)):
+        raise ValueError("rows_to_bf16_padded: shapes do not match")
+    if (f32_out_RD is not None and f32_out_RD.shape != (R, D)) or (
+        extra_R is not None and extra_R.shape != (R,)
+    ):
+        raise ValueError("rows_to_bf16_padded: shapes do not match")
+    fn = library().rows_to_bf16_padded
+    ptrs = [None if t is None else _p(t) for t in (src_RD, sub_D, f32_out_RD, extra_R)]
+    _run_pieces(lambda _, s, e: fn(s, e, D, K, *ptrs, extra, _p(out_RK)), _ranges(R))
+
+
+def sample_size(n: int, stride: int, block: int) -> int:
+    """How many values the blocks [j stride, j stride + block) of range(n) hold."""
+    n_blocks = -(-n // stride)
+    return (n_blocks - 1) * block + min(block, n - (n_blocks - 1) * stride)
+
+
+def sample_kth_largest_bf16(flat: Tensor, stride: int, block: int, m: int) -> Tensor:
+    """The m-th largest (0-d bf16) of the values of the flat bf16 ``flat`` in the blocks
+    ``flat[j stride : j stride + block]``, read where they lie (no copy, no sort)."""
+    _check(flat)
+    n = flat.numel()
+    if flat.dtype != torch.bfloat16 or flat.dim() != 1 or not 1 <= block <= stride:
+        raise ValueError("sample_kth_largest_bf16: expected flat bf16, 1 <= block <= stride")
+    if not 1 <= m <= sample_size(n, stride, block):
+        raise ValueError(f"sample_kth_largest_bf16: m={m} outside the sample")
+    bits = int(library().sample_kth_largest_bf16(n, _p(flat), stride, block, m))
+    signed = bits - (1 << 16) if bits >= 1 << 15 else bits  # the same 16 bits as int16
+    return torch.tensor(signed, dtype=torch.int16).view(torch.bfloat16)

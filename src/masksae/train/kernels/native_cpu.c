@@ -489,3 +489,82 @@ void normalize_rows(int64_t r0, int64_t r1, int64_t D, float *W, float eps) {
         for (int64_t d = 0; d < D; d++) w[d] /= denom;
     }
 }
+
+/* bf16 bits of f, rounded to nearest even: PyTorch's float -> bfloat16 conversion (a NaN
+ * becomes its quiet NaN). */
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* For rows r in [r0, r1) of src[*, D]: v = src[r] - sub (sub may be NULL: v = src[r]);
+ * f32_out[r] = v when f32_out != NULL; out16[r] = [bf16(v), bf16(extra), 0 ... 0], K >= D + 1
+ * columns, extra = extra_vals[r] (or extra_const when extra_vals is NULL). The bf16 operands
+ * of the selection's product ([x - b_dec, 1] and [W_enc, b_enc], padded) in one pass each
+ * instead of a subtraction, a copy and three column fills. */
+void rows_to_bf16_padded(int64_t r0, int64_t r1, int64_t D, int64_t K, const float *src,
+                         const float *sub, float *f32_out, const float *extra_vals,
+                         float extra_const, uint16_t *out16) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *s = src + r * D;
+        uint16_t *o = out16 + r * K;
+        if (sub && f32_out) {
+            float *v = f32_out + r * D;
+            for (int64_t d = 0; d < D; d++) v[d] = s[d] - sub[d];
+            for (int64_t d = 0; d < D; d++) o[d] = bf16_bits(v[d]);
+        } else if (sub) {
+            for (int64_t d = 0; d < D; d++) o[d] = bf16_bits(s[d] - sub[d]);
+        } else {
+            if (f32_out) memcpy(f32_out + r * D, s, (size_t)D * sizeof(float));
+            for (int64_t d = 0; d < D; d++) o[d] = bf16_bits(s[d]);
+        }
+        o[D] = bf16_bits(extra_vals ? extra_vals[r] : extra_const);
+        for (int64_t d = D + 1; d < K; d++) o[d] = 0;
+    }
+}
+
+/* Key of bf16 bits that orders like the values (negative ones reversed below the positive). */
+static inline uint32_t order_key16(uint16_t u) {
+    return (u & 0x8000u) ? (uint32_t)(uint16_t)~u : (uint32_t)(u | 0x8000u);
+}
+
+/* The bf16 bits of the m-th largest (1 <= m <= the sample's size) of the values in the
+ * blocks x16[j stride, j stride + block) (clipped to n): the candidate pre-filter's cut,
+ * taken where the sample lies (a cache miss per block, not per value) by a two-pass radix
+ * select on the values' order keys, high byte then low byte, each counted into 4 interleaved
+ * 256-bin histograms (in L1; one histogram would serialise on repeated keys). */
+uint16_t sample_kth_largest_bf16(int64_t n, const uint16_t *x16, int64_t stride, int64_t block,
+                                 int64_t m) {
+    uint32_t hist[4][256];
+    uint32_t hi = 0, lo = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        memset(hist, 0, sizeof hist);
+        for (int64_t s = 0; s < n; s += stride) {
+            const int64_t e = s + block < n ? s + block : n;
+            int64_t i = s;
+            if (pass == 0) {
+                for (; i + 4 <= e; i += 4)
+                    for (int j = 0; j < 4; j++) hist[j][order_key16(x16[i + j]) >> 8]++;
+                for (; i < e; i++) hist[0][order_key16(x16[i]) >> 8]++;
+            } else {
+                for (; i < e; i++) {
+                    const uint32_t key = order_key16(x16[i]);
+                    if ((key >> 8) == hi) hist[i & 3][key & 255u]++;
+                }
+            }
+        }
+        int64_t seen = 0;
+        uint32_t bin = 255;
+        for (;; bin--) {
+            const int64_t c = (int64_t)hist[0][bin] + hist[1][bin] + hist[2][bin] + hist[3][bin];
+            if (seen + c >= m || bin == 0) break;
+            seen += c;
+        }
+        m -= seen; /* the rank within the chosen bin */
+        if (pass == 0) hi = bin; else lo = bin;
+    }
+    const uint32_t key = hi << 8 | lo;
+    return (uint16_t)((key & 0x8000u) ? (key & 0x7fffu) : ~key);
+}

@@ -39,6 +39,8 @@ class Selection(NamedTuple):
 # Sample size of the candidate pre-filter of batch_topk_select, and how many candidates (as
 # a multiple of the entries wanted) it aims for; a second try aims for _RETRY_MARGIN times.
 _SAMPLE = 1 << 16
+# values per contiguous block of the sample where it is counted in C (two cache lines of bf16)
+_SAMPLE_BLOCK = 64
 _MARGIN = 1.5
 _RETRY_MARGIN = 6.0
 # Re-ranked selections: widen the candidate set at most this often before computing the
@@ -46,14 +48,15 @@ _RETRY_MARGIN = 6.0
 _MAX_WIDEN = 2
 
 
-def sample_stride(n: int, n_cols: int) -> int:
-    """A stride near n / _SAMPLE that is coprime with the row length ``n_cols``.
+def sample_stride(n: int, n_cols: int, block: int = 1) -> int:
+    """A stride near n * block / _SAMPLE (so that blocks of ``block`` values taken at it
+    sample about _SAMPLE values) that is coprime with the row length ``n_cols``.
 
     A stride sharing a factor with F samples only some columns (at B 2048, F 4096 the plain
     n // _SAMPLE = 128 visits 32 of the 4096 latents); a coprime one cycles through all
     residues, so every latent and every row is sampled evenly.
     """
-    stride = max(1, n // _SAMPLE)
+    stride = max(block, n // max(1, _SAMPLE // block))
     while math.gcd(stride, n_cols) != 1:
         stride += 1
     return stride
@@ -139,14 +142,27 @@ def candidates(
     n = flat.numel()
     count = min(count, n)
     if n > 4 * _SAMPLE and _MARGIN * count < n / 4:
-        sample = flat[:: sample_stride(n, n_cols)].contiguous()  # topk is slower on a view
+        sample = None
+        in_c = flat.dtype == torch.bfloat16 and flat.is_contiguous() and native.enabled_for(flat)
+        if in_c:
+            # blocks of _SAMPLE_BLOCK values, ranked where they lie by a radix select in C:
+            # 0.15 ms against 0.45 for the strided copy and topk below (which miss the cache
+            # once per sampled value), 0.32 against 0.65 with the scores out of cache
+            stride = sample_stride(n, n_cols, _SAMPLE_BLOCK)
+            size = native.sample_size(n, stride, _SAMPLE_BLOCK)
+        else:
+            sample = flat[:: sample_stride(n, n_cols)].contiguous()  # topk is slower on a view
+            size = sample.numel()
         for margin in (_MARGIN, _RETRY_MARGIN):
-            rank = int((1.0 - margin * count / n) * sample.numel())
+            rank = int((1.0 - margin * count / n) * size)
             if rank < 1:
                 break
             # the rank-th smallest as the smallest of the top (size - rank + 1): topk keeps a
             # small heap, 3x faster than kthvalue's full selection over the sample
-            t = sample.topk(sample.numel() - rank + 1, sorted=False).values.amin()
+            if in_c:
+                t = native.sample_kth_largest_bf16(flat, stride, _SAMPLE_BLOCK, size - rank + 1)
+            else:
+                t = sample.topk(size - rank + 1, sorted=False).values.amin()
             cand, vals = _greater(flat, t, mask_out)
             if cand.numel() >= count:
                 return cand, vals, t

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from masksae.train.kernels import make_plan
+from masksae.train.kernels import make_plan, native
 from masksae.train.kernels.sparse_step import sparse_decode_errors, sparse_prefix_errors
 from masksae.train.kernels.workspace import workspace
 from masksae.train.sae.auxk import (
@@ -100,10 +100,10 @@ class TopKFamilySAE(SparseAutoencoder):
         ws = workspace()
         low = select_dtype == "bfloat16" or _autocast_bf16(x_BD.device.type)
         with torch.no_grad(), torch.autocast(device_type=x_BD.device.type, enabled=False):
-            xin_BD = x_BD.to(W_enc.dtype)
-            if self.subtract_b_dec_from_input:
-                xin_BD = xin_BD - self.b_dec.detach()
             if not low or W_enc.dtype == torch.bfloat16:
+                xin_BD = x_BD.to(W_enc.dtype)
+                if self.subtract_b_dec_from_input:
+                    xin_BD = xin_BD - self.b_dec.detach()
                 pre_BF = ws.get("preacts", (B, Fdim), W_enc.dtype, x_BD.device)
                 if W_enc.dtype == torch.float32:
                     torch.addmm(b_enc, xin_BD, W_enc, out=pre_BF)
@@ -113,17 +113,31 @@ class TopKFamilySAE(SparseAutoencoder):
             # bf16 copies with the bias folded in as one more input column ([x, 1] @ [W; b]):
             # addmm's separate bias pass over [B, F] cost a third of the bf16 product. The
             # width is padded to a multiple of 16 with zeros (the GEMM's preferred blocking).
-            D = xin_BD.shape[1]
+            D = x_BD.shape[1]
             K = (D + 1 + 15) // 16 * 16
             lp, dev = torch.bfloat16, x_BD.device
             W_lp_FK = ws.get("W_enc_lowp", (Fdim, K), lp, dev)
-            W_lp_FK[:, :D].copy_(W_enc.t())  # a plain copy: W_enc is stored latent-major
-            W_lp_FK[:, D].copy_(b_enc)
-            W_lp_FK[:, D + 1 :].zero_()
             x_lp_BK = ws.get("x_lowp", (B, K), lp, dev)
-            x_lp_BK[:, :D].copy_(xin_BD)
-            x_lp_BK[:, D] = 1
-            x_lp_BK[:, D + 1 :].zero_()
+            if _native_bf16_operands(x_BD, W_enc, b_enc, self.b_dec):
+                # one C pass each: x - b_dec (kept in fp32 too) and W_enc, each with its
+                # extra column, straight into the padded bf16 operands
+                sub = self.b_dec.detach() if self.subtract_b_dec_from_input else None
+                xin_BD = torch.empty_like(x_BD) if sub is not None else x_BD
+                native.rows_to_bf16_padded(
+                    x_BD, x_lp_BK, sub_D=sub, f32_out_RD=xin_BD if sub is not None else None,
+                    extra=1.0,
+                )  # fmt: skip
+                native.rows_to_bf16_padded(W_enc.t(), W_lp_FK, extra_R=b_enc)
+            else:
+                xin_BD = x_BD.to(W_enc.dtype)
+                if self.subtract_b_dec_from_input:
+                    xin_BD = xin_BD - self.b_dec.detach()
+                W_lp_FK[:, :D].copy_(W_enc.t())  # a plain copy: W_enc is stored latent-major
+                W_lp_FK[:, D].copy_(b_enc)
+                W_lp_FK[:, D + 1 :].zero_()
+                x_lp_BK[:, :D].copy_(xin_BD)
+                x_lp_BK[:, D] = 1
+                x_lp_BK[:, D + 1 :].zero_()
             pre_BF = ws.get("preacts", (B, Fdim), lp, dev)
             torch.mm(x_lp_BK, W_lp_FK.t(), out=pre_BF)
             return pre_BF, ExactPreacts(xin_BD, W_enc, b_enc)
@@ -269,6 +283,16 @@ def _states_grads(x_BD: Tensor) -> bool:
     """Whether to tell the fused step the gradient its loss terms will send back: only the
     CPU's C kernels use it, and there is no backward without grad mode."""
     return x_BD.device.type == "cpu" and torch.is_grad_enabled()
+
+
+def _native_bf16_operands(x_BD: Tensor, W_enc_DF: Tensor, *vectors: Tensor) -> bool:
+    """Whether the C kernel makes the bf16 product's operands: fp32 CPU inputs, W_enc stored
+    latent-major (its transpose contiguous), x and the bias ``vectors`` contiguous."""
+    return (
+        native.enabled_for(x_BD)
+        and all(t.dtype == torch.float32 for t in (x_BD, W_enc_DF, *vectors))
+        and all(t.is_contiguous() for t in (x_BD, W_enc_DF.t(), *vectors))
+    )
 
 
 def _autocast_bf16(device_type: str) -> bool:
