@@ -237,7 +237,7 @@ class Variant:
                 loss = out.loss
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                sae.remove_parallel_decoder_grad()
+                known_norms = sae.remove_parallel_decoder_grad()
             stats = getattr(sae, "last_refine_stats", None)
             if stats is not None:
                 self.refine.entries += stats.entries
@@ -246,7 +246,7 @@ class Variant:
         if self.name == "legacy":
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         else:  # the trainer's
-            clip_grad_norm(sae.parameters(), 1.0)
+            clip_grad_norm(sae.parameters(), 1.0, known_norms)
         self.opt.step()
         sae.normalize_decoder()
         return loss.item()

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from masksae.train.optim import LayoutAdam, clip_grad_norm, make_adam
+from masksae.train.optim import KnownGradNorm, LayoutAdam, clip_grad_norm, make_adam
 
 
 def _latent_major(F: int, D: int, seed: int) -> torch.Tensor:
@@ -112,3 +112,41 @@ def test_clip_grad_norm_is_torchs(scale):
         if scale < 1:
             assert torch.equal(a.grad, b.grad)  # untouched, as torch's x 1.0 leaves them
     assert (float(total) > 1.0) == (scale == 10.0)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_clip_grad_norm_takes_known_norms_while_current(scale):
+    # a known squared norm stands in for reading its gradient; one the gradient has changed
+    # since (in place, or replaced) is ignored
+    g = torch.Generator().manual_seed(6)
+    grads = [torch.randn(s, generator=g) * scale for s in [(40, 8), (8,), (12, 8)]]
+    ref = [torch.zeros(gr.shape, requires_grad=True) for gr in grads]
+    for p, gr in zip(ref, grads, strict=True):
+        p.grad = gr.clone()
+    total_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+
+    def params():
+        ps = [torch.zeros(gr.shape, requires_grad=True) for gr in grads]
+        for p, gr in zip(ps, grads, strict=True):
+            p.grad = gr.clone()
+        return ps
+
+    ours = params()
+    known = [KnownGradNorm(ours[0].grad, ours[0].grad.square().sum(), ours[0].grad._version)]
+    read = []
+    real_norm = torch.nn.utils.get_total_norm
+    spy = lambda ts, *a, **k: read.append(len(ts)) or real_norm(ts, *a, **k)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.utils, "get_total_norm", spy)
+        total = clip_grad_norm(ours, 1.0, known)
+    assert read == [2]  # the other two only
+    assert torch.allclose(total, total_ref, rtol=1e-6)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
+    # stale: the gradient doubled in place after its norm was taken
+    stale = params()
+    known = [KnownGradNorm(stale[0].grad, stale[0].grad.square().sum(), stale[0].grad._version)]
+    stale[0].grad.mul_(2)
+    twice = params()
+    twice[0].grad.mul_(2)
+    assert torch.allclose(clip_grad_norm(stale, 1.0, known), clip_grad_norm(twice, 1.0), rtol=1e-6)

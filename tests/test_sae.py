@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from masksae.errors import ConfigError
+from masksae.train.kernels import native
 from masksae.train.sae import (
     ARCHITECTURES,
     BatchTopKConfig,
@@ -459,7 +460,12 @@ def test_remove_parallel_decoder_grad_matches_the_reference_rule():
         sae.W_dec.mul_(torch.rand(F, 1, generator=g) + 0.5)
     grad = torch.randn(sae.W_dec.shape, generator=g)
     sae.W_dec.grad = grad.clone()
-    sae.remove_parallel_decoder_grad()
+    known = sae.remove_parallel_decoder_grad()
     unit = sae.W_dec.detach() / (sae.W_dec.detach().norm(dim=-1, keepdim=True) + 1e-6)
     expected = grad - (grad * unit).sum(-1, keepdim=True) * unit
     assert torch.allclose(sae.W_dec.grad, expected, atol=1e-6)
+    # the C pass hands the new gradient's squared norm on (for the clip); torch's pass none
+    for norm in known:
+        assert norm.holds_for(sae.W_dec.grad)
+        assert torch.allclose(norm.sq_norm, expected.square().sum(), rtol=1e-5)
+    assert len(known) == (1 if native.enabled_for(sae.W_dec) else 0)

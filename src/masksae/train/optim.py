@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,8 +88,26 @@ def make_adam(
     return LayoutAdam(params, lr=lr, betas=betas)
 
 
-def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_``, without its no-op rescale on the CPU.
+@dataclass(frozen=True)
+class KnownGradNorm:
+    """A gradient's squared norm, computed by the kernel that last wrote the gradient."""
+
+    grad: Tensor
+    """The gradient it was computed for (the very tensor)."""
+    sq_norm: Tensor
+    """0-d fp32: the sum of its squared entries."""
+    version: int
+    """``grad._version`` right after: any later in-place change makes the norm stale."""
+
+    def holds_for(self, grad: Tensor | None) -> bool:
+        return grad is self.grad and grad._version == self.version
+
+
+def clip_grad_norm(
+    params: Iterable[Tensor], max_norm: float, known: Iterable[KnownGradNorm] = ()
+) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, without its no-op rescale on the CPU, and taking
+    the norms ``known`` (still current) instead of reading those gradients again.
 
     torch multiplies every gradient by min(1, max_norm / (norm + 1e-6)) unconditionally, so
     as not to read the norm back from an accelerator; on the CPU reading it is free, and when
@@ -97,10 +116,19 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
     params = [p for p in params if p.grad is not None]
     if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6: its one-call version
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    # a norm does not depend on the layout: take W_enc's gradient in its storage order
-    # (a reduction over the transposed view runs at about half speed)
-    grads = [p.grad.t() if _stored_transposed(p.grad) else p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads)
+    known_sq = []
+    to_read = []
+    for p in params:
+        norm = next((k for k in known if k.holds_for(p.grad)), None)
+        if norm is not None:
+            known_sq.append(norm.sq_norm)
+        else:
+            # a norm does not depend on the layout: take W_enc's gradient in its storage
+            # order (a reduction over the transposed view runs at about half speed)
+            to_read.append(p.grad.t() if _stored_transposed(p.grad) else p.grad)
+    total = torch.nn.utils.get_total_norm(to_read) if to_read else torch.zeros(())
+    if known_sq:
+        total = (total.square() + torch.stack(known_sq).to(total).sum()).sqrt()
     if total.device.type == "cpu" and bool(max_norm / (total + 1e-6) >= 1.0):
         return total
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)

@@ -371,9 +371,9 @@ class _Run:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            sae.remove_parallel_decoder_grad()
+            known_norms = sae.remove_parallel_decoder_grad()
             if self.train.grad_clip > 0:
-                clip_grad_norm(sae.parameters(), self.train.grad_clip)
+                clip_grad_norm(sae.parameters(), self.train.grad_clip, known_norms)
             lr_used = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()

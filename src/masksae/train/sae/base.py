@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from masksae.errors import ConfigError
 from masksae.train.kernels import native
 from masksae.train.kernels.workspace import workspace
+from masksae.train.optim import KnownGradNorm
 from masksae.train.sae.geometric_median import geometric_median
 from masksae.train.sae_config import SAEConfig, check_non_negative, check_unit_interval
 
@@ -136,16 +137,17 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.copy_(median_D.to(self.b_dec.dtype))
 
     @torch.no_grad()
-    def remove_parallel_decoder_grad(self) -> None:
+    def remove_parallel_decoder_grad(self) -> list[KnownGradNorm]:
         """Drop the gradient component along each decoder row (call before the step).
 
         The row direction is ``row / (||row|| + 1e-6)``, dictionary_learning's
         ``remove_gradient_parallel_to_decoder_directions`` to the last bit (the 1e-6 leaves
         ~2e-6 of the parallel component; matching it keeps the reference-equivalence test
-        at fp32 rounding)."""
+        at fp32 rounding). Returns the new gradient's squared norm where the pass computed
+        it on the way (the C kernel), for ``clip_grad_norm``'s ``known``."""
         grad_FD = self.W_dec.grad
         if grad_FD is None:
-            return
+            return []
         W_FD = self.W_dec
         if (
             native.enabled_for(W_FD)
@@ -153,8 +155,8 @@ class SparseAutoencoder(nn.Module):
             and W_FD.is_contiguous()
             and grad_FD.is_contiguous()
         ):
-            native.remove_parallel_rows(W_FD.detach(), grad_FD)  # one pass per row
-            return
+            rows_sq_F = native.remove_parallel_rows(W_FD.detach(), grad_FD)  # one pass per row
+            return [KnownGradNorm(grad_FD, rows_sq_F.sum(), grad_FD._version)]
         # g -= (g . u) u with u = w / (|w| + 1e-6), computed as g -= (g . w) / (|w| + 1e-6)^2 w
         # in three passes and one reused [F, D] buffer: the form with unit rows made three
         # fresh [F, D] temporaries (page faults on CPU); equal to fp32 rounding
@@ -164,6 +166,7 @@ class SparseAutoencoder(nn.Module):
         )
         coef_F1 = torch.mul(grad_FD, W_FD, out=prod_FD).sum(dim=-1, keepdim=True)
         grad_FD.addcmul_(coef_F1.div_(denom_F[:, None]).to(W_FD.dtype), W_FD, value=-1)
+        return []
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
