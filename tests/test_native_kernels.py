@@ -375,6 +375,11 @@ def test_gradient_gathers_and_sampled_product_match_pytorch(D):
     want = ops_torch.pair_dot(table, plan.rows_N, plan.row_offsets, plan.lat_N, B_FD)
     got = native.pair_dot_rows(table, plan.row_offsets, plan.lat_N, B_FD)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    bias = torch.randn(400, generator=g)  # added in the pass: the same as adding after
+    with_bias = native.pair_dot_rows(table, plan.row_offsets, plan.lat_N, B_FD, bias)
+    assert torch.equal(with_bias, got + bias[plan.lat_N])
+    with pytest.raises(ValueError, match="bias"):
+        native.pair_dot_rows(table, plan.row_offsets, plan.lat_N, B_FD, bias[:-1])
     with pytest.raises(ValueError, match="without decreasing"):
         bad = plan.row_offsets.clone()
         bad[1] = int(bad[2]) + 1  # a row pointer that goes back
@@ -521,6 +526,10 @@ def test_bookkeeping_kernels_match_pytorch():
     idx = torch.randint(0, 37 * 1000, (5000,), generator=g)
     rows, cols = native.split_flat(idx, 37)
     assert torch.equal(rows, idx // 37) and torch.equal(cols, idx % 37)
+    group_of = torch.randint(0, 5, (37,), generator=g)
+    assert torch.equal(native.bag_ids(rows, cols, group_of, 5), rows * 5 + group_of[cols])
+    with pytest.raises(ValueError, match="outside"):
+        native.bag_ids(rows, cols, group_of[:30], 5)
 
     lat = torch.randint(0, 300, (2000,), generator=g)
     vals = torch.rand(2000, generator=g).masked_fill_(torch.rand(2000, generator=g) < 0.3, 0.0)

@@ -43,17 +43,25 @@ def segment_gather_sum(
 
 
 def pair_dot(
-    A_MD: Tensor, rows_N: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor
+    A_MD: Tensor,
+    rows_N: Tensor,
+    offsets_M1: Tensor,
+    cols_N: Tensor,
+    B_KD: Tensor,
+    bias_K: Tensor | None = None,
 ) -> Tensor:
-    """See ``ops_torch.pair_dot``; dispatched by device (Triton uses ``rows_N``, PyTorch the
-    CSR pointer ``offsets_M1``)."""
+    """See ``ops_torch.pair_dot``, plus ``bias_K[cols]`` when given (fp32); dispatched by
+    device (Triton uses ``rows_N``, PyTorch the CSR pointer ``offsets_M1``)."""
+    if _native_f32(A_MD, B_KD) and (bias_K is None or _native_f32(bias_K.contiguous())):
+        bias = None if bias_K is None else bias_K.contiguous()
+        return native.pair_dot_rows(A_MD, offsets_M1, cols_N, B_KD, bias)  # bias in the pass
     if backend_for(A_MD) == "triton":
         from masksae.train.kernels import ops_triton
 
-        return ops_triton.pair_dot(A_MD, rows_N, B_KD, cols_N)
-    if _native_f32(A_MD, B_KD):
-        return native.pair_dot_rows(A_MD, offsets_M1, cols_N, B_KD)
-    return ops_torch.pair_dot(A_MD, rows_N, offsets_M1, cols_N, B_KD)
+        out = ops_triton.pair_dot(A_MD, rows_N, B_KD, cols_N)
+    else:
+        out = ops_torch.pair_dot(A_MD, rows_N, offsets_M1, cols_N, B_KD)
+    return out if bias_K is None else out + bias_K[cols_N]
 
 
 def gather_per_latent(plan: SparsePlan, cols_N: Tensor, weights_N: Tensor, table_TD: Tensor):

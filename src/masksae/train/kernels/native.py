@@ -68,7 +68,8 @@ _SIGNATURES = {
     "prefix_decode_forward": [_i64] * 4 + [_ptr, _i64] + [_ptr] * 11,
     "prefix_decode_backward": [_i64] * 4 + [_ptr] * 7,
     "segment_gather_perm": [_i64] * 3 + [_ptr] * 6,
-    "pair_dot_rows": [_i64] * 3 + [_ptr] * 5,
+    "pair_dot_rows": [_i64] * 3 + [_ptr] * 6,
+    "bag_ids": [_i64, _ptr, _ptr, _ptr, _i64, _ptr],
     "remove_parallel_rows": [_i64] * 3 + [_ptr] * 3,
     "sparse_backward_by_latent": [_i64] * 5 + [_ptr] * 16,
     "counting_sort_perm": [_i64, _ptr, _i64, _ptr, _ptr, _ptr],
@@ -387,18 +388,23 @@ def segment_gather_perm(
     return out
 
 
-def pair_dot_rows(A_MD: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor) -> Tensor:
-    """[N] fp32: out[e] = <A[row of e], B[cols[e]]>, entries sorted by row with CSR pointer
-    ``offsets_M1`` (``ops_torch.pair_dot``)."""
-    _check(offsets_M1, cols_N, floats=(A_MD, B_KD))
+def pair_dot_rows(
+    A_MD: Tensor, offsets_M1: Tensor, cols_N: Tensor, B_KD: Tensor, bias_K: Tensor | None = None
+) -> Tensor:
+    """[N] fp32: out[e] = <A[row of e], B[cols[e]]> (+ bias[cols[e]]), entries sorted by row
+    with CSR pointer ``offsets_M1`` (``ops_torch.pair_dot``)."""
+    _check(offsets_M1, cols_N, floats=(A_MD, B_KD) + (() if bias_K is None else (bias_K,)))
     (M, D), n = A_MD.shape, cols_N.numel()
     if offsets_M1.numel() != M + 1 or B_KD.shape[1] != D:
         raise ValueError("pair_dot_rows: shapes do not match")
+    if bias_K is not None and bias_K.shape != (B_KD.shape[0],):
+        raise ValueError("pair_dot_rows: the bias must have one entry per row of B")
     _check_offsets(offsets_M1, n, "row offsets")
     _check_range(cols_N, B_KD.shape[0], "columns")
     out = torch.empty(n, dtype=torch.float32)
     fn = library().pair_dot_rows
-    ptrs = [_p(t) for t in (offsets_M1, cols_N, A_MD, B_KD, out)]
+    ptrs = [_p(t) for t in (offsets_M1, cols_N, A_MD, B_KD)]
+    ptrs += [None if bias_K is None else _p(bias_K), _p(out)]
     _run_pieces(lambda _, s, e: fn(s, e, D, *ptrs), _balanced(offsets_M1))
     return out
 
@@ -558,6 +564,20 @@ def split_flat(idx_N: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
     rows, cols = torch.empty_like(idx_N), torch.empty_like(idx_N)
     library().split_flat(idx_N.numel(), _p(idx_N), n_cols, _p(rows), _p(cols))
     return rows, cols
+
+
+def bag_ids(rows_N: Tensor, lat_N: Tensor, group_of_F: Tensor, n_groups: int) -> Tensor:
+    """int64 [N]: rows * n_groups + group_of_F[lat] in one pass (int64 inputs)."""
+    _check(rows_N, lat_N, group_of_F)
+    if not all(t.dtype == torch.int64 for t in (rows_N, lat_N, group_of_F)):
+        raise ValueError("bag_ids: expected int64 rows, latents and groups")
+    if rows_N.shape != lat_N.shape:
+        raise ValueError("bag_ids: rows and latents differ in shape")
+    _check_range(lat_N, group_of_F.numel(), "latent indices")
+    bags = torch.empty_like(rows_N)
+    fn = library().bag_ids
+    fn(rows_N.numel(), _p(rows_N), _p(lat_N), _p(group_of_F), n_groups, _p(bags))
+    return bags
 
 
 def fired(lat_N: Tensor, vals_N: Tensor, n_latents: int) -> Tensor:

@@ -225,13 +225,18 @@ void segment_gather_perm(int64_t r0, int64_t r1, int64_t D, const int64_t *offse
     }
 }
 
-/* out[e] = <A[rows[e]], B[cols[e]]> for the entries e in [row_off[r0], row_off[r1]) of rows
- * [r0, r1) (entries sorted by row): the sampled product of a selection. */
+/* out[e] = <A[rows[e]], B[cols[e]]> (+ bias[cols[e]] when bias != NULL) for the entries e
+ * in [row_off[r0], row_off[r1]) of rows [r0, r1) (entries sorted by row): the sampled
+ * product of a selection. */
 void pair_dot_rows(int64_t r0, int64_t r1, int64_t D, const int64_t *row_off,
-                   const int64_t *cols, const float *A, const float *B, float *out) {
+                   const int64_t *cols, const float *A, const float *B, const float *bias,
+                   float *out) {
     for (int64_t r = r0; r < r1; r++) {
         const float *a = A + r * D;
-        for (int64_t e = row_off[r]; e < row_off[r + 1]; e++) out[e] = dot(a, B + cols[e] * D, D);
+        for (int64_t e = row_off[r]; e < row_off[r + 1]; e++) {
+            const float v = dot(a, B + cols[e] * D, D);
+            out[e] = bias ? v + bias[cols[e]] : v;
+        }
     }
 }
 
@@ -449,6 +454,12 @@ void split_flat(int64_t n, const int64_t *idx, int64_t n_cols, int64_t *rows, in
         rows[i] = idx[i] / n_cols;
         cols[i] = idx[i] - rows[i] * n_cols;
     }
+}
+
+/* bags[i] = rows[i] * G + group_of[lat[i]]: each entry's (token, Matryoshka group) bag. */
+void bag_ids(int64_t n, const int64_t *rows, const int64_t *lat, const int64_t *group_of,
+             int64_t G, int64_t *bags) {
+    for (int64_t i = 0; i < n; i++) bags[i] = rows[i] * G + group_of[lat[i]];
 }
 
 /* fired[lat[e]] = 1 for every entry with vals[e] != 0 (fired zeroed by the caller). */

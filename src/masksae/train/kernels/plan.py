@@ -69,6 +69,8 @@ def make_plan(
     if group_of_F is None or n_groups == 1:
         bag_N = rows_N
         n_groups = 1
+    elif native.enabled_for(lat_N) and group_of_F.dtype == torch.int64:
+        bag_N = native.bag_ids(rows_N.contiguous(), lat_N.contiguous(), group_of_F, n_groups)
     else:
         bag_N = rows_N * n_groups + group_of_F[lat_N]
     n_bags = n_rows * n_groups

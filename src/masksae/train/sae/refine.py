@@ -85,8 +85,7 @@ class ExactPreacts:
         within a row."""
         offsets = csr_offsets(rows_N, self.xin_BD.shape[0])
         self.stats.entries += rows_N.numel()
-        out = pair_dot(self.xin_BD, rows_N, offsets, lat_N, self.W_enc_DF.t())
-        return out + self.b_enc_F[lat_N]
+        return pair_dot(self.xin_BD, rows_N, offsets, lat_N, self.W_enc_DF.t(), self.b_enc_F)
 
     def rows(self, rows_R: Tensor) -> Tensor:
         """fp32 [R, F] pre-activations of whole rows."""
