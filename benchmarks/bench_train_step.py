@@ -124,7 +124,9 @@ ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "bf16 -prefix": lambda: _autograd_prefix_loss(),
     "bf16 -scan": lambda: _plain_scan(),
     "bf16 -stride": lambda: patched(
-        selection_mod, "sample_stride", lambda n, _f: max(1, n // selection_mod._SAMPLE)
+        selection_mod,
+        "sample_stride",
+        lambda n, _f, block=1: max(block, n // max(1, selection_mod._SAMPLE // block)),
     ),
 }
 

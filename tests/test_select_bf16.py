@@ -51,6 +51,15 @@ def test_sample_stride_is_coprime_and_covers_every_latent():
     cols = torch.arange(0, n, s) % 4096
     assert cols.unique().numel() == 4096  # the plain stride 128 saw 32 of them
     assert sample_stride(10, 7) == 1
+    # blocks of 64 (the C sample): about as many values, spread over every latent and row
+    for F in (4096, 16384, 1000):
+        n = 2048 * F
+        s = sample_stride(n, F, 64)
+        starts = torch.arange(0, n, s)
+        assert math.gcd(s, F) == 1 and 0.6 < 64 * starts.numel() / 65_536 < 1.7
+        cols = (starts[:, None] + torch.arange(64)).reshape(-1) % F
+        assert cols.unique().numel() == F  # a remainder of 1 covered a quarter of them
+        assert (starts // F).unique().numel() == starts.numel()  # one block per row at most
 
 
 def test_batch_selection_in_bf16_equals_fp32():
