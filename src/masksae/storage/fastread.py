@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from masksae.storage import direct_io
+
 _EMPTY = np.uint64(2**64 - 1)
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
 
@@ -146,9 +148,9 @@ def write_plain_shard(file: Path, rows: np.ndarray, inner_rows: int) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.{os.getpid()}.partial")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(memoryview(data).cast("B"))
-            fh.write(index)
+        # the rows around the page cache where the filesystem allows (written once, not read
+        # back by the harvest: see direct_io), the index after them
+        direct_io.write_new_file(tmp, data, index)
         os.replace(tmp, file)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from masksae.errors import ProvenanceMismatchError, StoreError
-from masksae.storage import fastread, layout
+from masksae.storage import direct_io, fastread, layout
 from masksae.storage import lock as store_lock
 from masksae.storage.location import StoreLocation
 from masksae.storage.schema import (
@@ -440,7 +440,8 @@ class StoreWriter:
             spare = self._spare_buffers.pop() if self._spare_buffers else None
         if spare is None:
             dtype = STORE_DTYPES[self.spec.dtype]
-            spare = np.empty((self.spec.chunk_tokens, self.spec.d_model), dtype=dtype)
+            # page-aligned: a full chunk's shard can then be written around the page cache
+            spare = direct_io.aligned_empty((self.spec.chunk_tokens, self.spec.d_model), dtype)
         return spare[:n_rows]
 
     def _recycle(self, acts: np.ndarray) -> None:
