@@ -248,7 +248,7 @@ class Variant:
         if self.name == "legacy":
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         else:  # the trainer's
-            clip_grad_norm(sae.parameters(), 1.0, known_norms)
+            clip_grad_norm(sae.parameters(), 1.0, known_norms, self.opt)
         self.opt.step()
         sae.normalize_decoder()
         return loss.item()

@@ -134,7 +134,7 @@ class Ours:
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         known_norms = sae.remove_parallel_decoder_grad()
-        clip_grad_norm(sae.parameters(), 1.0, known_norms)
+        clip_grad_norm(sae.parameters(), 1.0, known_norms, self.opt)
         self.opt.step()
         sae.normalize_decoder()
         return float(out.loss.detach())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -150,3 +151,68 @@ def test_clip_grad_norm_takes_known_norms_while_current(scale):
     twice = params()
     twice[0].grad.mul_(2)
     assert torch.allclose(clip_grad_norm(stale, 1.0, known), clip_grad_norm(twice, 1.0), rtol=1e-6)
+
+
+def _counted(fn, calls, *args, **kwargs):
+    calls.append(1)
+    return fn(*args, **kwargs)
+
+
+def test_clip_factor_applied_by_the_fused_step_instead_of_a_pass():
+    # above the limit: the fused CPU LayoutAdam multiplies the gradients by the clip factor
+    # in its kernel; parameters, moments and the gradients left behind match torch's clip
+    # followed by its Adam step
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(12, 30, generator=g).t()  # stored transposed, like W_enc
+    b = torch.randn(12, generator=g)
+    grads = [torch.randn(12, 30, generator=g).mul(10).t(), torch.randn(12, generator=g) * 10]
+
+    def setup():
+        params = [torch.nn.Parameter(W.clone(memory_format=torch.preserve_format)),
+                  torch.nn.Parameter(b.clone())]  # fmt: skip
+        opt = make_adam(params, 1e-2, (0.9, 0.999), torch.device("cpu"))
+        return params, opt
+
+    ours, opt = setup()
+    theirs, ref = setup()
+    for step in range(3):
+        for p, q, gr in zip(ours, theirs, grads, strict=True):
+            p.grad = gr.clone(memory_format=torch.preserve_format) * (step + 1)
+            q.grad = gr.clone(memory_format=torch.preserve_format) * (step + 1)
+        passes = []
+        real = torch.nn.utils.clip_grads_with_norm_
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(
+                torch.nn.utils, "clip_grads_with_norm_", functools.partial(_counted, real, passes)
+            )
+            total = clip_grad_norm(ours, 1.0, optimizer=opt)
+        total_ref = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        assert float(total) > 1 and not passes  # no separate rescale pass
+        assert torch.allclose(total, total_ref, rtol=1e-6)
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs, strict=True):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+            assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)  # clipped, as torch's
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.allclose(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-9)
+
+
+def test_a_pending_clip_factor_ends_with_its_gradients():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = make_adam([p], 0.1, (0.9, 0.999), torch.device("cpu"))
+    other = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 100.0)
+    other.grad = torch.full((4,), 100.0)
+    # the optimizer does not step `other`: the clip rescales the gradients itself
+    clip_grad_norm([p, other], 1.0, optimizer=opt)
+    assert opt._grad_factor is None and float(p.grad.norm()) < 1.0 + 1e-5
+    p.grad = torch.full((4,), 100.0)
+    clip_grad_norm([p], 1.0, optimizer=opt)
+    assert opt._grad_factor is not None and float(p.grad[0]) == 100.0  # left to the step
+    opt.zero_grad()  # new gradients: the factor is gone
+    assert opt._grad_factor is None
+    p.grad = torch.full((4,), 1e-3)
+    before = p.detach().clone()
+    opt.step()  # an unclipped step: Adam's first step moves every entry by ~lr
+    assert torch.allclose(before - p.detach(), torch.full((4,), 0.1), rtol=1e-3)

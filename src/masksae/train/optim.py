@@ -29,16 +29,45 @@ def _stored_transposed(p: Tensor) -> bool:
 
 
 class LayoutAdam(torch.optim.Adam):
-    """``torch.optim.Adam`` that steps transposed-stored 2-D parameters in their storage order."""
+    """``torch.optim.Adam`` that steps transposed-stored 2-D parameters in their storage order,
+    and (fused) can apply a gradient clip's factor inside its kernel (:meth:`scale_grads`)."""
+
+    _grad_factor: Tensor | None = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
         if closure is not None:  # before the swap: the closure's forward needs the real shapes
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad(), self._storage_order():
-            super().step()
+        factor, self._grad_factor = self._grad_factor, None
+        if factor is not None:
+            # the fused kernel divides every gradient by grad_scale as it reads it (writing
+            # the result back): torch.amp's protocol for unscaling, here the clip's factor
+            self.grad_scale = torch.reciprocal(factor).to(torch.float32)
+        try:
+            with torch.no_grad(), self._storage_order():
+                super().step()
+        finally:
+            self.__dict__.pop("grad_scale", None)
         return loss
+
+    def can_scale_grads(self) -> bool:
+        """Whether :meth:`scale_grads` is available: fused Adam on the CPU."""
+        return bool(self.defaults.get("fused")) and all(
+            p.device.type == "cpu" for p in self._params()
+        )
+
+    def scale_grads(self, factor: Tensor) -> None:
+        """Have the next :meth:`step` multiply every gradient by ``factor`` (0-d) as its
+        kernel reads them, instead of a separate pass over them now. ``zero_grad`` drops it:
+        it belongs to the gradients of this step."""
+        if not self.can_scale_grads():
+            raise RuntimeError("scale_grads needs fused Adam on the CPU")
+        self._grad_factor = factor.detach().reshape(())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_factor = None
+        super().zero_grad(set_to_none)
 
     @contextmanager
     def _storage_order(self) -> Iterator[None]:
@@ -104,16 +133,24 @@ class KnownGradNorm:
 
 
 def clip_grad_norm(
-    params: Iterable[Tensor], max_norm: float, known: Iterable[KnownGradNorm] = ()
+    params: Iterable[Tensor],
+    max_norm: float,
+    known: Iterable[KnownGradNorm] = (),
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_``, without its no-op rescale on the CPU, and taking
-    the norms ``known`` (still current) instead of reading those gradients again.
+    """``torch.nn.utils.clip_grad_norm_``, without its no-op rescale on the CPU, taking the
+    norms ``known`` (still current) instead of reading those gradients again, and, given the
+    ``optimizer`` that steps exactly these parameters next (a fused CPU :class:`LayoutAdam`),
+    leaving the rescale to its kernel (one pass over every gradient fewer; the gradients are
+    then scaled by that step).
 
     torch multiplies every gradient by min(1, max_norm / (norm + 1e-6)) unconditionally, so
     as not to read the norm back from an accelerator; on the CPU reading it is free, and when
-    the factor is 1 (the common case) the multiply is one wasted pass over every parameter.
-    Same result as torch's otherwise (to the rounding of the norm's summation order)."""
+    the factor is 1 the multiply is one wasted pass over every parameter. Same result as
+    torch's otherwise (to the rounding of the norm's summation order, and with the optimizer,
+    of dividing by the factor's reciprocal)."""
     params = [p for p in params if p.grad is not None]
+    known = list(known)
     if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6: its one-call version
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     known_sq = []
@@ -131,5 +168,18 @@ def clip_grad_norm(
         total = (total.square() + torch.stack(known_sq).to(total).sum()).sqrt()
     if total.device.type == "cpu" and bool(max_norm / (total + 1e-6) >= 1.0):
         return total
+    if _steps_exactly(optimizer, params):
+        # torch's factor, as clip_grads_with_norm_ computes it
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        optimizer.scale_grads(factor)
+        return total
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def _steps_exactly(optimizer: torch.optim.Optimizer | None, params: list[Tensor]) -> bool:
+    """Whether ``optimizer`` can scale gradients in its step and steps just ``params``."""
+    if not isinstance(optimizer, LayoutAdam) or not optimizer.can_scale_grads():
+        return False
+    stepped = {id(p) for p in optimizer._params() if p.grad is not None}
+    return stepped == {id(p) for p in params}

@@ -373,7 +373,7 @@ class _Run:
             loss.backward()
             known_norms = sae.remove_parallel_decoder_grad()
             if self.train.grad_clip > 0:
-                clip_grad_norm(sae.parameters(), self.train.grad_clip, known_norms)
+                clip_grad_norm(sae.parameters(), self.train.grad_clip, known_norms, self.optimizer)
             lr_used = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
