@@ -555,6 +555,13 @@ uint16_t sample_kth_largest_bf16(int64_t n, const uint16_t *x16, int64_t stride,
         for (int64_t s = 0; s < n; s += stride) {
             const int64_t e = s + block < n ? s + block : n;
             int64_t i = s;
+#if defined(__GNUC__) || defined(__clang__)
+            /* the blocks are far apart (a cache and TLB miss each): ask for later ones early */
+            if (pass == 0 && s + 8 * stride < n) {
+                __builtin_prefetch(x16 + s + 8 * stride);
+                __builtin_prefetch(x16 + s + 8 * stride + 32);
+            }
+#endif
             if (pass == 0) {
                 for (; i + 4 <= e; i += 4)
                     for (int j = 0; j < 4; j++) hist[j][order_key16(x16[i + j]) >> 8]++;
