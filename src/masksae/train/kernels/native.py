@@ -333,7 +333,9 @@ def prefix_decode_forward(
     grad_vals = scratch = None
     if expected_grad_err_BG is not None:
         grad_vals = torch.empty(lat_N.numel(), dtype=torch.float32)
-        scratch = torch.empty(len(pieces), G * D, dtype=torch.float32)
+        # the suffix gradients, and with a suffix table the token's residuals too
+        width = G * D * (1 if suffix_out_BGD is None else 2)
+        scratch = torch.empty(len(pieces), width, dtype=torch.float32)
         ptrs += [_p(expected_grad_err_BG), _p(grad_vals)]
     else:
         ptrs += [None, None]

@@ -47,6 +47,33 @@ static void suffix_grads(int64_t b, int64_t G, int64_t D, const float *resid,
     }
 }
 
+/* dst[0, n) = src[0, n) with non-temporal stores where the CPU has them and dst is aligned:
+ * rows written once here and read by another pass much later (the suffix table, 23.6 MB
+ * at B 2048, G 5, D 576) skip the read-for-ownership of a normal store and do not evict the
+ * decoder rows from the cache. The caller ends with stream_fence() before the data is read. */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__AVX512F__) || defined(__AVX__))
+#include <immintrin.h>
+static void stream_copy(float *dst, const float *src, int64_t n) {
+#if defined(__AVX512F__)
+    if ((uintptr_t)dst % 64 == 0 && n % 16 == 0) {
+        for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+        return;
+    }
+#endif
+    if ((uintptr_t)dst % 32 == 0 && n % 8 == 0) {
+        for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+        return;
+    }
+    memcpy(dst, src, (size_t)n * sizeof(float));
+}
+static void stream_fence(void) { _mm_sfence(); }
+#else
+static void stream_copy(float *dst, const float *src, int64_t n) {
+    memcpy(dst, src, (size_t)n * sizeof(float));
+}
+static void stream_fence(void) {}
+#endif
+
 /* resid[b, g] = x[b] - b_dec - sum over the bags (b, 0..g) of vals[e] * W_dec[lat[e]];
  * err[b, g] = ||resid[b, g]||^2. The sparse decode, the prefix sums and the norms in one
  * pass per token, each residual row staying in L1 while its bag is subtracted.
@@ -55,10 +82,11 @@ static void suffix_grads(int64_t b, int64_t G, int64_t D, const float *resid,
  * grad_vals[e] = <gp[g], W_dec[lat[e]]> for every entry, gp = suffix_grads: the backward's
  * dot products, done here while the token's decoder rows are still in cache, so the backward
  * reads no decoder row at all when the gradient it is given is that one (sparse_step.py
- * checks). gp goes to scratch (G * D floats per thread), or with suffix != NULL to
+ * checks). gp goes to scratch (G * D floats per thread), or with suffix != NULL also to
  * suffix[b] ([B, G, D]) for the backward to read instead of rebuilding it from the
- * residuals in every thread; then only the last residual is kept, resid being [B, D], and
- * the token's residuals live in scratch. */
+ * residuals in every thread; then only the last residual is kept, resid being [B, D], the
+ * token's residuals live in scratch too (2 G D floats per thread), and both tables are
+ * written with non-temporal stores. */
 void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const float *x,
                            int64_t x_stride, const float *b_dec, const int64_t *bag_off,
                            const int64_t *lat, const float *vals, const float *W_dec,
@@ -66,7 +94,7 @@ void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const f
                            float *scratch, float *suffix) {
     for (int64_t b = r0; b < r1; b++) {
         const float *xb = x + b * x_stride;
-        float *rb = suffix ? scratch : resid + b * G * D; /* the token's G residual rows */
+        float *rb = suffix ? scratch + G * D : resid + b * G * D; /* its G residual rows */
         for (int64_t g = 0; g < G; g++) {
             float *r = rb + g * D;
             if (g == 0)
@@ -80,14 +108,16 @@ void prefix_decode_forward(int64_t r0, int64_t r1, int64_t G, int64_t D, const f
             }
             err[b * G + g] = sum_of_squares(r, D);
         }
-        if (suffix) memcpy(resid + b * D, rb + (G - 1) * D, (size_t)D * sizeof(float));
+        if (suffix) stream_copy(resid + b * D, rb + (G - 1) * D, D);
         if (!grad_err) continue;
-        float *gp = suffix ? suffix + b * G * D : scratch;
+        float *gp = scratch;
         suffix_grads(0, G, D, rb, grad_err + b * G, gp);
+        if (suffix) stream_copy(suffix + b * G * D, gp, G * D);
         for (int64_t g = 0; g < G; g++)
             for (int64_t e = bag_off[b * G + g]; e < bag_off[b * G + g + 1]; e++)
                 grad_vals[e] = dot(gp + g * D, W_dec + lat[e] * D, D);
     }
+    if (suffix) stream_fence();
 }
 
 /* Backward of prefix_decode_forward for d loss / d err[b, g] = grad_err[b, g]:
