@@ -5,16 +5,18 @@ memory (and its own OpenMP region). ``native_cpu.c`` does each chain in one pass
 
 * forward, per token: the sparse decode, every Matryoshka prefix residual and its squared
   norm, and, given the gradient the loss will send back, the backward's dot products while
-  the token's decoder rows are in cache (``prefix_decode_forward``);
-* backward, per latent: the prefix gradients rebuilt per token in L1, the decoder and
-  encoder weight gradients added into the rows of the latents a thread owns
-  (``sparse_backward_by_latent``, used by ``sparse_step``), or, where only the decode's
+  the token's decoder rows are in cache and its prefix gradients (``prefix_decode_forward``);
+* backward, per latent: the prefix gradients (from the forward, or rebuilt per token in
+  L1), the decoder and encoder weight gradients added into the rows of the latents a thread
+  owns (``sparse_backward_by_latent``, used by ``sparse_step``), or, where only the decode's
   backward is wanted, ``prefix_decode_backward`` and the per-latent gathers;
-* the selection: the candidate scan over the bf16 scores with the values it read
-  (``greater``: AVX-512 / AVX2 bit masks where the compiler targets them), the re-rank's
-  sampled product (``pair_dot_rows``), the top k of the re-ranked candidates (a radix
-  select, ``top_positions``), the plan's CSR pointers and latent order (a counting sort),
-  flat-index splits, fired latents, the re-rank's tolerance;
+* the selection: the bf16 operands of its product (``rows_to_bf16_padded``), the candidate
+  cut from a block sample (``sample_kth_largest_bf16``), the candidate scan over the bf16
+  scores with the values it read (``greater``: AVX-512 / AVX2 bit masks where the compiler
+  targets them), the re-rank's sampled product with the bias (``pair_dot_rows``), the top k
+  of the re-ranked candidates (a radix select, ``top_positions``), the plan's CSR pointers,
+  bag ids and latent order (a counting sort), flat-index splits, fired latents, the
+  re-rank's tolerance;
 * the decoder's parallel-gradient removal and its row renormalisation.
 
 The library is compiled once per machine (well under a second, no PyTorch headers) into
