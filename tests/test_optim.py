@@ -216,3 +216,20 @@ def test_a_pending_clip_factor_ends_with_its_gradients():
     before = p.detach().clone()
     opt.step()  # an unclipped step: Adam's first step moves every entry by ~lr
     assert torch.allclose(before - p.detach(), torch.full((4,), 0.1), rtol=1e-3)
+
+
+def test_an_amp_grad_scale_is_kept_and_combined_with_the_clip_factor():
+    # torch.amp's GradScaler sets grad_scale on a fused optimizer around its step: a pending
+    # clip factor combines with it, and the attribute is left as the caller set it
+    p = torch.nn.Parameter(torch.zeros(3))
+    q = torch.nn.Parameter(torch.zeros(3))
+    opt = make_adam([p], 0.1, (0.9, 0.999), torch.device("cpu"))
+    ref = make_adam([q], 0.1, (0.9, 0.999), torch.device("cpu"))
+    p.grad = torch.tensor([400.0, -200.0, 100.0])
+    q.grad = p.grad * (0.5 / 4.0)
+    opt.grad_scale = torch.tensor(4.0)
+    opt.scale_grads(torch.tensor(0.5))
+    opt.step()
+    ref.step()
+    assert float(opt.grad_scale) == 4.0
+    assert torch.allclose(p.grad, q.grad) and torch.allclose(p, q)

@@ -40,15 +40,21 @@ class LayoutAdam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         factor, self._grad_factor = self._grad_factor, None
+        outer = self.__dict__.get("grad_scale")  # a torch.amp GradScaler's, if any
         if factor is not None:
             # the fused kernel divides every gradient by grad_scale as it reads it (writing
             # the result back): torch.amp's protocol for unscaling, here the clip's factor
-            self.grad_scale = torch.reciprocal(factor).to(torch.float32)
+            own = torch.reciprocal(factor).to(torch.float32)
+            self.grad_scale = own if outer is None else outer * own
         try:
             with torch.no_grad(), self._storage_order():
                 super().step()
         finally:
-            self.__dict__.pop("grad_scale", None)
+            if factor is not None:  # leave the attribute as the caller had it
+                if outer is None:
+                    del self.grad_scale
+                else:
+                    self.grad_scale = outer
         return loss
 
     def can_scale_grads(self) -> bool:
