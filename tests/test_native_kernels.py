@@ -125,6 +125,20 @@ def _run_sparse_step(
     return err.detach(), resid.clone(), [p.grad.clone() for p in params]
 
 
+def _step_case(B, F, D, G, *, per_token, seed):
+    """(plan, [W_enc (latent-major), b_enc, b_dec, W_dec] with grad, x, selected values) of a
+    random fused-step selection."""
+    g = torch.Generator().manual_seed(seed)
+    plan = _selection(B, F, per_token, G, g)
+    W_enc = torch.randn(F, D, generator=g).mul(0.1).t().requires_grad_()  # latent-major
+    b_enc = torch.randn(F, generator=g).mul(0.1).requires_grad_()
+    b_dec = torch.randn(D, generator=g).mul(0.1).requires_grad_()
+    W_dec = torch.randn(F, D, generator=g).mul(0.2).requires_grad_()
+    x = torch.randn(B, D, generator=g)
+    sel_vals = torch.rand(plan.lat_N.numel(), generator=g)
+    return plan, [W_enc, b_enc, b_dec, W_dec], x, sel_vals
+
+
 def _spy_known_grad_vals(monkeypatch) -> list[bool]:
     """Per one-pass backward from now on: whether it was handed the forward's dot products
     (and, with them, its suffix gradients instead of the residuals)."""
@@ -147,16 +161,8 @@ def test_backward_dot_products_precomputed_in_the_forward(G, monkeypatch):
     # told the gradient its loss will send back, the forward computes the backward's dot
     # products; the backward uses them when that gradient arrives (same gradients as
     # without them) and computes them itself for any other (a scaled loss here)
-    g = torch.Generator().manual_seed(19)
-    B, F, D = 250, 180, 36
-    plan = _selection(B, F, 14, G, g)
-    W_enc = torch.randn(F, D, generator=g).mul(0.1).t().requires_grad_()
-    b_enc = torch.randn(F, generator=g).mul(0.1).requires_grad_()
-    b_dec = torch.randn(D, generator=g).mul(0.1).requires_grad_()
-    W_dec = torch.randn(F, D, generator=g).mul(0.2).requires_grad_()
-    params = [W_enc, b_enc, b_dec, W_dec]
-    x = torch.randn(B, D, generator=g)
-    sel_vals = torch.rand(plan.lat_N.numel(), generator=g)
+    B = 250
+    plan, params, x, sel_vals = _step_case(B, 180, 36, G, per_token=14, seed=19)
     expected = torch.linspace(0.5, 1.5, B * G).view(B, G)  # the loss's own gradient
     used = _spy_known_grad_vals(monkeypatch)
     run = functools.partial(_run_sparse_step, plan, G, params, x, sel_vals, True, True)
@@ -176,16 +182,8 @@ def test_backward_dot_products_precomputed_in_the_forward(G, monkeypatch):
 def test_one_pass_sparse_backward_matches_the_two_pass_one(subtract, G, monkeypatch):
     # the whole step's sparse backward split by latent (sparse_step.py) against
     # selected_preacts + decoded_prefix_errors on the PyTorch kernels: all four gradients
-    g = torch.Generator().manual_seed(13)
-    B, F, D = 300, 200, 40
-    plan = _selection(B, F, 15, G, g)
-    W_enc = torch.randn(F, D, generator=g).mul(0.1).t().requires_grad_()  # latent-major
-    b_enc = torch.randn(F, generator=g).mul(0.1).requires_grad_()
-    b_dec = torch.randn(D, generator=g).mul(0.1).requires_grad_()
-    W_dec = torch.randn(F, D, generator=g).mul(0.2).requires_grad_()
-    params = [W_enc, b_enc, b_dec, W_dec]
-    x = torch.randn(B, D, generator=g)
-    sel_vals = torch.rand(plan.lat_N.numel(), generator=g)
+    plan, params, x, sel_vals = _step_case(300, 200, 40, G, per_token=15, seed=13)
+    W_enc = params[0]
     sel_vals[::4] = 0.0  # selected at zero: no gradient into the encoder through the ReLU
     on = _run_sparse_step(plan, G, params, x, sel_vals, subtract, True, monkeypatch)
     off = _run_sparse_step(plan, G, params, x, sel_vals, subtract, False, monkeypatch)

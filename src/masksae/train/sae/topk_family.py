@@ -101,9 +101,7 @@ class TopKFamilySAE(SparseAutoencoder):
         low = select_dtype == "bfloat16" or _autocast_bf16(x_BD.device.type)
         with torch.no_grad(), torch.autocast(device_type=x_BD.device.type, enabled=False):
             if not low or W_enc.dtype == torch.bfloat16:
-                xin_BD = x_BD.to(W_enc.dtype)
-                if self.subtract_b_dec_from_input:
-                    xin_BD = xin_BD - self.b_dec.detach()
+                xin_BD = self._encoder_input(x_BD, W_enc.dtype)
                 pre_BF = ws.get("preacts", (B, Fdim), W_enc.dtype, x_BD.device)
                 if W_enc.dtype == torch.float32:
                     torch.addmm(b_enc, xin_BD, W_enc, out=pre_BF)
@@ -122,16 +120,14 @@ class TopKFamilySAE(SparseAutoencoder):
                 # one C pass each: x - b_dec (kept in fp32 too) and W_enc, each with its
                 # extra column, straight into the padded bf16 operands
                 sub = self.b_dec.detach() if self.subtract_b_dec_from_input else None
-                xin_BD = torch.empty_like(x_BD) if sub is not None else x_BD
+                xin_BD = x_BD if sub is None else torch.empty_like(x_BD)
                 native.rows_to_bf16_padded(
-                    x_BD, x_lp_BK, sub_D=sub, f32_out_RD=xin_BD if sub is not None else None,
+                    x_BD, x_lp_BK, sub_D=sub, f32_out_RD=None if sub is None else xin_BD,
                     extra=1.0,
                 )  # fmt: skip
                 native.rows_to_bf16_padded(W_enc.t(), W_lp_FK, extra_R=b_enc)
             else:
-                xin_BD = x_BD.to(W_enc.dtype)
-                if self.subtract_b_dec_from_input:
-                    xin_BD = xin_BD - self.b_dec.detach()
+                xin_BD = self._encoder_input(x_BD, W_enc.dtype)
                 W_lp_FK[:, :D].copy_(W_enc.t())  # a plain copy: W_enc is stored latent-major
                 W_lp_FK[:, D].copy_(b_enc)
                 W_lp_FK[:, D + 1 :].zero_()
@@ -141,6 +137,13 @@ class TopKFamilySAE(SparseAutoencoder):
             pre_BF = ws.get("preacts", (B, Fdim), lp, dev)
             torch.mm(x_lp_BK, W_lp_FK.t(), out=pre_BF)
             return pre_BF, ExactPreacts(xin_BD, W_enc, b_enc)
+
+    def _encoder_input(self, x_BD: Tensor, dtype: torch.dtype) -> Tensor:
+        """x (minus b_dec where the architecture subtracts it) in ``dtype``, no grad."""
+        xin_BD = x_BD.to(dtype)
+        if self.subtract_b_dec_from_input:
+            xin_BD = xin_BD - self.b_dec.detach()
+        return xin_BD
 
     def training_loss(self, x_BD: Tensor, ctx: StepContext) -> StepOutput:
         B, Fdim = x_BD.shape[0], self.cfg.d_sae
